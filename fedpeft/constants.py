@@ -1,0 +1,35 @@
+"""Wire keys and file names, defined once and imported everywhere."""
+
+# Files inside a run directory: workspace/<job>/<run-id>/
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+PREDICTIONS_FILE = "predictions.jsonl"
+PARTITIONS_FILE = "partitions.json"
+SUMMARY_FILE = "summary.json"
+FINAL_ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_STATE_FILE = "global_state.safetensors"
+CHECKPOINT_META_FILE = "checkpoint.json"
+CHECKPOINT_SERVER_OPT_FILE = "server_optimizer.pt"
+LATEST_CHECKPOINT_FILE = "latest"
+
+# Keys of metrics.jsonl records and of messages between server and clients.
+KEY_ROUND = "round"
+KEY_EVENT = "event"
+KEY_CLIENT_ID = "client_id"
+KEY_NUM_EXAMPLES = "num_examples"
+KEY_TRAIN_LOSS = "train_loss"
+KEY_SECONDS = "seconds"
+KEY_DEVICE = "device"
+KEY_STEPS = "steps"
+KEY_BYTES_DOWN = "bytes_down"
+KEY_BYTES_UP = "bytes_up"
+KEY_EVAL = "eval"
+KEY_HELDOUT_LOSS = "heldout_loss"
+
+EVENT_ROUND = "round"
+EVENT_EVAL = "eval"
+EVENT_SETUP = "setup"
+
+# Environment variable pointing at the model cache (GGUF -> safetensors conversions).
+ENV_CACHE_DIR = "FEDPEFT_CACHE"

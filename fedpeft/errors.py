@@ -1,0 +1,32 @@
+"""Domain exceptions. Each message says what was expected, what was found, and how to fix it."""
+
+
+class FedPeftError(Exception):
+    """Base class of every error fedpeft raises on purpose."""
+
+
+class ConfigError(FedPeftError):
+    """A configuration file or override is invalid."""
+
+
+class DataError(FedPeftError):
+    """A data file or partition is unusable."""
+
+
+class AggregationError(FedPeftError):
+    """Client updates cannot be aggregated (mismatched keys, shapes, or no updates)."""
+
+
+class ModelError(FedPeftError):
+    """A model cannot be resolved or loaded."""
+
+
+class RoundError(FedPeftError):
+    """A federated round could not complete (too few clients succeeded)."""
+
+
+class RegistryError(FedPeftError, KeyError):
+    """An unknown name was looked up in a registry."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,40 @@
+"""Validate keyword parameters against a class's ``__init__`` signature (for registries).
+
+Registered aggregators and PEFT methods declare their hyperparameters as typed keyword
+arguments; config validation checks a YAML mapping against that signature, so a plugin needs no
+extra schema.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pydantic
+
+
+def params_model(cls: type) -> type[pydantic.BaseModel]:
+    """A pydantic model mirroring ``cls.__init__``'s keyword parameters (extra keys forbidden)."""
+    fields: dict[str, Any] = {}
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        annotation = Any if p.annotation is inspect.Parameter.empty else p.annotation
+        default = ... if p.default is inspect.Parameter.empty else p.default
+        fields[name] = (annotation, default)
+    config = pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    return pydantic.create_model(f"{cls.__name__}Params", __config__=config, **fields)
+
+
+def param_errors(cls: type, params: dict[str, Any]) -> list[tuple[tuple, str, Any]]:
+    """Problems with ``params`` for ``cls``: ``(loc, message, bad_value)`` triples; empty if OK."""
+    try:
+        params_model(cls).model_validate(params)
+    except pydantic.ValidationError as e:
+        return [(tuple(err["loc"]), err["msg"], err.get("input")) for err in e.errors()]
+    return []
+
+
+def valid_params(cls: type) -> list[str]:
+    """Names of ``cls``'s keyword parameters (for 'valid keys are ...' hints)."""
+    return list(params_model(cls).model_fields)

@@ -1,0 +1,119 @@
+"""Name -> object registries, with plugins from a Python file or a ``fedpeft.*`` entry point.
+
+Aggregators, PEFT methods, metrics and partitioners each keep one :class:`Registry`. A config
+names things by registry name (``aggregation: fedavgm``). A name may also be
+
+* ``path/to/file.py:object`` (or ``path/to/file.py`` when the file defines exactly one object
+  registered through :meth:`Registry.register`), or
+* the name of an entry point in the group ``fedpeft.<kind>`` (e.g. ``fedpeft.aggregators``)
+  of any installed package.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from fedpeft.errors import RegistryError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A named collection of factories of one kind.
+
+    Args:
+        kind: Plural noun used in errors and as the entry-point group suffix (``"aggregators"``).
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    @property
+    def entry_point_group(self) -> str:
+        return f"fedpeft.{self.kind}"
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator registering ``obj`` under ``name`` (lower-case, unique)."""
+
+        def deco(obj: T) -> T:
+            key = name.lower()
+            if key in self._items and self._items[key] is not obj:
+                raise RegistryError(f"{self.kind} name {name!r} is already registered")
+            self._items[key] = obj
+            return obj
+
+        return deco
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return name.lower() in self._items
+
+    def get(self, name: str) -> T:
+        """Look ``name`` up: registered name, ``file.py[:object]`` plugin, or entry point.
+
+        Raises:
+            RegistryError: if nothing matches; the message lists the valid names.
+        """
+        key = name.lower()
+        if key in self._items:
+            return self._items[key]
+        if ".py" in name:
+            return self._load_file(name)
+        plugin = self._load_entry_point(name)
+        if plugin is not None:
+            return plugin
+        raise RegistryError(self.unknown_message(name))
+
+    def unknown_message(self, name: str) -> str:
+        """The error text for an unknown ``name``: closest match and every valid name."""
+        close = difflib.get_close_matches(name.lower(), self.names(), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        return (
+            f"unknown {self.kind[:-1]} {name!r}.{hint} Valid names: {', '.join(self.names())}; "
+            f"or a Python file 'path/to/file.py:object', or an entry point in group "
+            f"{self.entry_point_group!r}."
+        )
+
+    def _load_file(self, spec: str) -> T:
+        path_str, _, attr = spec.partition(".py")
+        attr = attr.lstrip(":")
+        path = Path(path_str + ".py").expanduser().resolve()
+        if not path.is_file():
+            raise RegistryError(f"{self.kind[:-1]} plugin file not found: {path} (from {spec!r})")
+        before = dict(self._items)
+        module_name = f"fedpeft_plugin_{self.kind}_{path.stem}_{abs(hash(str(path)))}"
+        module = sys.modules.get(module_name)
+        if module is None:
+            mspec = importlib.util.spec_from_file_location(module_name, path)
+            assert mspec is not None and mspec.loader is not None
+            module = importlib.util.module_from_spec(mspec)
+            sys.modules[module_name] = module
+            mspec.loader.exec_module(module)
+        if attr:
+            if not hasattr(module, attr):
+                public = [n for n in vars(module) if not n.startswith("_")]
+                raise RegistryError(f"{path} has no object {attr!r}; it defines: {', '.join(public)}")
+            return getattr(module, attr)
+        added = [v for k, v in self._items.items() if k not in before]
+        if len(added) == 1:
+            return added[0]
+        raise RegistryError(
+            f"{path}: name the object to use as '{path}:NAME' (the file registered "
+            f"{len(added)} {self.kind} through fedpeft's registry, expected exactly 1)"
+        )
+
+    def _load_entry_point(self, name: str) -> T | None:
+        for ep in importlib.metadata.entry_points(group=self.entry_point_group):
+            if ep.name.lower() == name.lower():
+                return ep.load()
+        return None
