@@ -1,0 +1,72 @@
+"""FedAdam: Adam as the server optimizer on the clients' mean update.
+
+Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Algorithm 2 (FEDADAM).
+https://arxiv.org/abs/2003.00295
+
+With ``delta = mean - global``: ``m = beta1 * m + (1 - beta1) * delta`` (``m`` starts at 0),
+``v = beta2 * v + (1 - beta2) * delta**2``;
+``v`` starts at ``tau**2`` (Algorithm 2 initialises ``v_{-1} >= tau**2``), and
+``new = global + server_lr * m / (sqrt(v) + tau)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedpeft.aggregators.base import AGGREGATORS, check_updates, require_in_range, weighted_mean
+from fedpeft.aggregators.fedopt import AdaptiveServerOptimizer
+from fedpeft.types import ClientUpdate, State
+
+
+@AGGREGATORS.register("fedadam")
+class FedAdam:
+    """Federated averaging with a server-side Adam step (no bias correction, as in the paper).
+
+    Args:
+        server_lr: Server learning rate ``eta`` (> 0).
+        beta1: First-moment (momentum) decay in [0, 1).
+        beta2: Second-moment decay in [0, 1).
+        tau: Adaptivity ``tau`` (> 0); larger values make steps less adaptive.
+
+    Raises:
+        ConfigError: if a hyperparameter is out of range.
+    """
+
+    def __init__(
+        self, server_lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
+    ) -> None:
+        require_in_range("beta2", beta2, 0.0, 1.0)
+        self.beta2 = float(beta2)
+        self._opt = AdaptiveServerOptimizer(
+            "FedAdam", self._second_moment, server_lr=server_lr, beta1=beta1, tau=tau
+        )
+
+    def _second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
+        return self.beta2 * v + (1.0 - self.beta2) * delta_sq
+
+    def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
+        """One server step on the weighted mean of ``updates``.
+
+        Raises:
+            AggregationError: if the updates are empty, weigh nothing, or mismatch the global state.
+        """
+        check_updates(global_state, updates)
+        return self.step(global_state, weighted_mean(updates))
+
+    def step(self, global_state: State, mean_state: State) -> State:
+        """One FedAdam step from the sent ``global_state`` towards the clients' ``mean_state``.
+
+        Raises:
+            AggregationError: if the keys or shapes of the inputs or the moments differ.
+        """
+        return self._opt.step(global_state, mean_state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"m": State | None, "v": State | None, "step": int}`` with cloned tensors."""
+        return self._opt.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self._opt.load_state_dict(state)
