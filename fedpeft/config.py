@@ -202,39 +202,51 @@ def _describe(loc: tuple, msg: str, value: Any, err_type: str) -> str:
     return f"{path}: {msg} (got {shown})"
 
 
-def _registry_problems(cfg: JobConfig) -> list[tuple[tuple, str]]:
-    """Check registry names and their hyperparameters; return ``(loc, message)`` pairs."""
+def _section(tree: dict, *path: str) -> dict:
+    node: Any = tree
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else {}
+
+
+def _named_problems(base: tuple, key: str, section: dict, default: str, registry: Any) -> list[tuple[tuple, str]]:
+    """Check a ``{<key>: name, **params}`` section against its registry entry's signature."""
+    from fedpeft.params import param_errors, valid_params
+
+    name = section.get(key, default)
+    params = {k: v for k, v in section.items() if k != key}
+    try:
+        cls = registry.get(str(name))
+    except Exception as e:  # noqa: BLE001 - registry and plugin import errors alike
+        return [(base + (key,), str(e))]
+    problems = []
+    for loc, msg, value in param_errors(cls, params):
+        if msg.startswith("Extra inputs"):
+            close = difflib.get_close_matches(str(loc[-1]), valid_params(cls), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            msg = f"not a parameter of {name!r}{hint} Valid: {', '.join(valid_params(cls)) or 'none'}"
+        else:
+            msg = f"{msg} (got {value!r})"
+        problems.append((base + loc, msg))
+    return problems
+
+
+def _registry_problems(tree: dict) -> list[tuple[tuple, str]]:
+    """Check registry names and their hyperparameters in the raw tree; ``(loc, message)`` pairs."""
     from fedpeft.aggregators import AGGREGATORS
     from fedpeft.data.partitioners import PARTITIONERS
     from fedpeft.metrics import METRICS
-    from fedpeft.params import param_errors, valid_params
     from fedpeft.peft_methods import PEFT_METHODS
 
-    problems: list[tuple[tuple, str]] = []
-    sections = [
-        (("peft",), "method", cfg.peft.method, cfg.peft.params, PEFT_METHODS),
-        (("federation", "aggregation"), "name", cfg.federation.aggregation.name,
-         cfg.federation.aggregation.params, AGGREGATORS),
-        (("federation", "partition"), "method", cfg.federation.partition.method,
-         cfg.federation.partition.params, PARTITIONERS),
-    ]
-    for base, key, name, params, registry in sections:
+    problems = _named_problems(("peft",), "method", _section(tree, "peft"), "lora", PEFT_METHODS)
+    problems += _named_problems(("federation", "aggregation"), "name",
+                                _section(tree, "federation", "aggregation"), "fedavg", AGGREGATORS)
+    problems += _named_problems(("federation", "partition"), "method",
+                                _section(tree, "federation", "partition"), "iid", PARTITIONERS)
+    metrics = _section(tree, "eval").get("metrics", [])
+    for i, metric in enumerate(metrics if isinstance(metrics, list) else []):
         try:
-            cls = registry.get(name)
-        except Exception as e:  # noqa: BLE001 - registry and plugin import errors alike
-            problems.append((base + (key,), str(e)))
-            continue
-        for loc, msg, value in param_errors(cls, params):
-            if msg.startswith("Extra inputs"):
-                close = difflib.get_close_matches(str(loc[-1]), valid_params(cls), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                msg = f"not a parameter of {name!r}{hint} Valid: {', '.join(valid_params(cls)) or 'none'}"
-            else:
-                msg = f"{msg} (got {value!r})"
-            problems.append((base + loc, msg))
-    for i, metric in enumerate(cfg.eval.metrics):
-        try:
-            METRICS.get(metric)
+            METRICS.get(str(metric))
         except Exception as e:  # noqa: BLE001
             problems.append((("eval", "metrics", i), str(e)))
     return problems
@@ -271,8 +283,8 @@ def validate_tree(tree: Any, source: str = "<config>", root: yaml.Node | None = 
             loc = tuple(err["loc"])
             problems.append((loc, _describe(loc, err["msg"], err.get("input"), err["type"])))
         cfg = None
+    problems += [(loc, f"{'.'.join(map(str, loc))}: {msg}") for loc, msg in _registry_problems(tree)]
     if cfg is not None:
-        problems += [(loc, f"{'.'.join(map(str, loc))}: {msg}") for loc, msg in _registry_problems(cfg)]
         problems += [(loc, f"{'.'.join(map(str, loc))}: {msg}") for loc, msg in _semantic_problems(cfg)]
     if problems:
         lines = []

@@ -148,7 +148,7 @@ def require_in_range(name: str, value: float, low: float, high: float | None = N
     ok = math.isfinite(value) and (low <= value < high if high is not None else value > low)
     if not ok:
         allowed = f"in [{low:g}, {high:g})" if high is not None else f"> {low:g}"
-        raise ConfigError(f"`{name}` must be {allowed}, got {value!r}")
+        raise ConfigError(f"`{name}` must be {allowed}, got {value:g}")
 
 
 def require_state_keys(state: dict[str, Any], keys: list[str], owner: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.aggregators.base import AGGREGATORS, check_updates, require_in_range, weighted_mean
+from fedpeft.aggregators.base import AGGREGATORS, check_updates, weighted_mean
 from fedpeft.aggregators.fedopt import AdaptiveServerOptimizer
 from fedpeft.types import ClientUpdate, State
 
@@ -36,9 +36,7 @@ class FedAdagrad:
         ConfigError: if a hyperparameter is out of range.
     """
 
-    def __init__(
-        self, server_lr: float = 1e-2, beta1: float = 0.9, tau: float = 1e-3
-    ) -> None:
+    def __init__(self, server_lr: float = 1e-2, beta1: float = 0.9, tau: float = 1e-3) -> None:
         self._opt = AdaptiveServerOptimizer(
             "FedAdagrad", self._second_moment, server_lr=server_lr, beta1=beta1, tau=tau
         )

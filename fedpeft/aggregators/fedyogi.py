@@ -4,8 +4,9 @@ Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Algorithm 2 (FEDYOGI
 https://arxiv.org/abs/2003.00295
 
 With ``delta = mean - global``: ``m = beta1 * m + (1 - beta1) * delta`` (``m`` starts at 0),
-``v = v - (1 - beta2) * delta**2 * sign(v - delta**2)`` (Yogi's additive, sign-controlled
-update, which grows ``v`` more slowly than Adam when gradients become large);
+``v = v - (1 - beta2) * delta**2 * sign(v - delta**2)`` (additive: ``v`` moves towards
+``delta**2`` by at most ``(1 - beta2) * delta**2`` a step, where Adam's ``v`` decays
+multiplicatively);
 ``v`` starts at ``tau**2`` (Algorithm 2 initialises ``v_{-1} >= tau**2``), and
 ``new = global + server_lr * m / (sqrt(v) + tau)``.
 """

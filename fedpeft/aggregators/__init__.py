@@ -1,0 +1,63 @@
+"""Server aggregation rules, one file each, registered by name in :data:`AGGREGATORS`.
+
+Every aggregator implements :class:`Aggregator`: ``aggregate(global_state, updates)`` is
+``step(global_state, weighted_mean(updates))``, so it sees the clients only through their
+sample-weighted mean (what secure aggregation reveals). A config names one with
+``federation.aggregation.name`` and gives its ``__init__`` keyword arguments as hyperparameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Importing each module registers its class in AGGREGATORS.
+from fedpeft.aggregators import fedadagrad, fedadam, fedavg, fedavgm, fedyogi  # noqa: F401
+from fedpeft.aggregators.base import AGGREGATORS, Aggregator, check_updates, weighted_mean
+from fedpeft.aggregators.fedadagrad import FedAdagrad
+from fedpeft.aggregators.fedadam import FedAdam
+from fedpeft.aggregators.fedavg import FedAvg
+from fedpeft.aggregators.fedavgm import FedAvgM
+from fedpeft.aggregators.fedyogi import FedYogi
+from fedpeft.errors import ConfigError
+from fedpeft.params import param_errors, params_model, valid_params
+
+__all__ = [
+    "AGGREGATORS",
+    "Aggregator",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedYogi",
+    "build_aggregator",
+    "check_updates",
+    "weighted_mean",
+]
+
+
+def build_aggregator(name: str, params: dict[str, Any]) -> Aggregator:
+    """Construct the aggregator registered as ``name`` with hyperparameters ``params``.
+
+    Args:
+        name: A registered name (``"fedavgm"``), a ``path/file.py:Class`` plugin or an entry
+            point in group ``fedpeft.aggregators``.
+        params: Keyword arguments of the class's ``__init__`` (from YAML; coerced to its types).
+
+    Returns:
+        The aggregator instance.
+
+    Raises:
+        RegistryError: if ``name`` is unknown (the message lists the valid names).
+        ConfigError: if ``params`` has unknown keys, wrong types or out-of-range values.
+    """
+    cls = AGGREGATORS.get(name)
+    errors = param_errors(cls, params)
+    if errors:
+        valid = ", ".join(valid_params(cls)) or "none"
+        problems = "; ".join(
+            f"{'.'.join(map(str, loc)) or '(params)'}: {msg} (got {value!r})"
+            for loc, msg, value in errors
+        )
+        raise ConfigError(f"invalid parameters for aggregator {name!r}: {problems}. Valid: {valid}")
+    validated = params_model(cls).model_validate(params)
+    return cls(**{k: getattr(validated, k) for k in params})

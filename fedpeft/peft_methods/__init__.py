@@ -1,0 +1,33 @@
+"""PEFT methods, one file each, registered by name. Each wraps Hugging Face PEFT.
+
+A method is a class whose typed ``__init__`` keyword arguments are its hyperparameters (the
+``peft:`` section of a job config) and whose ``peft_config(model)`` returns a ``peft.PeftConfig``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import peft
+from transformers import PreTrainedModel
+
+from fedpeft.registry import Registry
+
+PEFT_METHODS: Registry = Registry("peft_methods")
+
+
+class PeftMethod(Protocol):
+    def peft_config(self, model: PreTrainedModel) -> peft.PeftConfig: ...
+
+
+from fedpeft.peft_methods import lora, ptuning  # noqa: E402,F401  (registration)
+
+
+def build_peft_method(name: str, params: dict[str, Any]) -> PeftMethod:
+    """Instantiate the PEFT method registered as ``name`` with ``params``."""
+    return PEFT_METHODS.get(name)(**params)
+
+
+def wrap_model(model: PreTrainedModel, method: PeftMethod) -> peft.PeftModel:
+    """Wrap a frozen base model with the method's adapter (only adapter parameters train)."""
+    return peft.get_peft_model(model, method.peft_config(model))
