@@ -126,12 +126,14 @@ def _log_round(rnd: int, total: int, record: dict) -> None:
              record["train_loss"], shown, record["seconds"])
 
 
-def run_job(cfg: JobConfig, resume: str | Path | None = None) -> RunDir:
+def run_job(cfg: JobConfig | None, resume: str | Path | None = None, data: FederatedData | None = None) -> RunDir:
     """Run (or resume) a federated job in-process; return its run directory.
 
     Args:
         cfg: The validated job config. On resume it is read from the run directory instead.
         resume: A run directory to continue from its latest checkpoint.
+        data: Client partitions and test rows to use instead of those the config describes
+            (baselines: one client alone, or all data centralised).
     """
     if resume:
         run = RunDir(Path(resume))
@@ -139,7 +141,7 @@ def run_job(cfg: JobConfig, resume: str | Path | None = None) -> RunDir:
     else:
         run = RunDir.create(cfg)
     log.info("run directory: %s", run.path)
-    data = prepare_data(cfg)
+    data = data or prepare_data(cfg)
     run.write_partitions(data.summary)
     sched = DeviceScheduler(resolve_devices(cfg.model.devices), partial(build_worker, cfg))
     tok = sched.call(lambda w: w.tokenizer)

@@ -5,6 +5,7 @@
 - :mod:`fedpeft.deploy.records`: ``State`` <-> ``ArrayRecord`` conversion.
 - :mod:`fedpeft.deploy.launch`: start SuperLink + SuperNodes + a run as processes on loopback.
 - :mod:`fedpeft.deploy.tls`: CA / server certificate and SuperNode key generation.
+- :mod:`fedpeft.deploy.demo`: `python -m fedpeft.deploy.demo WS --tls --auth --secagg ...`.
 
 See ``docs/deploy-notes.md`` for the exact commands, flags and pitfalls.
 """

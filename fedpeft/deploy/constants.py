@@ -1,10 +1,8 @@
 """Keys of the Flower deployment: message records, run config, node config, output files.
 
 Deployment-only keys live here until the lead merges them into :mod:`fedpeft.constants`;
-keys shared with the in-process runtime are imported from there.
+keys shared with the in-process runtime (``num_examples``, ``client_id``, ...) come from there.
 """
-
-from fedpeft.constants import KEY_NUM_EXAMPLES, KEY_TRAIN_LOSS  # noqa: F401 - re-exported
 
 # Records inside a Message's RecordDict (server <-> client).
 RECORD_STATE = "state"  # ArrayRecord: the trainable state (float32), keys = State keys

@@ -261,7 +261,7 @@ class Deployment:
         Raises:
             DeployError: if it is not finished after ``timeout_s`` or a process died.
         """
-        deadline = time.monotonic() + timeout_s
+        deadline, status = time.monotonic() + timeout_s, "unknown"
         while time.monotonic() < deadline:
             status = self.run_status(run_id)
             if status.startswith("finished"):

@@ -1,0 +1,122 @@
+"""Tokens/s of each generation path on SmolLM2-135M-Instruct (a measurement, not a test).
+
+    .venv/bin/python bench/generation_paths.py [--questions 8] [--new-tokens 128] [--reps 3]
+
+Paths: the base model; P-Tuning through ``PeftModel.generate`` ("slow") and through
+:mod:`fedpeft.generation`'s direct path ("fast"); LoRA unmerged and merged. Every path
+generates exactly ``--new-tokens`` tokens per question (``min_new_tokens``), so tokens/s
+compares the cost per token, not how early answers stop. Paths run interleaved ``--reps``
+times and the table shows the median and best: on a shared CPU single runs are noisy.
+
+The last column is the number of positions the base model encoded per decoding step (a
+forward hook on its decoder): 1 means the KV cache is reused; more means each step
+re-encodes the sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from peft import LoraConfig, PromptEncoderConfig, get_peft_model
+
+from fedpeft.config import ModelConfig
+from fedpeft.data.prompts import prompt_ids
+from fedpeft.generation import _generate_ids, _left_pad, merged_lora
+from fedpeft.models import load_base_model
+
+QUESTION_FILE = "fedpeft/data/sample.jsonl"
+
+
+def _questions(n: int) -> list[str]:
+    with open(QUESTION_FILE, encoding="utf-8") as f:
+        return [json.loads(line)["question"] for line in f if line.strip()][:n]
+
+
+def _perturb(params: list[torch.nn.Parameter], seed: int, std: float) -> None:
+    """Give freshly initialised adapter weights non-trivial values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def _count_positions(decoder: torch.nn.Module, lengths: list[int]) -> torch.utils.hooks.RemovableHandle:
+    def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        lengths.append(int(x.shape[1]))
+
+    return decoder.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _runner(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, slow: bool) -> Callable[[dict], None]:
+    if slow:  # what a caller of PeftModel.generate gets
+        return lambda kw: model.generate(input_ids=ids, attention_mask=mask, **kw)
+    return lambda kw: _generate_ids(model, ids, mask, kw, penalty=1.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--questions", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+
+    base, tok = load_base_model(ModelConfig(name="smollm2-135m-instruct"))
+    ids, mask = _left_pad([prompt_ids(tok, q) for q in _questions(args.questions)], tok.pad_token_id,
+                          torch.device("cpu"))
+    n = args.new_tokens
+
+    # get_peft_model modifies the model it wraps (LoRA layers are injected): wrap copies.
+    ptuning = get_peft_model(copy.deepcopy(base), PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=8, encoder_hidden_size=128))
+    _perturb(list(ptuning.prompt_encoder.parameters()), seed=1, std=0.02)
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(
+        task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    _perturb([p for name, p in lora.named_parameters() if "lora_B" in name], seed=2, std=0.01)
+    for m in (ptuning, lora):
+        m.eval()
+
+    paths: dict[str, tuple[torch.nn.Module, Callable[[dict], None], bool]] = {
+        "base": (base, _runner(base, ids, mask, slow=False), False),
+        "p-tuning slow (PeftModel.generate)": (ptuning, _runner(ptuning, ids, mask, slow=True), False),
+        "p-tuning fast (fedpeft)": (ptuning, _runner(ptuning, ids, mask, slow=False), False),
+        "lora unmerged": (lora, _runner(lora, ids, mask, slow=False), False),
+        "lora merged": (lora, _runner(lora, ids, mask, slow=False), True),
+    }
+    results: dict[str, list[float]] = {name: [] for name in paths}
+    positions: dict[str, int] = {}
+    for rep in range(args.reps + 1):  # rep 0 is a short warm-up run of every path
+        tokens = n if rep else 8
+        kw = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        for name, (model, run, merge) in paths.items():
+            decoder = (model.get_base_model() if hasattr(model, "get_base_model") else model).model
+            lengths: list[int] = []
+            handle = _count_positions(decoder, lengths)
+            with merged_lora(model) if merge else contextlib.nullcontext(), torch.no_grad():
+                start = time.perf_counter()
+                run(kw)
+                seconds = time.perf_counter() - start
+            handle.remove()
+            if rep:
+                results[name].append(ids.shape[0] * tokens / seconds)
+                positions[name] = max(lengths[1:])  # lengths[0] is the prompt (prefill)
+
+    print(f"\nSmolLM2-135M-Instruct, {ids.shape[0]} questions x {n} new tokens, batch {ids.shape[0]}, "
+          f"{torch.get_num_threads()} threads, {args.reps} interleaved reps\n")
+    print(f"{'path':38s} {'median tok/s':>12s} {'best tok/s':>11s} {'positions/step':>15s}")
+    for name, values in results.items():
+        print(f"{name:38s} {statistics.median(values):12.1f} {max(values):11.1f} {positions[name]:15d}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""File names and row keys of benchmark jobs, defined once (see also :mod:`fedpeft.constants`).
+
+A benchmark job folder ``<workspace>/<job>/`` holds one folder per test case,
+``<algorithm>/<uuid>/`` (a normal run directory plus :data:`TESTCASE_FILE`), and:
+
+* :data:`PLAN_FILE`: what the leaderboard needs to rebuild itself (metric columns, sort order).
+* :data:`RANK_DIR` with the CSV and Markdown leaderboards.
+* :data:`REPORT_FILE`: the offline HTML report.
+"""
+
+TESTCASE_FILE = "testcase.json"
+PLAN_FILE = "benchmark.json"
+RANK_DIR = "rank"
+ALL_RANK = "all_rank"  # + .csv / .md
+SELECTED_RANK = "selected_rank"
+REPORT_FILE = "report.html"
+PREDICTIONS_ZERO_SHOT_FILE = "predictions_zero_shot.jsonl"
+
+PARADIGM_FEDERATED = "federatedlearning"
+PARADIGM_BASELINE = "baseline"
+
+# Baselines a job may ask for; each is also the folder name of its test cases.
+ZERO_SHOT = "zero_shot"
+LOCAL_ONLY = "local_only"
+CENTRALIZED = "centralized"
+BASELINES = (ZERO_SHOT, LOCAL_ONLY, CENTRALIZED)
+
+# Row kinds in testcase.json (federated test cases and the three baselines).
+KIND_FEDERATED = "federated"
+
+# Extra leaderboard columns beyond Ianvs's (in this order, before time and url).
+COL_ROUNDS = "rounds"
+COL_CLIENTS = "clients"
+COL_TRAINABLE = "trainable_parameters"
+COL_BYTES_PER_ROUND = "bytes_per_round"
+COL_WALL_SECONDS = "wall_seconds"
+COL_PEAK_MEMORY = "peak_memory_mb"
+COL_PEAK_GPU_MEMORY = "peak_gpu_memory_mb"
+COL_HELDOUT_LOSS = "heldout_loss"
+COL_PCT_CENTRALIZED = "pct_of_centralized"
+EXTRA_COLUMNS = (COL_ROUNDS, COL_CLIENTS, COL_TRAINABLE, COL_BYTES_PER_ROUND, COL_WALL_SECONDS,
+                 COL_PEAK_MEMORY, COL_PEAK_GPU_MEMORY, COL_HELDOUT_LOSS, COL_PCT_CENTRALIZED)
+# Columns where smaller is better (default sort direction and the 'worst client' rule).
+ASCENDING_COLUMNS = frozenset({COL_BYTES_PER_ROUND, COL_WALL_SECONDS, COL_PEAK_MEMORY, COL_PEAK_GPU_MEMORY,
+                               COL_HELDOUT_LOSS, COL_TRAINABLE})

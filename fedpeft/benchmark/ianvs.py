@@ -1,0 +1,418 @@
+"""KubeEdge Ianvs benchmark files -> a :class:`~fedpeft.benchmark.plan.BenchmarkPlan`.
+
+Three files, as Ianvs's ``federated-llm/fedllm-peft`` example writes them:
+
+* ``benchmarkingjob.yaml``: ``name``, ``workspace``, ``testenv`` (path), ``test_object``
+  (``type: algorithms``, ``algorithms: [{name, url}]``), ``rank``; plus an optional
+  ``fedpeft:`` section (Ianvs has no equivalent): ``baselines``, ``config`` (native JobConfig
+  keys applied to every test case: ``data.max_seq_len``, ``eval.max_samples``, ...) and
+  ``peft`` (each PEFT method's hyperparameters: ``{lora: {r: 16}, ptuning: {...}}``).
+* ``testenv.yaml``: ``dataset.train_data`` / ``test_data`` (JSONL) -> ``data.train`` / ``data.test``;
+  ``metrics`` -> ``eval.metrics``; ``round`` -> ``federation.rounds``; ``client_number`` ->
+  ``federation.num_clients``; ``gpu_num`` -> ``model.devices`` (0 or no GPU: CPU).
+* ``algorithm.yaml``: ``paradigm_type: federatedlearning``; a ``basemodel`` module whose
+  ``hyperparameters`` (``batch_size``, ``learning_rate``, ``local_epochs``, ``model_name`` /
+  ``initial_model_url`` -> ``model.name``, ``peft_method``, or any dotted JobConfig key such as
+  ``data.max_seq_len``) and an ``aggregation`` module (``FedAvg-PEFT`` -> fedavg,
+  ``FedAvgM-PEFT`` -> fedavgm with ``beta`` / ``server_lr``) span the grid.
+
+Relative input paths are looked up beside the file that names them, then in the working
+directory (Ianvs's convention); ``workspace`` is relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+import yaml
+from pydantic import Field, field_validator
+
+from fedpeft.benchmark.constants import BASELINES, EXTRA_COLUMNS, PARADIGM_BASELINE, PARADIGM_FEDERATED
+from fedpeft.benchmark.grid import check_baselines, check_dotted, make_config
+from fedpeft.benchmark.plan import (BenchmarkPlan, Dimension, MetricColumn, Setting, TestCase, expand, flatten,
+                                    settings_label)
+from fedpeft.benchmark.schema import FileModel, Problems, RankSpec, check_rank_names, node_at, parse_file_model, read_yaml
+from fedpeft.config import validate_tree
+from fedpeft.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_METRICS = {"rouge1_metric": "rouge1", "rouge2_metric": "rouge2", "rougel_metric": "rougeL",
+                   "bleu4_metric": "bleu4"}
+BASEMODEL_HYPERPARAMETERS: dict[str, str | None] = {
+    "batch_size": "train.batch_size", "learning_rate": "train.learning_rate",
+    "local_epochs": "train.local_epochs", "model_name": "model.name", "initial_model_url": "model.name",
+    "peft_method": "peft.method", "save_dir": None, "aggregation": None,
+}
+# JobConfig keys the Ianvs files set; fedpeft.config must not set them too.
+MAPPED_KEYS = ("data.train", "data.test", "federation.rounds", "federation.num_clients", "model.devices",
+               "eval.metrics", "model.name", "train.batch_size", "train.learning_rate", "train.local_epochs",
+               "peft", "federation.aggregation")
+
+
+# --------------------------------------------------------------------------------------------
+# File models
+
+
+class AlgorithmRef(FileModel):
+    name: str
+    url: str
+
+
+class TestObject(FileModel):
+    type: Literal["algorithms"] = "algorithms"
+    algorithms: list[AlgorithmRef] = Field(min_length=1)
+
+
+class FedpeftSection(FileModel):
+    """fedpeft-only settings (Ianvs has no place for them)."""
+
+    baselines: list[str] = []
+    config: dict[str, Any] = {}  # native JobConfig keys for every test case
+    peft: dict[str, dict[str, Any]] = {}  # peft_method value -> its hyperparameters
+
+
+class BenchmarkingJob(FileModel):
+    IGNORED: ClassVar[dict[str, str]] = {"hard_example_mining_mode": "joint-inference paradigm only"}
+    name: str
+    workspace: str = "./workspace"
+    testenv: str
+    test_object: TestObject
+    rank: RankSpec = RankSpec()
+    fedpeft: FedpeftSection = FedpeftSection()
+
+
+class BenchmarkingJobFile(FileModel):
+    benchmarkingjob: BenchmarkingJob
+
+
+class Dataset(FileModel):
+    IGNORED: ClassVar[dict[str, str]] = {"name": "a label only"}
+    train_data: str
+    test_data: str | None = None  # None: hold out data.test_ratio of train_data
+
+
+class NamedUrl(FileModel):
+    name: str
+    url: str | None = None
+
+
+class TestEnv(FileModel):
+    IGNORED: ClassVar[dict[str, str]] = {"model_eval": "fedpeft evaluates every test case on all metrics"}
+    backend: str = "TORCH"
+    dataset: Dataset
+    metrics: list[NamedUrl] = Field(min_length=1)
+    round: int = Field(ge=1)
+    client_number: int = Field(ge=1)
+    gpu_num: int | None = Field(None, ge=0)
+    if_mode_llm: bool = True
+
+    @field_validator("backend")
+    @classmethod
+    def _torch(cls, value: str) -> str:
+        if value.lower() not in ("torch", "pytorch"):
+            raise ValueError(f"fedpeft runs PyTorch only; set backend: TORCH (got {value!r})")
+        return value
+
+    @field_validator("if_mode_llm")
+    @classmethod
+    def _llm(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError("fedpeft fine-tunes language models only; set if_mode_llm: true")
+        return value
+
+
+class TestEnvFile(FileModel):
+    testenv: TestEnv
+
+
+class FlDataSetting(FileModel):
+    IGNORED: ClassVar[dict[str, str]] = {
+        "train_ratio": "test rows come from test_data or fedpeft.config.data.test_ratio",
+        "splitting_method": "partitioning is fedpeft.config.federation.partition (default iid)",
+        "label_data_ratio": "every row has its answer",
+        "data_partition": "partitioning is fedpeft.config.federation.partition (default iid)",
+    }
+
+
+class Module(FileModel):
+    type: Literal["basemodel", "aggregation"]
+    name: str
+    url: str | None = None
+    hyperparameters: list[dict[str, Any]] = []
+
+    @field_validator("hyperparameters")
+    @classmethod
+    def _one_key_each(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for item in value:
+            if len(item) != 1:
+                raise ValueError(f"each hyperparameter is one {{name: {{values: [...]}}}}, got {list(item)}")
+        return value
+
+
+class Algorithm(FileModel):
+    paradigm_type: Literal["federatedlearning"]
+    fl_data_setting: FlDataSetting = FlDataSetting()
+    initial_model_url: str | None = None
+    modules: list[Module] = Field(min_length=1)
+
+
+class AlgorithmFile(FileModel):
+    algorithm: Algorithm
+
+
+# --------------------------------------------------------------------------------------------
+# Mapping onto JobConfig
+
+
+def _resolve(path: str, base_dir: Path) -> str:
+    """An input path: beside the naming file if it exists there, else from the working directory."""
+    if ":" in path and path.split(":", 1)[0] in ("builtin", "hf"):
+        return path
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return str(p)
+    beside = base_dir / p
+    return os.path.normpath(beside if beside.exists() or not p.exists() else p)
+
+
+def _plugin_spec(url: str, name: str, base_dir: Path) -> str:
+    """``file.py:name`` when ``name`` is a Python identifier, else the file (which registers one)."""
+    path = _resolve(url, base_dir)
+    return f"{path}:{name}" if name.isidentifier() else path
+
+
+def _devices(gpu_num: int | None) -> str | list[str] | None:
+    if gpu_num is None:
+        return None
+    available = torch.cuda.device_count()
+    if gpu_num == 0 or available == 0:
+        if gpu_num:
+            log.info("testenv gpu_num=%d but no CUDA device is visible: running on the CPU", gpu_num)
+        return "cpu"
+    return [f"cuda:{i}" for i in range(min(gpu_num, available))]
+
+
+def _metric_columns(env: TestEnv, base_dir: Path, src: str, root: yaml.Node | None,
+                    problems: Problems) -> list[MetricColumn]:
+    from fedpeft.metrics import METRICS
+
+    columns = []
+    for i, m in enumerate(env.metrics):
+        if m.name in BUILTIN_METRICS or m.name in METRICS:
+            if m.url:
+                problems.ignored.append(f"{src}: testenv.metrics.{i}.url (built-in metric {m.name!r} needs no file)")
+            columns.append(MetricColumn(m.name, BUILTIN_METRICS.get(m.name, m.name)))
+        elif m.url:
+            columns.append(MetricColumn(m.name, _plugin_spec(m.url, m.name, base_dir)))
+        else:
+            close = difflib.get_close_matches(m.name, list(BUILTIN_METRICS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.add(src, root, ("testenv", "metrics", i, "name"),
+                         f"unknown metric {m.name!r}{hint} Built in: {', '.join(BUILTIN_METRICS)}; "
+                         "or give a `url` to a Python file defining fn(*, predictions, references) -> float")
+    return columns
+
+
+def _aggregator_name(module: Module | None, base_dir: Path, src: str, problems: Problems) -> str:
+    from fedpeft.aggregators import AGGREGATORS
+
+    if module is None:
+        return "fedavg"
+    short = module.name.lower().removesuffix("-peft")
+    if short in AGGREGATORS:
+        if module.url:
+            problems.ignored.append(f"{src}: aggregation url (built-in {module.name!r} -> fedpeft {short!r})")
+        return short
+    if not module.url:
+        return module.name  # unknown: reported by validation with the valid names
+    return _plugin_spec(module.url, module.name, base_dir)
+
+
+def _values(raw: Any) -> tuple[Any, ...]:
+    """``{values: [a, b]}`` -> ``(a, b)``; a bare value (Ianvs shorthand) -> ``(value,)``."""
+    if isinstance(raw, dict) and set(raw) == {"values"}:
+        values = raw["values"]
+        return tuple(values) if isinstance(values, list) else (values,)
+    return (raw,)
+
+
+def _dimensions(module: Module, index: int, agg: str, src: str, root: yaml.Node | None,
+                problems: Problems) -> list[Dimension]:
+    """The grid dimensions of one module, checking each hyperparameter name."""
+    from fedpeft.aggregators import AGGREGATORS
+    from fedpeft.params import valid_params
+
+    if module.type == "basemodel":
+        valid = list(BASEMODEL_HYPERPARAMETERS)
+    else:
+        try:
+            valid = valid_params(AGGREGATORS.get(agg))
+        except Exception as e:  # noqa: BLE001 - unknown name or broken plugin
+            problems.add(src, root, ("algorithm", "modules", index, "name"), str(e))
+            return []
+    dims = []
+    for j, item in enumerate(module.hyperparameters):
+        key, raw = next(iter(item.items()))
+        loc = ("algorithm", "modules", index, "hyperparameters", j, key)
+        values = _values(raw)
+        if module.type == "basemodel" and "." in key:
+            why = check_dotted(key)
+            if why:
+                problems.add(src, root, loc, why)
+            target: str | None = key
+        elif key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.add(src, root, loc, f"unknown {module.type} hyperparameter {key!r}{hint} "
+                         f"Valid: {', '.join(valid) or 'none'}" + (", or a dotted job key (data.max_seq_len)"
+                                                                    if module.type == "basemodel" else ""))
+            continue
+        else:
+            target = BASEMODEL_HYPERPARAMETERS[key] if module.type == "basemodel" else f"federation.aggregation.{key}"
+        if not values:
+            problems.add(src, root, loc, "needs at least one value")
+        if key == "save_dir":
+            problems.ignored.append(f"{src}: basemodel save_dir (each test case saves its adapter in its folder)")
+        if key == "aggregation" and any(str(v).lower().removesuffix("-peft") != agg for v in values):
+            problems.add(src, root, loc, f"names {list(values)} but the aggregation module runs {agg!r}; "
+                         "give each aggregation its own algorithm file")
+        dims.append(Dimension(f"{module.type}-{key}", values, target))
+    model_dims = [d for d in dims if d.column == "basemodel-initial_model_url"]
+    return [d for d in dims if d not in model_dims] + model_dims  # initial_model_url wins over model_name
+
+
+def _case_base(base: dict, settings: list[Setting], peft_params: dict[str, dict], agg: str) -> tuple[dict, list[Setting]]:
+    """The test case's base tree (peft and aggregation sections) and the settings left to apply."""
+    tree = copy.deepcopy(base)
+    method = next((s.value for s in settings if s.target == "peft.method"), tree.get("peft", {}).get("method", "lora"))
+    tree["peft"] = {"method": method, **peft_params.get(str(method), {})}
+    tree.setdefault("federation", {})["aggregation"] = {"name": agg}
+    rest = [s if s.target != "peft.method" and not (s.column == "basemodel-initial_model_url" and not s.value)
+            else Setting(s.column, s.value, None) for s in settings]
+    return tree, rest
+
+
+def _load_algorithm(ref: AlgorithmRef, base: dict, job: BenchmarkingJob, job_dir: Path,
+                    overrides: list[str], problems: Problems) -> list[TestCase]:
+    path = Path(_resolve(ref.url, job_dir))
+    src = str(path)
+    tree, root = read_yaml(path, problems)
+    algo = parse_file_model(tree, AlgorithmFile, src, root, problems) if tree is not None else None
+    if algo is None:
+        return []
+    modules = algo.algorithm.modules
+    basemodels = [m for m in modules if m.type == "basemodel"]
+    aggs = [(i, m) for i, m in enumerate(modules) if m.type == "aggregation"]
+    if len(basemodels) != 1 or len(aggs) > 1:
+        problems.add(src, root, ("algorithm", "modules"), f"expected one basemodel and at most one aggregation "
+                     f"module, found {len(basemodels)} and {len(aggs)}")
+        return []
+    if basemodels[0].url:
+        problems.ignored.append(f"{src}: basemodel url (fedpeft trains with its own trainer)")
+    agg_module = aggs[0][1] if aggs else None
+    agg = _aggregator_name(agg_module, path.parent, src, problems)
+    dims = [d for i, m in enumerate(modules) for d in _dimensions(m, i, agg, src, root, problems)]
+    base = copy.deepcopy(base)
+    if algo.algorithm.initial_model_url:
+        base.setdefault("model", {})["name"] = _resolve(algo.algorithm.initial_model_url, path.parent)
+    names = {"basemodel": basemodels[0].name, "aggregation": agg_module.name if agg_module else "FedAvg-PEFT"}
+    cases = []
+    for k, settings in enumerate(expand(dims)):
+        case_tree, rest = _case_base(base, settings, job.fedpeft.peft, agg)
+        case_src = f"{src} (algorithm {ref.name!r}, test case {k + 1}: {settings_label(settings)})"
+        try:
+            cfg = make_config(case_tree, rest, overrides, case_src)
+        except ConfigError as e:
+            problems.absorb(e, case_src)
+            continue
+        cases.append(TestCase(ref.name, cfg, settings, dict(names)))
+    return cases
+
+
+def _testenv_tree(env: TestEnv, env_dir: Path, metrics: list[MetricColumn]) -> dict:
+    """The JobConfig keys testenv.yaml sets."""
+    tree: dict[str, Any] = {
+        "data": {"train": _resolve(env.dataset.train_data, env_dir)},
+        "federation": {"rounds": env.round, "num_clients": env.client_number},
+        "eval": {"metrics": [m.key for m in metrics]},
+    }
+    if env.dataset.test_data:
+        tree["data"]["test"] = _resolve(env.dataset.test_data, env_dir)
+    devices = _devices(env.gpu_num)
+    if devices is not None:
+        tree["model"] = {"devices": devices}
+    return tree
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _check_fedpeft(job: BenchmarkingJob, src: str, root: yaml.Node | None, problems: Problems) -> None:
+    loc = ("benchmarkingjob", "fedpeft")
+    check_baselines(job.fedpeft.baselines, src, root, problems, loc + ("baselines",))
+    for key in flatten(job.fedpeft.config):
+        clash = next((m for m in MAPPED_KEYS if key == m or key.startswith(m + ".")), None)
+        if clash:
+            problems.add(src, root, loc + ("config",) + tuple(key.split(".")),
+                         f"{clash!r} is set by the Ianvs files (testenv.yaml / algorithm.yaml); set it there")
+    from fedpeft.peft_methods import PEFT_METHODS
+
+    for method in job.fedpeft.peft:
+        if method not in PEFT_METHODS:
+            problems.add(src, root, loc + ("peft", method), PEFT_METHODS.unknown_message(method))
+    try:
+        validate_tree(copy.deepcopy(job.fedpeft.config), source=src, root=node_at(root, loc + ("config",)))
+    except ConfigError as e:
+        problems.absorb(e, src, "benchmarkingjob.fedpeft.config.")
+
+
+def load_ianvs(path: str | Path, overrides: list[str] | None = None) -> BenchmarkPlan:
+    """Read ``benchmarkingjob.yaml`` and the files it names into a plan.
+
+    Raises:
+        ConfigError: every problem of the three files, each with file, line, key and closest valid key.
+    """
+    path = Path(path)
+    src = str(path)
+    problems = Problems()
+    tree, root = read_yaml(path, problems)
+    problems.raise_if_any(src)
+    parsed = parse_file_model(tree, BenchmarkingJobFile, src, root, problems)
+    problems.raise_if_any(src)
+    job = parsed.benchmarkingjob
+    _check_fedpeft(job, src, root, problems)
+    env_path = Path(_resolve(job.testenv, path.parent))
+    env_tree, env_root = read_yaml(env_path, problems)
+    env_file = parse_file_model(env_tree, TestEnvFile, str(env_path), env_root, problems) if env_tree else None
+    problems.raise_if_any(src)
+    env = env_file.testenv
+    metrics = _metric_columns(env, env_path.parent, str(env_path), env_root, problems)
+    base = _merge({"job": job.name, "workspace": job.workspace, **job.fedpeft.config},
+                  _testenv_tree(env, env_path.parent, metrics))
+    names = [a.name for a in job.test_object.algorithms]
+    for i, name in enumerate(names):
+        if name in BASELINES or names.count(name) > 1:
+            problems.add(src, root, ("benchmarkingjob", "test_object", "algorithms", i, "name"),
+                         f"algorithm name {name!r} is {'a baseline name' if name in BASELINES else 'used twice'}")
+    cases = [c for ref in job.test_object.algorithms
+             for c in _load_algorithm(ref, base, job, path.parent, overrides or [], problems)]
+    problems.raise_if_any(src)
+    plan = BenchmarkPlan(name=job.name, job_dir=Path(job.workspace) / job.name, cases=cases, metrics=metrics,
+                         rank=job.rank, baselines=list(job.fedpeft.baselines), source=src,
+                         ignored=list(dict.fromkeys(problems.ignored)))
+    columns = {"metrics": [m.column for m in metrics] + list(EXTRA_COLUMNS), "modules": plan.modules,
+               "hyperparameters": plan.hyperparameter_columns(), "paradigms": [PARADIGM_FEDERATED, PARADIGM_BASELINE]}
+    check_rank_names(job.rank, columns, src, root, ("benchmarkingjob", "rank"), problems)
+    problems.raise_if_any(src)
+    return plan

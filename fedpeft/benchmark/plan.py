@@ -1,0 +1,179 @@
+"""The one internal form of a benchmark job: a list of test cases (each a validated JobConfig).
+
+Both file formats end here: the KubeEdge Ianvs files (:mod:`fedpeft.benchmark.ianvs`) and the
+native single-file grid (:mod:`fedpeft.benchmark.grid`). :func:`load_plan` tells them apart
+and :func:`fedpeft.benchmark.runner.run_benchmark` executes the result.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedpeft.benchmark.constants import PARADIGM_FEDERATED
+from fedpeft.benchmark.schema import RankSpec
+from fedpeft.config import JobConfig
+from fedpeft.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One hyperparameter value of one test case.
+
+    Attributes:
+        column: Its leaderboard column (``basemodel-learning_rate``, ``train.learning_rate``).
+        value: The value as written in the file.
+        target: The dotted JobConfig key it sets (``train.learning_rate``); None when it is
+            shown only (Ianvs ``save_dir``).
+    """
+
+    column: str
+    value: Any
+    target: str | None
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One hyperparameter of a grid with every value it takes."""
+
+    column: str
+    values: tuple[Any, ...]
+    target: str | None
+
+
+@dataclass
+class TestCase:
+    """One federated run of a benchmark.
+
+    Attributes:
+        algorithm: Folder and ``algorithm`` column (Ianvs algorithm name, or ``fedavgm-lora``).
+        cfg: The validated job config (workspace, job and run id are set by the runner).
+        settings: Its hyperparameter values, in grid order.
+        modules: ``{"basemodel": ..., "aggregation": ...}`` (the module columns).
+        paradigm: The ``paradigm`` column.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    algorithm: str
+    cfg: JobConfig
+    settings: list[Setting]
+    modules: dict[str, str]
+    paradigm: str = PARADIGM_FEDERATED
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """Column -> value; a mapping value (a whole ``peft`` section) gives one column per key."""
+        out: dict[str, Any] = {}
+        for s in self.settings:
+            out.update(flatten(s.value, s.column + ".") if isinstance(s.value, dict) else {s.column: s.value})
+        return out
+
+    def label(self) -> str:
+        """``peft_method=lora, learning_rate=1e-4`` (module prefixes dropped) for logs."""
+        return settings_label(self.settings)
+
+
+def settings_label(settings: list[Setting]) -> str:
+    """A short text for a list of settings (module prefixes such as ``basemodel-`` dropped)."""
+    return ", ".join(f"{s.column.split('-', 1)[-1]}={s.value}" for s in settings) or "defaults"
+
+
+@dataclass(frozen=True)
+class MetricColumn:
+    """A leaderboard metric column and the key of fedpeft's evaluation results it shows."""
+
+    column: str  # rouge1_metric (Ianvs name) or rouge1 (native)
+    key: str  # rouge1, or the plugin spec 'path/file.py:fn'
+
+
+@dataclass
+class BenchmarkPlan:
+    """Everything a benchmark run needs, whichever format it came from."""
+
+    name: str
+    job_dir: Path  # <workspace>/<name>: test case folders, rank/, report.html
+    cases: list[TestCase]
+    metrics: list[MetricColumn]
+    rank: RankSpec
+    baselines: list[str] = field(default_factory=list)
+    modules: list[str] = field(default_factory=lambda: ["basemodel", "aggregation"])
+    source: str = ""
+    ignored: list[str] = field(default_factory=list)
+
+    def hyperparameter_columns(self) -> list[str]:
+        """Hyperparameter columns in first-seen order over the test cases."""
+        return list(dict.fromkeys(col for c in self.cases for col in c.hyperparameters))
+
+
+def expand(dimensions: list[Dimension]) -> list[list[Setting]]:
+    """The cartesian product of the dimensions' values (the first dimension varies slowest)."""
+    value_lists = [[Setting(d.column, v, d.target) for v in d.values] for d in dimensions]
+    return [list(combo) for combo in itertools.product(*value_lists)]
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """``tree[a][b][c] = value`` for ``a.b.c``, creating sections; a mapping value replaces the section."""
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = node[part] = {}
+        node = nxt
+    node[parts[-1]] = value
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and scalars are leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def detect_format(path: str | Path) -> str:
+    """``"ianvs"`` (a ``benchmarkingjob:`` file), ``"grid"`` (native with ``grid:``/``baselines:``)
+    or ``"job"`` (a plain native job)."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return "job"
+    if isinstance(tree, dict) and "benchmarkingjob" in tree:
+        return "ianvs"
+    if isinstance(tree, dict) and ({"grid", "baselines", "rank"} & set(tree)):
+        return "grid"
+    return "job"
+
+
+def load_plan(path: str | Path, overrides: list[str] | None = None) -> BenchmarkPlan:
+    """Read a benchmark file in either format into a :class:`BenchmarkPlan`.
+
+    Args:
+        path: ``benchmarkingjob.yaml`` (Ianvs) or a native ``benchmark-*.yaml`` with ``grid:``.
+        overrides: ``key=value`` JobConfig overrides applied to every test case
+            (``eval.max_samples=8``).
+
+    Raises:
+        ConfigError: listing every problem of every file, with file, line, key and closest valid key.
+    """
+    fmt = detect_format(path)
+    if fmt == "ianvs":
+        from fedpeft.benchmark.ianvs import load_ianvs
+
+        return load_ianvs(path, overrides)
+    if fmt == "grid":
+        from fedpeft.benchmark.grid import load_grid
+
+        return load_grid(path, overrides)
+    raise ConfigError(f"{path}: not a benchmark file: expected a top-level 'benchmarkingjob:' (Ianvs format) "
+                      "or a native job with 'grid:' / 'baselines:' / 'rank:' (see configs/benchmark-*.yaml)")

@@ -1,0 +1,268 @@
+"""Batched greedy answer generation for base models, LoRA and prompt-learning adapters.
+
+Generation dominates evaluation time, so this module takes three shortcuts, each checked
+against a slow reference in ``tests/test_generation.py``:
+
+* **Batching with left padding**, questions sorted by prompt length so a batch wastes little
+  on padding. Positions come from the attention mask (``cumsum - 1``), so a padded row sees
+  the same positions, and generates the same tokens, as the question alone.
+* **P-Tuning / prompt tuning without** ``PeftModel.generate``: the virtual-token embeddings
+  are computed once (``model.get_prompt``), prepended to the prompt's embeddings with an
+  extended attention mask, and the *base* model generates from ``inputs_embeds``. Through
+  ``PeftModel.generate`` (peft 0.21.2) the KV cache is reused too, but peft drops the
+  ``position_ids`` that transformers derives from the attention mask
+  (``PeftModel._adjust_prompt_learning_kwargs``), so left-padded rows get shifted positions and
+  batched answers differ from one-at-a-time answers. The direct path keeps them equal.
+* **LoRA merged into the weights** while generating (:func:`merged_lora`): one matmul per
+  layer instead of three. On exit the original base weights are copied back from a CPU copy,
+  because unmerging (subtracting ``B @ A`` again) is not bit-exact in floating point.
+
+The repetition penalty is applied by :class:`PromptRepetitionPenalty` rather than by
+transformers: it penalises the tokens of the prompt and of the answer so far, like
+``repetition_penalty=``, but never the padding (which with SmolLM2 is the end-of-turn token,
+and would otherwise make padded rows less likely to stop), and it sees the prompt also when
+generating from ``inputs_embeds``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel, PeftType
+from peft.tuners.lora import LoraLayer
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+
+from fedpeft.data.prompts import prompt_ids
+from fedpeft.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# Prompt-learning methods whose get_prompt() returns virtual-token *embeddings* (prefix tuning
+# returns a KV cache instead and keeps going through PeftModel.generate).
+_EMBEDDING_PROMPT_TYPES = (PeftType.P_TUNING, PeftType.PROMPT_TUNING)
+
+Model = PreTrainedModel | PeftModel
+
+
+@dataclass
+class GenerationResult:
+    """Answers in question order, with what it cost."""
+
+    answers: list[str]
+    num_tokens: int  # generated tokens, each answer counted up to and including its EOS
+    seconds: float
+
+
+class PromptRepetitionPenalty(LogitsProcessor):
+    """CTRL's repetition penalty over the real prompt tokens and the tokens generated so far.
+
+    Keskar et al., "CTRL: A Conditional Transformer Language Model for Controllable
+    Generation", 2019. https://arxiv.org/abs/1909.05858 (same arithmetic as transformers'
+    ``RepetitionPenaltyLogitsProcessor``: positive logits divided, negative ones multiplied).
+
+    Args:
+        penalty: ``> 1`` makes seen tokens less likely.
+        prompt_ids: ``(batch, prompt_len)`` left-padded prompts.
+        prompt_mask: ``(batch, prompt_len)``, 1 on real tokens, 0 on padding.
+        skip: Leading columns of the ``input_ids`` that ``generate`` passes which are the prompt
+            (``prompt_len`` when generating from ids, 0 when generating from embeddings).
+    """
+
+    def __init__(self, penalty: float, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, skip: int) -> None:
+        self.penalty = penalty
+        self.prompt_ids = prompt_ids
+        self.prompt_mask = prompt_mask.long()
+        self.skip = skip
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        new = input_ids[:, self.skip:]  # (batch, generated so far)
+        seen = torch.zeros(scores.shape, dtype=torch.long, device=scores.device)  # (batch, vocab)
+        seen.scatter_add_(1, self.prompt_ids.to(scores.device), self.prompt_mask.to(scores.device))
+        seen.scatter_add_(1, new, torch.ones_like(new))
+        penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        return torch.where(seen > 0, penalized, scores)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode (no dropout) and restore its train/eval mode on exit."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def uses_virtual_token_embeddings(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a P-Tuning or prompt-tuning :class:`PeftModel`."""
+    return isinstance(model, PeftModel) and model.active_peft_config.peft_type in _EMBEDDING_PROMPT_TYPES
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a :class:`PeftModel` whose active adapter is LoRA."""
+    return isinstance(model, PeftModel) and model.active_peft_config.peft_type == PeftType.LORA
+
+
+def _lora_layers(model: PeftModel) -> list[LoraLayer]:
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+@contextlib.contextmanager
+def merged_lora(model: PeftModel) -> Iterator[PeftModel]:
+    """Merge the active LoRA adapter into the base weights for the duration of the block.
+
+    Generation is faster with merged weights. On exit the adapter is unmerged and the base
+    weights that merging touched are overwritten with a CPU copy taken on entry, so they are
+    bit-identical to before (unmerging alone leaves rounding differences).
+
+    Args:
+        model: A LoRA :class:`PeftModel`, not merged.
+
+    Yields:
+        ``model``, merged.
+
+    Raises:
+        ModelError: if ``model`` is not a LoRA PeftModel or is merged already.
+    """
+    if not is_lora(model):
+        raise ModelError(f"merged_lora needs a LoRA PeftModel, got {type(model).__name__}")
+    layers = _lora_layers(model)
+    if any(layer.merged for layer in layers):
+        raise ModelError("merged_lora: the LoRA adapter is merged already; unmerge it first")
+    saved = {
+        id(p): (p, p.detach().to("cpu", copy=True))
+        for layer in layers
+        for p in layer.get_base_layer().parameters(recurse=False)
+    }
+    model.merge_adapter()
+    try:
+        yield model
+    finally:
+        model.unmerge_adapter()
+        with torch.no_grad():
+            for param, original in saved.values():
+                param.copy_(original)
+
+
+def _left_pad(rows: list[list[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)``, each ``(batch, longest)``, with padding on the left."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _eos_ids(model: Model, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's EOS (what training appends to answers) and the model's own EOS ids."""
+    config_eos = model.generation_config.eos_token_id
+    config_eos = [] if config_eos is None else [config_eos] if isinstance(config_eos, int) else list(config_eos)
+    return list(dict.fromkeys([tokenizer.eos_token_id, *config_eos]))
+
+
+def _generate_ids(model: Model, ids: torch.Tensor, mask: torch.Tensor, gen_kwargs: dict, penalty: float) -> torch.Tensor:
+    """Greedy new tokens ``(batch, new)`` for left-padded ``ids``; see the module docstring."""
+    if uses_virtual_token_embeddings(model):
+        base = model.get_base_model()
+        embeds = base.get_input_embeddings()(ids)  # (batch, seq, hidden)
+        virtual = model.get_prompt(batch_size=ids.shape[0]).to(embeds.dtype)  # (batch, virtual, hidden)
+        full_mask = torch.cat([mask.new_ones(virtual.shape[:2]), mask], dim=1)  # (batch, virtual + seq)
+        return base.generate(
+            inputs_embeds=torch.cat([virtual, embeds], dim=1), attention_mask=full_mask,
+            logits_processor=_processors(penalty, ids, mask, skip=0), **gen_kwargs,
+        )
+    processors = _processors(penalty, ids, mask, skip=ids.shape[1])
+    out = model.generate(input_ids=ids, attention_mask=mask, logits_processor=processors, **gen_kwargs)
+    return out[:, ids.shape[1]:]
+
+
+def _processors(penalty: float, ids: torch.Tensor, mask: torch.Tensor, skip: int) -> LogitsProcessorList:
+    if penalty == 1.0:
+        return LogitsProcessorList()
+    return LogitsProcessorList([PromptRepetitionPenalty(penalty, ids, mask, skip)])
+
+
+def _answer_lengths(new: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """Tokens generated per row, up to and including the first EOS: ``(batch,)``."""
+    is_eos = torch.isin(new, torch.tensor(eos_ids, device=new.device))  # (batch, new)
+    first = is_eos.int().argmax(dim=1)
+    return torch.where(is_eos.any(dim=1), first + 1, torch.full_like(first, new.shape[1]))
+
+
+def run_generation(
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: list[str],
+    *,
+    system_prompt: str | None = None,
+    max_new_tokens: int = 256,
+    repetition_penalty: float = 1.0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> GenerationResult:
+    """Like :func:`generate_answers`, also returning the number of tokens and seconds it took."""
+    prompts = [prompt_ids(tokenizer, q, system_prompt) for q in questions]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
+    eos_ids = _eos_ids(model, tokenizer)
+    gen_kwargs = dict(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+        eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+    )
+    answers, num_tokens, start = [""] * len(questions), 0, time.perf_counter()
+    with eval_mode(model), torch.no_grad(), tqdm(total=len(questions), desc="generating", unit="q",
+                                                  disable=not progress) as bar:
+        for first in range(0, len(order), batch_size):
+            batch = order[first:first + batch_size]
+            ids, mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, model_device(model))
+            new = _generate_ids(model, ids, mask, gen_kwargs, repetition_penalty)  # (batch, new)
+            num_tokens += int(_answer_lengths(new, eos_ids).sum())
+            for i, text in zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                answers[i] = text.strip()
+            bar.update(len(batch))
+    return GenerationResult(answers, num_tokens, time.perf_counter() - start)
+
+
+def generate_answers(
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: list[str],
+    *,
+    system_prompt: str | None = None,
+    max_new_tokens: int = 256,
+    repetition_penalty: float = 1.0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy answers to ``questions``, generated in left-padded batches.
+
+    Args:
+        model: A base model, or a LoRA, P-Tuning or other :class:`PeftModel`.
+        tokenizer: Its tokenizer (the chat template builds the prompts).
+        questions: The questions; answers come back in this order.
+        system_prompt: Optional system message of the chat template.
+        max_new_tokens: Cap on each answer's length in tokens.
+        repetition_penalty: ``1.0`` for none; ``> 1`` curbs greedy loops.
+        batch_size: Questions generated together.
+        progress: Show a tqdm bar over questions.
+
+    Returns:
+        One answer per question, special tokens removed, whitespace stripped.
+    """
+    return run_generation(
+        model, tokenizer, questions, system_prompt=system_prompt, max_new_tokens=max_new_tokens,
+        repetition_penalty=repetition_penalty, batch_size=batch_size, progress=progress,
+    ).answers
