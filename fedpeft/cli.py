@@ -37,10 +37,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fedpeft.loop import run_job
     from fedpeft.results import print_results
 
+    if not args.resume and _is_benchmark(args.config):  # Ianvs files or a native grid
+        return _cmd_benchmark(args)
     cfg = None if args.resume else load_config(args.config, args.overrides)
     run = run_job(cfg, resume=args.resume)
     print_results(run.path)
     return 0
+
+
+def _is_benchmark(path: str) -> bool:
+    from fedpeft.benchmark import detect_format
+
+    return detect_format(path) in ("ianvs", "grid")
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from fedpeft.benchmark import load_plan, run_benchmark
+
+    plan = load_plan(args.config, args.overrides)
+    if getattr(args, "dry_run", False):
+        for i, case in enumerate(plan.cases, 1):
+            print(f"{i}. {case.algorithm}: {case.label()}")
+        print(f"baselines: {', '.join(plan.baselines) or 'none'}; job folder: {plan.job_dir}")
+        return 0
+    result = run_benchmark(plan)
+    print(f"leaderboard: {result.job_dir / 'rank'}\nreport: {result.job_dir / 'report.html'}")
+    return 0
+
+
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from fedpeft.benchmark.leaderboard import print_leaderboards
+
+    return print_leaderboards(args.workspace, args.sort_by, show_all=args.all)
 
 
 def demo_config_path() -> Path:
@@ -107,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--repetition-penalty", type=float, default=1.1)
     gen.set_defaults(fn=_cmd_generate)
+    bench = sub.add_parser("benchmark", help="run a benchmark job: Ianvs benchmarkingjob.yaml or a native grid")
+    bench.add_argument("config", help="benchmarkingjob.yaml (Ianvs format) or configs/benchmark-*.yaml")
+    bench.add_argument("overrides", nargs="*", help="key=value applied to every test case, e.g. eval.max_samples=8")
+    bench.add_argument("--dry-run", action="store_true", help="list the test cases and exit")
+    bench.set_defaults(fn=_cmd_benchmark)
+    board = sub.add_parser("leaderboard", help="print the leaderboard of a benchmark job again")
+    board.add_argument("workspace", help="the job folder (<workspace>/<job>) or a workspace holding jobs")
+    board.add_argument("--sort-by", action="append", metavar="METRIC[:ascend|descend]",
+                       help="sort by this column (repeatable; default direction: descend, ascend for losses/costs)")
+    board.add_argument("--all", action="store_true", help="every row and column (all_rank), not the selection")
+    board.set_defaults(fn=_cmd_leaderboard)
+    from fedpeft.deploy.cli import add_commands as add_deploy_commands
+
+    add_deploy_commands(sub)  # server | client | certs | keys (Flower deployment)
     return p
 
 

@@ -55,8 +55,13 @@ class GenerationResult:
     """Answers in question order, with what it cost."""
 
     answers: list[str]
-    num_tokens: int  # generated tokens, each answer counted up to and including its EOS
+    token_ids: list[list[int]]  # generated ids of each answer, up to and including its EOS
     seconds: float
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens generated in all, EOS included, padding after it not."""
+        return sum(len(ids) for ids in self.token_ids)
 
 
 class PromptRepetitionPenalty(LogitsProcessor):
@@ -105,14 +110,21 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def _enabled_peft_type(model: torch.nn.Module) -> PeftType | None:
+    """The active adapter's type; None for a plain model or inside ``disable_adapter()``."""
+    if not isinstance(model, PeftModel) or getattr(model, "_adapters_disabled", False):
+        return None
+    return model.active_peft_config.peft_type
+
+
 def uses_virtual_token_embeddings(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is a P-Tuning or prompt-tuning :class:`PeftModel`."""
-    return isinstance(model, PeftModel) and model.active_peft_config.peft_type in _EMBEDDING_PROMPT_TYPES
+    """Whether ``model`` is a :class:`PeftModel` with an enabled P-Tuning or prompt-tuning adapter."""
+    return _enabled_peft_type(model) in _EMBEDDING_PROMPT_TYPES
 
 
 def is_lora(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is a :class:`PeftModel` whose active adapter is LoRA."""
-    return isinstance(model, PeftModel) and model.active_peft_config.peft_type == PeftType.LORA
+    """Whether ``model`` is a :class:`PeftModel` with an enabled LoRA adapter."""
+    return _enabled_peft_type(model) == PeftType.LORA
 
 
 def _lora_layers(model: PeftModel) -> list[LoraLayer]:
@@ -128,16 +140,20 @@ def merged_lora(model: PeftModel) -> Iterator[PeftModel]:
     bit-identical to before (unmerging alone leaves rounding differences).
 
     Args:
-        model: A LoRA :class:`PeftModel`, not merged.
+        model: A LoRA :class:`PeftModel`, not merged, adapter enabled.
 
     Yields:
         ``model``, merged.
 
     Raises:
-        ModelError: if ``model`` is not a LoRA PeftModel or is merged already.
+        ModelError: if ``model`` is not a LoRA PeftModel, is merged already, or is inside
+            ``disable_adapter()`` (merging would apply the adapter that was switched off).
     """
     if not is_lora(model):
-        raise ModelError(f"merged_lora needs a LoRA PeftModel, got {type(model).__name__}")
+        raise ModelError(
+            f"merged_lora needs a LoRA PeftModel with its adapter enabled, got {type(model).__name__}"
+            + (" inside disable_adapter()" if getattr(model, "_adapters_disabled", False) else "")
+        )
     layers = _lora_layers(model)
     if any(layer.merged for layer in layers):
         raise ModelError("merged_lora: the LoRA adapter is merged already; unmerge it first")
@@ -196,11 +212,13 @@ def _processors(penalty: float, ids: torch.Tensor, mask: torch.Tensor, skip: int
     return LogitsProcessorList([PromptRepetitionPenalty(penalty, ids, mask, skip)])
 
 
-def _answer_lengths(new: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
-    """Tokens generated per row, up to and including the first EOS: ``(batch,)``."""
-    is_eos = torch.isin(new, torch.tensor(eos_ids, device=new.device))  # (batch, new)
-    first = is_eos.int().argmax(dim=1)
-    return torch.where(is_eos.any(dim=1), first + 1, torch.full_like(first, new.shape[1]))
+def _until_eos(new: torch.Tensor, eos_ids: list[int]) -> list[list[int]]:
+    """Each row of ``new`` (batch, new) up to and including its first EOS."""
+    rows = []
+    for row in new.tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+        rows.append(row[:end])
+    return rows
 
 
 def run_generation(
@@ -214,7 +232,11 @@ def run_generation(
     batch_size: int = 8,
     progress: bool = True,
 ) -> GenerationResult:
-    """Like :func:`generate_answers`, also returning the number of tokens and seconds it took."""
+    """Like :func:`generate_answers`, also returning the token ids and the seconds it took.
+
+    Returns:
+        Answers and generated token ids in question order, and the wall-clock seconds.
+    """
     prompts = [prompt_ids(tokenizer, q, system_prompt) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
     eos_ids = _eos_ids(model, tokenizer)
@@ -222,18 +244,20 @@ def run_generation(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
         eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
     )
-    answers, num_tokens, start = [""] * len(questions), 0, time.perf_counter()
+    token_ids: list[list[int]] = [[] for _ in questions]
+    start = time.perf_counter()
     with eval_mode(model), torch.no_grad(), tqdm(total=len(questions), desc="generating", unit="q",
                                                   disable=not progress) as bar:
         for first in range(0, len(order), batch_size):
             batch = order[first:first + batch_size]
             ids, mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, model_device(model))
             new = _generate_ids(model, ids, mask, gen_kwargs, repetition_penalty)  # (batch, new)
-            num_tokens += int(_answer_lengths(new, eos_ids).sum())
-            for i, text in zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                answers[i] = text.strip()
+            for i, row in zip(batch, _until_eos(new, eos_ids)):
+                token_ids[i] = row
             bar.update(len(batch))
-    return GenerationResult(answers, num_tokens, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    answers = [t.strip() for t in tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
+    return GenerationResult(answers, token_ids, seconds)
 
 
 def generate_answers(

@@ -8,6 +8,7 @@ extra schema.
 from __future__ import annotations
 
 import inspect
+import typing
 from typing import Any
 
 import pydantic
@@ -16,10 +17,14 @@ import pydantic
 def params_model(cls: type) -> type[pydantic.BaseModel]:
     """A pydantic model mirroring ``cls.__init__``'s keyword parameters (extra keys forbidden)."""
     fields: dict[str, Any] = {}
+    try:  # resolve string annotations (modules using ``from __future__ import annotations``)
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 - unresolvable hints: fall back to no type checking
+        hints = {}
     for name, p in inspect.signature(cls.__init__).parameters.items():
         if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        annotation = Any if p.annotation is inspect.Parameter.empty else p.annotation
+        annotation = hints.get(name, Any)
         default = ... if p.default is inspect.Parameter.empty else p.default
         fields[name] = (annotation, default)
     config = pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True)

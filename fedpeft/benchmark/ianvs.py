@@ -27,17 +27,17 @@ import difflib
 import logging
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import torch
 import yaml
-from pydantic import Field, field_validator
 
 from fedpeft.benchmark.constants import BASELINES, EXTRA_COLUMNS, PARADIGM_BASELINE, PARADIGM_FEDERATED
 from fedpeft.benchmark.grid import check_baselines, check_dotted, make_config
 from fedpeft.benchmark.plan import (BenchmarkPlan, Dimension, MetricColumn, Setting, TestCase, expand, flatten,
                                     settings_label)
-from fedpeft.benchmark.schema import FileModel, Problems, RankSpec, check_rank_names, node_at, parse_file_model, read_yaml
+from fedpeft.benchmark.ianvs_schema import AlgorithmFile, AlgorithmRef, BenchmarkingJob, BenchmarkingJobFile, Module, TestEnv, TestEnvFile
+from fedpeft.benchmark.schema import Problems, check_rank_names, node_at, parse_file_model, read_yaml
 from fedpeft.config import validate_tree
 from fedpeft.errors import ConfigError
 
@@ -54,117 +54,6 @@ BASEMODEL_HYPERPARAMETERS: dict[str, str | None] = {
 MAPPED_KEYS = ("data.train", "data.test", "federation.rounds", "federation.num_clients", "model.devices",
                "eval.metrics", "model.name", "train.batch_size", "train.learning_rate", "train.local_epochs",
                "peft", "federation.aggregation")
-
-
-# --------------------------------------------------------------------------------------------
-# File models
-
-
-class AlgorithmRef(FileModel):
-    name: str
-    url: str
-
-
-class TestObject(FileModel):
-    type: Literal["algorithms"] = "algorithms"
-    algorithms: list[AlgorithmRef] = Field(min_length=1)
-
-
-class FedpeftSection(FileModel):
-    """fedpeft-only settings (Ianvs has no place for them)."""
-
-    baselines: list[str] = []
-    config: dict[str, Any] = {}  # native JobConfig keys for every test case
-    peft: dict[str, dict[str, Any]] = {}  # peft_method value -> its hyperparameters
-
-
-class BenchmarkingJob(FileModel):
-    IGNORED: ClassVar[dict[str, str]] = {"hard_example_mining_mode": "joint-inference paradigm only"}
-    name: str
-    workspace: str = "./workspace"
-    testenv: str
-    test_object: TestObject
-    rank: RankSpec = RankSpec()
-    fedpeft: FedpeftSection = FedpeftSection()
-
-
-class BenchmarkingJobFile(FileModel):
-    benchmarkingjob: BenchmarkingJob
-
-
-class Dataset(FileModel):
-    IGNORED: ClassVar[dict[str, str]] = {"name": "a label only"}
-    train_data: str
-    test_data: str | None = None  # None: hold out data.test_ratio of train_data
-
-
-class NamedUrl(FileModel):
-    name: str
-    url: str | None = None
-
-
-class TestEnv(FileModel):
-    IGNORED: ClassVar[dict[str, str]] = {"model_eval": "fedpeft evaluates every test case on all metrics"}
-    backend: str = "TORCH"
-    dataset: Dataset
-    metrics: list[NamedUrl] = Field(min_length=1)
-    round: int = Field(ge=1)
-    client_number: int = Field(ge=1)
-    gpu_num: int | None = Field(None, ge=0)
-    if_mode_llm: bool = True
-
-    @field_validator("backend")
-    @classmethod
-    def _torch(cls, value: str) -> str:
-        if value.lower() not in ("torch", "pytorch"):
-            raise ValueError(f"fedpeft runs PyTorch only; set backend: TORCH (got {value!r})")
-        return value
-
-    @field_validator("if_mode_llm")
-    @classmethod
-    def _llm(cls, value: bool) -> bool:
-        if not value:
-            raise ValueError("fedpeft fine-tunes language models only; set if_mode_llm: true")
-        return value
-
-
-class TestEnvFile(FileModel):
-    testenv: TestEnv
-
-
-class FlDataSetting(FileModel):
-    IGNORED: ClassVar[dict[str, str]] = {
-        "train_ratio": "test rows come from test_data or fedpeft.config.data.test_ratio",
-        "splitting_method": "partitioning is fedpeft.config.federation.partition (default iid)",
-        "label_data_ratio": "every row has its answer",
-        "data_partition": "partitioning is fedpeft.config.federation.partition (default iid)",
-    }
-
-
-class Module(FileModel):
-    type: Literal["basemodel", "aggregation"]
-    name: str
-    url: str | None = None
-    hyperparameters: list[dict[str, Any]] = []
-
-    @field_validator("hyperparameters")
-    @classmethod
-    def _one_key_each(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for item in value:
-            if len(item) != 1:
-                raise ValueError(f"each hyperparameter is one {{name: {{values: [...]}}}}, got {list(item)}")
-        return value
-
-
-class Algorithm(FileModel):
-    paradigm_type: Literal["federatedlearning"]
-    fl_data_setting: FlDataSetting = FlDataSetting()
-    initial_model_url: str | None = None
-    modules: list[Module] = Field(min_length=1)
-
-
-class AlgorithmFile(FileModel):
-    algorithm: Algorithm
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,8 +188,10 @@ def _case_base(base: dict, settings: list[Setting], peft_params: dict[str, dict]
     return tree, rest
 
 
-def _load_algorithm(ref: AlgorithmRef, base: dict, job: BenchmarkingJob, job_dir: Path,
+def _load_algorithm(ref: AlgorithmRef, base: dict | None, job: BenchmarkingJob, job_dir: Path,
                     overrides: list[str], problems: Problems) -> list[TestCase]:
+    """The test cases of one algorithm file; with ``base`` None (other files are broken) only
+    its problems are collected."""
     path = Path(_resolve(ref.url, job_dir))
     src = str(path)
     tree, root = read_yaml(path, problems)
@@ -319,6 +210,8 @@ def _load_algorithm(ref: AlgorithmRef, base: dict, job: BenchmarkingJob, job_dir
     agg_module = aggs[0][1] if aggs else None
     agg = _aggregator_name(agg_module, path.parent, src, problems)
     dims = [d for i, m in enumerate(modules) for d in _dimensions(m, i, agg, src, root, problems)]
+    if base is None or problems.items:  # test cases of a broken job would only repeat its problems
+        return []
     base = copy.deepcopy(base)
     if algo.algorithm.initial_model_url:
         base.setdefault("model", {})["name"] = _resolve(algo.algorithm.initial_model_url, path.parent)
@@ -389,17 +282,18 @@ def load_ianvs(path: str | Path, overrides: list[str] | None = None) -> Benchmar
     tree, root = read_yaml(path, problems)
     problems.raise_if_any(src)
     parsed = parse_file_model(tree, BenchmarkingJobFile, src, root, problems)
-    problems.raise_if_any(src)
+    if parsed is None:  # without it the other files cannot be found
+        problems.raise_if_any(src)
     job = parsed.benchmarkingjob
     _check_fedpeft(job, src, root, problems)
     env_path = Path(_resolve(job.testenv, path.parent))
     env_tree, env_root = read_yaml(env_path, problems)
     env_file = parse_file_model(env_tree, TestEnvFile, str(env_path), env_root, problems) if env_tree else None
-    problems.raise_if_any(src)
-    env = env_file.testenv
-    metrics = _metric_columns(env, env_path.parent, str(env_path), env_root, problems)
-    base = _merge({"job": job.name, "workspace": job.workspace, **job.fedpeft.config},
-                  _testenv_tree(env, env_path.parent, metrics))
+    metrics, base = [], None
+    if env_file is not None:
+        metrics = _metric_columns(env_file.testenv, env_path.parent, str(env_path), env_root, problems)
+        base = _merge({"job": job.name, "workspace": job.workspace, **job.fedpeft.config},
+                      _testenv_tree(env_file.testenv, env_path.parent, metrics))
     names = [a.name for a in job.test_object.algorithms]
     for i, name in enumerate(names):
         if name in BASELINES or names.count(name) > 1:
@@ -415,4 +309,6 @@ def load_ianvs(path: str | Path, overrides: list[str] | None = None) -> Benchmar
                "hyperparameters": plan.hyperparameter_columns(), "paradigms": [PARADIGM_FEDERATED, PARADIGM_BASELINE]}
     check_rank_names(job.rank, columns, src, root, ("benchmarkingjob", "rank"), problems)
     problems.raise_if_any(src)
+    for line in plan.ignored:  # once per file and key
+        log.info("ignored: %s", line)
     return plan

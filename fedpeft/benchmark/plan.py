@@ -80,7 +80,10 @@ class TestCase:
 
 def settings_label(settings: list[Setting]) -> str:
     """A short text for a list of settings (module prefixes such as ``basemodel-`` dropped)."""
-    return ", ".join(f"{s.column.split('-', 1)[-1]}={s.value}" for s in settings) or "defaults"
+    shown: dict[str, Any] = {}
+    for s in settings:
+        shown.update(flatten(s.value, s.column + ".") if isinstance(s.value, dict) else {s.column: s.value})
+    return ", ".join(f"{k.split('-', 1)[-1]}={v}" for k, v in shown.items()) or "defaults"
 
 
 @dataclass(frozen=True)

@@ -65,11 +65,6 @@ class Problems:
             noun = "problem" if len(self.items) == 1 else "problems"
             raise ConfigError(f"{len(self.items)} {noun} in {what}:\n" + "\n".join(f"  - {p}" for p in self.items))
 
-    def report_ignored(self) -> None:
-        """Log the ignored keys once (one line per key)."""
-        for line in self.ignored:
-            log.info("ignored: %s", line)
-
 
 def read_yaml(path: Path, problems: Problems) -> tuple[Any, yaml.Node | None]:
     """``(tree, root node)`` of a YAML file; a missing or broken file is recorded as a problem."""

@@ -1,36 +1,52 @@
-"""Keys of the Flower deployment: message records, run config, node config, output files.
+"""Keys and file names of the Flower deployment, defined once.
 
-Deployment-only keys live here until the lead merges them into :mod:`fedpeft.constants`;
-keys shared with the in-process runtime (``num_examples``, ``client_id``, ...) come from there.
+Deployment-only keys live here; keys shared with the in-process runtime (``num_examples``,
+``client_id``, ``bytes_down``, ...) come from :mod:`fedpeft.constants`.
 """
 
-# Records inside a Message's RecordDict (server <-> client).
+# Records inside a Message's RecordDict (server <-> site).
 RECORD_STATE = "state"  # ArrayRecord: the trainable state (float32), keys = State keys
 RECORD_METRICS = "metrics"  # MetricRecord: num_examples, train_loss, seconds, ...
-RECORD_CONFIG = "config"  # ConfigRecord: round, client-side hyperparameters
+RECORD_CONFIG = "config"  # ConfigRecord: what the site needs for this round / its answer
 
+# ConfigRecord keys of a training message (server -> site). Also FitIns config keys (SecAgg+).
 KEY_SERVER_ROUND = "server_round"
+KEY_SITE = "site"  # the site name the server expects (a site refuses a message for another)
+KEY_SEED = "seed"  # fedpeft.loop.client_seed(cfg, round, site index)
+KEY_JOB = "job"  # JSON: the parts of the job config a site needs (see fedpeft.deploy.wire)
+KEY_STATE_KEYS = "state_keys"  # SecAgg+ only: State keys, "\n"-joined (legacy arrays are unnamed)
+KEY_CLIP = "secagg_clipping_range"  # SecAgg+ only: lets a site report clipped values
+KEY_MAX_WEIGHT = "secagg_max_weight"
+KEY_CLIPPED = "secagg_clipped"  # metric: values a site clipped before SecAgg+ (should be 0)
+KEY_QUERY = "query"  # QUERY message: what the server asks
+QUERY_SITE_NAME = "site-name"  # ... the site's name (answered as KEY_SITE)
 
-# Run config ([tool.flwr.app.config] of the generated pyproject.toml; `flwr run --run-config`).
-# Flower's convention is dashed keys; values must be TOML scalars.
-RUN_NUM_ROUNDS = "num-server-rounds"
-RUN_MIN_NODES = "min-nodes"  # wait for this many SuperNodes before round 1
-RUN_NODE_WAIT_S = "node-wait-s"  # ... for at most this long
-RUN_ROUND_TIMEOUT_S = "round-timeout-s"  # grid.send_and_receive timeout per round/stage
-RUN_MIN_REPLIES = "min-replies"  # a round with fewer successful replies raises RoundError
-RUN_AGGREGATION = "aggregation"  # registered aggregator name (fedpeft.aggregators)
-RUN_OUTPUT_DIR = "output-dir"  # where the ServerApp writes summary.json / metrics.jsonl
-RUN_SECAGG = "secure-aggregation"  # true: SecAgg+ (server sees only the weighted mean)
-RUN_SECAGG_CLIP = "secagg-clipping-range"  # |num_examples/max_weight * param| must stay below
-RUN_SECAGG_QRANGE = "secagg-quantization-range"  # integer levels over [-clip, clip]
-RUN_SECAGG_MAX_WEIGHT = "secagg-max-weight"  # num_examples must not exceed this
-RUN_INIT_SEED = "init-seed"  # seed of the placeholder initial state
+# Run config of the generated Flower app ([tool.flwr.app.config]): everything else is in files.
+RUN_DIR = "run-dir"  # absolute path of the run folder the ServerApp writes
 
-# Node config (`flower-supernode --node-config 'data-path="..." client-id="..."'`).
+# Node config (`flower-supernode --node-config FILE.toml`), written by `fedpeft client`.
+NODE_SITE_NAME = "site-name"
 NODE_DATA_PATH = "data-path"
-NODE_CLIENT_ID = "client-id"
+NODE_DEVICE = "device"  # "" (job's model.devices) or e.g. "cuda:0"
 
-# Files the ServerApp writes into RUN_OUTPUT_DIR.
-DEPLOY_SUMMARY_FILE = "summary.json"
-DEPLOY_METRICS_FILE = "metrics.jsonl"
-DEPLOY_STATE_FILE = "global_state.safetensors"
+# Files of a deployment inside the run folder (besides the simulation's files).
+DEPLOY_CONFIG_FILE = "deploy.yaml"  # resolved deployment config (sites, TLS, SecAgg+, timeouts)
+FLOWER_DIR = "flower"  # FLWR_HOME of every process, logs, the generated app, status
+SITE_NODES_FILE = "site-nodes.json"  # {site name: node id} of sites registered with keys
+STATUS_FILE = "status.json"  # {"status": "running" | "completed" | "failed", "error": ...}
+LOGS_DIR = "logs"
+SERVERAPP_LOG = "serverapp.log"
+SUPERLINK_LOG = "superlink.log"
+
+STATUS_RUNNING = "running"
+STATUS_COMPLETED = "completed"
+STATUS_FAILED = "failed"
+
+# Environment of every Flower process (see docs/deploy-notes.md, section 2).
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",  # else a background HTTPS call to api.flower.ai
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",  # default 1 s; Fleet/Grid polls are fixed 3 s
+    "PYTHONUNBUFFERED": "1",
+}

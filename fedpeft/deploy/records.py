@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from fedpeft.types import State
 
@@ -27,12 +27,17 @@ def record_to_state(record: ArrayRecord) -> State:
     return {k: torch.from_numpy(arr.numpy().copy()).to(torch.float32) for k, arr in record.items()}
 
 
-def message_nbytes(message: Message) -> int:
-    """Payload bytes of a message's array records (what dominates the wire size).
+def content_nbytes(content: RecordDict) -> int:
+    """Payload bytes of every record in ``content`` (arrays, configs, metrics).
 
-    Flower serialises each ``Array`` as ``.npy`` bytes (a ~128-byte header per tensor), cut
-    into 5 MiB content-addressed chunks; config and metric records add a few hundred bytes.
+    Flower serialises each ``Array`` as ``.npy`` bytes (a ~128-byte header per tensor), cut into
+    5 MiB content-addressed chunks; protobuf and HTTP framing add a few hundred bytes per message.
     """
-    if not message.has_content():
-        return 0
-    return sum(rec.count_bytes() for rec in message.content.array_records.values())
+    records = [*content.array_records.values(), *content.config_records.values(),
+               *content.metric_records.values()]
+    return sum(rec.count_bytes() for rec in records)
+
+
+def message_nbytes(message: Message) -> int:
+    """Payload bytes of a message (0 for an error reply)."""
+    return content_nbytes(message.content) if message.has_content() else 0

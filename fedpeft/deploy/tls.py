@@ -1,17 +1,22 @@
-"""Loopback TLS material and SuperNode authentication keys, made with ``cryptography``.
+"""TLS material and site authentication keys, made with ``cryptography`` (``fedpeft certs/keys``).
 
-- :func:`make_tls_files`: a self-signed CA and a server certificate for ``127.0.0.1`` and
-  ``localhost``, for ``flower-superlink --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile`` and
-  ``flower-supernode --root-certificates`` / ``root-certificates`` in the CLI's config.toml.
+- :func:`make_tls_files`: a self-signed CA and a server certificate for the given host names
+  and IP addresses (always also ``localhost`` and ``127.0.0.1``, which the coordinator's own
+  ``flwr`` CLI uses), for ``flower-superlink --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile``
+  and ``flower-supernode --root-certificates``.
 - :func:`make_node_keys`: an EC P-384 key pair in OpenSSH format, for
   ``flower-supernode --auth-supernode-private-key`` and ``flwr supernode register <pub>``.
+- :func:`fingerprint`: ``SHA256:...`` of a public key, as ``ssh-keygen -lf KEY.pub`` prints it.
 
-For tests and loopback demos only; a real federation uses certificates from its own CA.
+The CA is for a test deployment; a production federation may use certificates from the
+hospital network's own CA instead (the same three files).
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +49,18 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for host in dict.fromkeys([*hosts, "localhost", "127.0.0.1"]):
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
 def _cert(subject: str, issuer: x509.Name, public_key, signing_key, *, ca: bool,
-          days: int) -> x509.Certificate:
+          days: int, hosts: list[str] | None = None) -> x509.Certificate:
     now = dt.datetime.now(dt.timezone.utc)
     builder = (
         x509.CertificateBuilder()
@@ -64,31 +79,31 @@ def _cert(subject: str, issuer: x509.Name, public_key, signing_key, *, ca: bool,
                           data_encipherment=False, key_agreement=False, encipher_only=False,
                           decipher_only=False), critical=True)
     else:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        ).add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
-                        critical=False)
+        builder = builder.add_extension(_san(hosts or []), critical=False).add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
     return builder.sign(signing_key, hashes.SHA256())
 
 
-def make_tls_files(directory: Path, days: int = 7) -> TlsFiles:
+def make_tls_files(directory: Path, hosts: list[str] | None = None, days: int = 30) -> TlsFiles:
     """Write ``ca.crt``, ``server.pem`` and ``server.key`` (EC P-256) into ``directory``.
 
     Args:
         directory: Created if missing.
+        hosts: Names and IP addresses sites use to reach the server (``localhost`` and
+            ``127.0.0.1`` are always included).
         days: Validity of both certificates.
 
     Returns:
-        The three paths.
+        The three paths. ``ca.crt`` goes to every site; ``server.key`` never leaves the server.
     """
     directory.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedpeft loopback CA")])
-    ca_cert = _cert("fedpeft loopback CA", ca_name, ca_key.public_key(), ca_key, ca=True, days=days)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedpeft deployment CA")])
+    ca_cert = _cert("fedpeft deployment CA", ca_name, ca_key.public_key(), ca_key, ca=True, days=days)
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = _cert("127.0.0.1", ca_name, server_key.public_key(), ca_key, ca=False, days=days)
+    hosts = list(hosts or [])
+    server_cert = _cert(hosts[0] if hosts else "localhost", ca_name, server_key.public_key(),
+                        ca_key, ca=False, days=days, hosts=hosts)
     files = TlsFiles(directory / "ca.crt", directory / "server.pem", directory / "server.key")
     files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
@@ -109,3 +124,18 @@ def make_node_keys(directory: Path, name: str) -> NodeKeys:
     keys.public_key.write_bytes(key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
     return keys
+
+
+def fingerprint(public_key: ec.EllipticCurvePublicKey | bytes) -> str:
+    """``SHA256:<base64>`` of a public key (OpenSSH's format, as ``ssh-keygen -lf`` shows it).
+
+    Args:
+        public_key: A key object, or its OpenSSH (``ecdsa-sha2-...``) or PEM bytes.
+    """
+    if isinstance(public_key, bytes):
+        text = public_key.strip()
+        public_key = (serialization.load_ssh_public_key(text) if not text.startswith(b"-----")
+                      else serialization.load_pem_public_key(text))
+    blob = public_key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    digest = hashlib.sha256(base64.b64decode(blob.split()[1])).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")

@@ -1,0 +1,260 @@
+"""Learning quality on MedQuAD: zero-shot, centralised LoRA, FedAvg/FedAvgM-LoRA, FedAvg-P-Tuning.
+
+Runs on the benchmark runner (``fedpeft.benchmark``): three native grid plans per seed, written
+into the workspace and executed with ``run_benchmark``:
+
+* ``lora-iid``: FedAvg and FedAvgM × LoRA, IID partition, with the ``zero_shot`` and
+  ``centralized`` baselines;
+* ``lora-noniid``: FedAvg and FedAvgM × LoRA, ``by_field: source`` (each NIH site a hospital);
+* ``ptuning``: FedAvg × P-Tuning, IID and non-IID.
+
+Every client takes exactly ``--steps`` optimizer steps per round in both partitions
+(``max_steps``, with enough local epochs for the smallest client), so the federated runs take
+the same total number of steps, and the centralised baseline (one client holding every row)
+takes that many too (the runner matches them; asserted here). Its rows are the same in both
+partitions, so one centralised run is the reference for IID and non-IID alike.
+
+Metrics: ROUGE-1/2/L and BLEU-4 of greedy answers to the test questions, held-out loss on the
+same questions, 95% bootstrap intervals over questions, and federated ÷ centralised ROUGE-L.
+
+    python bench/quality.py                      # the size in BENCHMARKS.md (about an hour, 1 thread)
+    python bench/quality.py --seeds 0 1 2        # three seeds (three times as long)
+    python bench/quality.py --collect-only       # re-read finished runs and rewrite the table
+    python bench/quality.py --model tiny --train builtin:sample --test none --train-rows 16 \
+        --test-rows 2 --max-seq-len 48 --rounds 1 --steps 1 --max-new-tokens 4   # smoke size
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    MEDQUAD_DIR, MODELS, REPO, Column, Recorder, base_parser, fmt_seconds, markdown_table, setup_torch,
+)
+
+METRICS = ["rouge1", "rouge2", "rougeL", "bleu4"]
+GOAL_IID, GOAL_NONIID = 0.97, 0.90  # FedAvg-LoRA ROUGE-L ÷ centralised
+LORA = {"method": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"}
+PTUNING = {"method": "ptuning", "num_virtual_tokens": 20, "encoder_hidden_size": 128}
+IID = {"method": "iid"}
+NONIID = {"method": "by_field", "field": "source"}
+FEDAVG, FEDAVGM = {"name": "fedavg"}, {"name": "fedavgm", "beta": 0.9, "server_lr": 1.0}
+
+
+def base_job(args: Any, seed: int) -> dict[str, Any]:
+    """The job every test case starts from (sizes from the command line)."""
+    # Each epoch gives every client at least one step, so --steps epochs let even the smallest
+    # non-IID client reach --steps steps per round (max_steps cuts the rest).
+    epochs = args.steps
+    return {
+        "job": f"quality-seed{seed}", "workspace": str(args.workspace), "seed": seed,
+        "model": {"name": MODELS[args.model], "devices": "cpu"},
+        "peft": LORA,
+        "data": {"train": args.train, "test": _test_source(args.test), "max_train_samples": args.train_rows,
+                 "max_test_samples": args.test_rows, "max_seq_len": args.max_seq_len},
+        "federation": {"num_clients": args.clients, "rounds": args.rounds, "partition": IID, "aggregation": FEDAVG},
+        "train": {"learning_rate": args.lr, "batch_size": args.batch_size, "max_steps": args.steps,
+                  "local_epochs": epochs},
+        "eval": {"every": 0, "zero_shot": False, "max_samples": args.test_rows, "batch_size": args.eval_batch_size,
+                 "max_new_tokens": args.max_new_tokens, "metrics": METRICS, "heldout_loss": True},
+        "rank": {"sort_by": [{"rougeL": "descend"}], "visualization": {"mode": "off"}},
+    }
+
+
+def _test_source(test: str) -> str | None:
+    """``--test none``: hold out part of the training file instead (``data.test_ratio``)."""
+    return None if test.lower() in ("", "none") else test
+
+
+def plans(args: Any, seed: int) -> dict[str, dict[str, Any]]:
+    """The three grid files of one seed: ``{name: tree}``."""
+    base = base_job(args, seed)
+    out = {
+        "lora-iid": {**base, "grid": {"federation.aggregation": [FEDAVG, FEDAVGM]},
+                     "baselines": ["zero_shot", "centralized"]},
+        "lora-noniid": {**base, "federation": {**base["federation"], "partition": NONIID},
+                        "grid": {"federation.aggregation": [FEDAVG, FEDAVGM]}},
+        "ptuning": {**base, "peft": PTUNING, "grid": {"federation.partition": [IID, NONIID]}},
+    }
+    for name, tree in out.items():
+        tree["job"] = f"{base['job']}-{name}"
+    return out
+
+
+def run_plans(args: Any, seed: int) -> None:
+    """Write and run the plans of ``seed`` (each plan's runs land in its own job folder)."""
+    import yaml
+
+    from fedpeft.benchmark import load_plan, run_benchmark
+    from fedpeft.benchmark.baselines import centralized, federated_steps
+    from fedpeft.data.federated import prepare_data
+
+    folder = Path(args.workspace) / "plans"
+    folder.mkdir(parents=True, exist_ok=True)
+    steps = set()
+    for name, tree in plans(args, seed).items():
+        path = folder / f"seed{seed}-{name}.yaml"
+        path.write_text(f"# written by: python bench/quality.py (seed {seed})\n" + yaml.safe_dump(tree, sort_keys=False))
+        plan = load_plan(path)
+        for case in plan.cases:  # equal total steps: every partition, every method, and centralised
+            data = prepare_data(case.cfg)
+            steps.add(federated_steps(case.cfg, data))
+            if name == "lora-iid":
+                steps.add(centralized(case.cfg, data)[2] * case.cfg.federation.rounds)
+        if len(steps) != 1:
+            raise AssertionError(f"total optimizer steps differ between runs: {sorted(steps)}; "
+                                 "raise --train-rows or lower --steps so every client reaches --steps")
+        if args.dry_run:
+            continue
+        run_benchmark(plan, report=False)
+
+
+def _label(row: dict) -> tuple[str, str]:
+    """(method, partition) of a leaderboard row."""
+    kind = row["kind"]
+    if kind == "zero_shot":
+        return "zero-shot", "–"
+    cfg = row["_cfg"]
+    if kind == "centralized":
+        return f"centralised {cfg['peft']['method'].replace('lora', 'LoRA')}", "all rows"
+    agg = {"fedavg": "FedAvg", "fedavgm": "FedAvgM"}[cfg["federation"]["aggregation"]["name"]]
+    peft = {"lora": "LoRA", "ptuning": "P-Tuning"}[cfg["peft"]["method"]]
+    part = "IID" if cfg["federation"]["partition"]["method"] == "iid" else "non-IID (source)"
+    return f"{agg}-{peft}", part
+
+
+def _predictions(run_dir: Path) -> list[dict]:
+    from fedpeft.io_utils import read_jsonl
+
+    for name in ("predictions.jsonl", "predictions_zero_shot.jsonl"):
+        if (run_dir / name).is_file():
+            return read_jsonl(run_dir / name)
+    raise FileNotFoundError(f"no predictions in {run_dir}")
+
+
+def collect(workspace: Path, seeds: list[int]) -> list[dict]:
+    """One row per finished run: metrics, bootstrap intervals, wall time."""
+    import yaml
+
+    from fedpeft.metrics import bootstrap_ci
+
+    rows = []
+    for seed in seeds:
+        for tc in sorted(workspace.glob(f"quality-seed{seed}-*/*/*/testcase.json")):
+            row = json.loads(tc.read_text())
+            run_dir = tc.parent
+            row["_cfg"] = yaml.safe_load((run_dir / "config.yaml").read_text())
+            method, part = _label(row)
+            preds = _predictions(run_dir)
+            p, r = [x["prediction"] for x in preds], [x["reference"] for x in preds]
+            summary = json.loads((run_dir / "summary.json").read_text())
+            out = {"seed": seed, "method": method, "partition": part, "run_dir": str(run_dir),
+                   "questions": len(preds), "wall_s": row["extra"].get("wall_seconds"),
+                   "heldout_loss": summary["final"].get("heldout_loss"), "kind": row["kind"]}
+            for m in METRICS:
+                out[m] = summary["final"][m]
+                out[f"{m}_ci"] = bootstrap_ci(m, predictions=p, references=r, n_resamples=1000, seed=0)
+            rows.append(out)
+    return rows
+
+
+ORDER = ["zero-shot", "centralised LoRA", "FedAvg-LoRA", "FedAvgM-LoRA", "FedAvg-P-Tuning"]
+
+
+def summarise(rows: list[dict]) -> tuple[list[dict], dict]:
+    """Rows in a fixed order with ratios to centralised (same seed), and the goals."""
+    central = {r["seed"]: r["rougeL"] for r in rows if r["method"] == "centralised LoRA"}
+    zero = {r["seed"]: r["rougeL"] for r in rows if r["method"] == "zero-shot"}
+    for r in rows:
+        r["vs_central"] = r["rougeL"] / central[r["seed"]] if central.get(r["seed"]) else None
+        r["vs_zero"] = r["rougeL"] - zero[r["seed"]] if r["seed"] in zero else None
+    rows.sort(key=lambda r: (r["seed"], ORDER.index(r["method"]) if r["method"] in ORDER else 99, r["partition"]))
+    tuned = [r for r in rows if r["method"] != "zero-shot"]
+
+    def ratio(method: str, iid: bool) -> list[float]:
+        return [r["vs_central"] for r in rows if r["method"] == method and (r["partition"] == "IID") == iid
+                and r["vs_central"] is not None]
+
+    iid, noniid = ratio("FedAvg-LoRA", True), ratio("FedAvg-LoRA", False)
+    goals = {
+        "every_finetune_above_zero_shot": bool(tuned) and all((r["vs_zero"] or 0) > 0 for r in tuned),
+        "below_zero_shot": [f"{r['method']} {r['partition']} (seed {r['seed']})" for r in tuned if (r["vs_zero"] or 0) <= 0],
+        "fedavg_lora_iid_ratio": iid, "fedavg_lora_iid_met": bool(iid) and min(iid) >= GOAL_IID,
+        "fedavg_lora_noniid_ratio": noniid, "fedavg_lora_noniid_met": bool(noniid) and min(noniid) >= GOAL_NONIID,
+    }
+    return rows, goals
+
+
+COLUMNS = [
+    Column("method", "method"),
+    Column("partition", "partition"),
+    Column("rouge1", "ROUGE-1", "{:.3f}"),
+    Column("rouge2", "ROUGE-2", "{:.3f}"),
+    Column("rougeL", "ROUGE-L", "{:.3f}"),
+    Column("rougeL_ci", "ROUGE-L 95% CI", lambda c: f"{c[0]:.3f}–{c[1]:.3f}"),
+    Column("bleu4", "BLEU-4", "{:.2f}"),
+    Column("heldout_loss", "held-out loss", "{:.3f}"),
+    Column("vs_central", "ROUGE-L ÷ centralised", "{:.3f}"),
+    Column("wall_s", "wall time", fmt_seconds),
+]
+
+
+def describe(args: Any) -> str:
+    """The size of the experiment in words (for the table caption)."""
+    return (f"`{MODELS[args.model]}`, LoRA r16 all-linear (α 32) and P-Tuning (20 virtual tokens, MLP 128), "
+            f"lr {args.lr:g}; {args.train_rows} training rows ({Path(args.train).name}, seeded subset), "
+            f"{args.clients} clients, {args.rounds} rounds × {args.steps} optimizer steps of batch {args.batch_size} "
+            f"per client (= {args.clients * args.rounds * args.steps} steps in total for every run, centralised "
+            f"included), max_seq_len {args.max_seq_len}; {args.test_rows} test questions ({Path(args.test).name}; "
+            f"topics unseen in training), greedy, max {args.max_new_tokens} new tokens, repetition penalty 1.1; "
+            f"seeds {', '.join(map(str, args.seeds))}; {args.threads} torch thread(s).")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = base_parser(__doc__)
+    p.set_defaults(threads=1)
+    p.add_argument("--model", choices=sorted(MODELS), default="default")
+    p.add_argument("--train", default=str(MEDQUAD_DIR / "train.jsonl"))
+    p.add_argument("--test", default=str(MEDQUAD_DIR / "test.jsonl"))
+    p.add_argument("--train-rows", type=int, default=80)
+    p.add_argument("--test-rows", type=int, default=100)
+    p.add_argument("--max-seq-len", type=int, default=160)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per client per round")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--workspace", type=Path, default=REPO / "workspace" / "bench-quality")
+    p.add_argument("--collect-only", action="store_true", help="only re-read finished runs")
+    p.add_argument("--dry-run", action="store_true", help="write and check the plans, run nothing")
+    args = p.parse_args(argv)
+    rec = Recorder("quality", argv)
+    setup_torch(args.threads)
+    if not args.collect_only:
+        for seed in args.seeds:
+            run_plans(args, seed)
+    if args.dry_run:
+        return {}
+    rows, goals = summarise(collect(Path(args.workspace), args.seeds))
+    for r in rows:
+        r.pop("_cfg", None)
+    md = markdown_table(COLUMNS, rows) + "\n\n" + describe(args)
+    return rec.finish(
+        args.results_dir, title="Learning quality on MedQuAD", rows=rows, markdown=md,
+        params={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "results_dir"},
+        goal={"text": "every fine-tune above zero-shot; FedAvg-LoRA ≥ 0.97× centralised (IID), ≥ 0.90× (non-IID)",
+              "met": goals["every_finetune_above_zero_shot"] and goals["fedavg_lora_iid_met"]
+              and goals["fedavg_lora_noniid_met"], **goals},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Baselines run beside the federated test cases, on the same data and test questions.
+
+* ``zero_shot``: the base model without any adapter, evaluated once per distinct
+  (model, data, eval) setup. It is its own evaluation (no training run), so federated test cases
+  skip their own round-0 evaluation when this baseline is asked for (``eval.zero_shot: false``).
+* ``local_only``: each client trains alone on its own partition: one single-client run per
+  client, with the same rounds, local epochs / ``max_steps`` and learning rate as the federated
+  run, and no aggregation (each round starts from the client's own previous adapter). Rows per
+  client, plus mean and worst client.
+* ``centralized``: one client holding every partition's rows. It takes as many optimizer
+  steps in total as the federated run took over all clients and rounds: ``rounds`` rounds of
+  ``max_steps = ceil(total / rounds)`` steps, with enough local epochs to reach them. Same
+  batch size, so it sees as many examples as the federated clients together.
+
+Baselines are computed once per distinct training setup of the federated test cases, with the
+aggregation left out (``signature``): a grid over ``peft_method`` gets one set per method, a
+grid over aggregations shares one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from typing import Any
+
+from fedpeft.benchmark.constants import PREDICTIONS_ZERO_SHOT_FILE
+from fedpeft.config import JobConfig, validate_tree
+from fedpeft.constants import EVENT_EVAL, KEY_EVAL
+from fedpeft.data.federated import FederatedData
+from fedpeft.data.partitioners import partition_summary
+from fedpeft.run_dir import RunDir
+from fedpeft.trainer import num_optimizer_steps
+
+_RUN_KEYS = ("job", "workspace", "run_id")
+CENTRAL_CLIENT = "central"
+
+
+def _digest(tree: Any) -> str:
+    return hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def training_signature(cfg: JobConfig) -> str:
+    """Equal for test cases that differ only in aggregation (and run naming)."""
+    tree = cfg.model_dump(mode="json")
+    for key in _RUN_KEYS:
+        tree.pop(key)
+    tree["federation"]["aggregation"] = {"name": "fedavg"}
+    tree["eval"].pop("zero_shot")
+    return _digest(tree)
+
+
+def zero_shot_signature(cfg: JobConfig) -> str:
+    """Equal for test cases whose base model, data and evaluation agree."""
+    tree = cfg.model_dump(mode="json")
+    eval_tree = {k: v for k, v in tree["eval"].items() if k not in ("zero_shot", "every")}
+    return _digest({"seed": cfg.seed, "model": tree["model"], "data": tree["data"], "eval": eval_tree})
+
+
+def single_client_config(cfg: JobConfig, train: dict[str, Any] | None = None) -> JobConfig:
+    """``cfg`` for a one-client run on data given to ``run_job`` directly (no aggregation)."""
+    tree = cfg.model_dump(mode="json")
+    tree["federation"].update({"num_clients": 1, "clients_per_round": None, "min_clients": 1,
+                               "aggregation": {"name": "fedavg"}})
+    tree["data"]["client_files"] = None
+    tree["eval"]["zero_shot"] = False  # the zero_shot baseline evaluates the base model once
+    tree["train"].update(train or {})
+    return validate_tree(tree, source="baseline config")
+
+
+def _one_client(client_id: str, rows: list[dict], test: list[dict], field: str | None) -> FederatedData:
+    return FederatedData([client_id], [rows], test, partition_summary([rows], field))
+
+
+def local_only(cfg: JobConfig, data: FederatedData) -> list[tuple[str, JobConfig, FederatedData]]:
+    """One ``(client id, config, data)`` per client: that client's partition alone."""
+    field = cfg.federation.partition.params.get("field")
+    one = single_client_config(cfg)
+    return [(cid, one, _one_client(cid, rows, data.test_rows, field))
+            for cid, rows in zip(data.client_ids, data.client_rows)]
+
+
+def federated_steps(cfg: JobConfig, data: FederatedData) -> int:
+    """Optimizer steps the federated run takes over every sampled client and round."""
+    from fedpeft.loop import sample_clients
+
+    sizes = dict(zip(data.client_ids, map(len, data.client_rows)))
+    return sum(num_optimizer_steps(sizes[c], cfg.train)
+               for rnd in range(1, cfg.federation.rounds + 1)
+               for c in sample_clients(cfg, rnd, data.client_ids))
+
+
+def centralized(cfg: JobConfig, data: FederatedData) -> tuple[JobConfig, FederatedData, int]:
+    """The centralised run: every partition's rows as one client, with matched optimizer steps.
+
+    Returns:
+        ``(config, data, steps per round)``.
+    """
+    rows = [r for part in data.client_rows for r in part]
+    rounds = cfg.federation.rounds
+    per_round = math.ceil(federated_steps(cfg, data) / rounds)
+    micro_per_epoch = math.ceil(len(rows) / cfg.train.batch_size)
+    epochs = max(1, math.ceil(per_round * cfg.train.grad_accum / micro_per_epoch))
+    one = single_client_config(cfg, {"max_steps": per_round, "local_epochs": epochs})
+    assert num_optimizer_steps(len(rows), one.train) == per_round
+    field = cfg.federation.partition.params.get("field")
+    return one, _one_client(CENTRAL_CLIENT, rows, data.test_rows, field), per_round
+
+
+def run_zero_shot(cfg: JobConfig, data: FederatedData) -> RunDir:
+    """Evaluate the base model alone on the test rows; write a run folder like a 0-round run.
+
+    The folder holds ``config.yaml``, ``metrics.jsonl`` (one round-0 evaluation record),
+    ``predictions_zero_shot.jsonl`` and ``summary.json`` (0 rounds, 0 trainable parameters).
+    """
+    from fedpeft.evaluation import evaluate
+    from fedpeft.models import load_base_model, resolve_devices
+
+    run = RunDir.create(cfg)
+    model, tok = load_base_model(cfg.model, resolve_devices(cfg.model.devices)[0])
+    eval_cfg = cfg.eval.model_copy(update={"merge_lora": False})
+    metrics, preds = evaluate(model, tok, data.test_rows, eval_cfg,
+                              system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len)
+    run.log_metrics({"round": 0, "event": EVENT_EVAL, KEY_EVAL: metrics, "zero_shot": True})
+    run.write_predictions(preds, PREDICTIONS_ZERO_SHOT_FILE)
+    run.write_summary({"job": cfg.job, "run_dir": str(run.path), "rounds": 0, "num_clients": 0,
+                       "peft": None, "aggregation": None, "trainable_parameters": 0, "update_bytes": 0,
+                       "final": copy.deepcopy(metrics)})
+    return run

@@ -1,0 +1,363 @@
+"""The ranked leaderboard of a benchmark job: ``rank/all_rank.csv``, ``rank/selected_rank.csv``
+(and ``.md``), and the terminal table.
+
+The leaderboard is rebuilt from the test case folders (``<algorithm>/<uuid>/testcase.json``), so
+re-running a job adds its rows and never duplicates old ones. Columns, in this order:
+``rank, algorithm, <metrics>, paradigm, <modules>, <hyperparameters>, <extras>, time, url``,
+where the extras are rounds, clients, trainable parameters, bytes per round, wall seconds,
+peak memory (MB; GPU memory too when CUDA ran), held-out loss and ``pct_of_centralized`` (the
+first metric of ``sort_by`` as a percentage of the centralised baseline trained the same way;
+for a lower-is-better metric, centralised / row). ``local_only`` adds one row per client plus
+``local_only (mean)`` and ``local_only (worst)`` (per column, the worst client).
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from fedpeft.benchmark.constants import (
+    ALL_RANK,
+    ASCENDING_COLUMNS,
+    CENTRALIZED,
+    COL_HELDOUT_LOSS,
+    COL_PCT_CENTRALIZED,
+    COL_PEAK_GPU_MEMORY,
+    COL_PEAK_MEMORY,
+    COL_WALL_SECONDS,
+    EXTRA_COLUMNS,
+    LOCAL_ONLY,
+    PLAN_FILE,
+    RANK_DIR,
+    SELECTED_RANK,
+    TESTCASE_FILE,
+)
+from fedpeft.benchmark.plan import BenchmarkPlan
+from fedpeft.benchmark.schema import RankSpec
+from fedpeft.errors import ConfigError
+from fedpeft.io_utils import write_json, write_text
+
+HIDDEN = ("_kind", "_group", "_session", "_dir")  # row keys for grouping and the report, never shown
+ONE_DECIMAL = frozenset({COL_WALL_SECONDS, COL_PEAK_MEMORY, COL_PEAK_GPU_MEMORY, COL_PCT_CENTRALIZED})
+
+
+@dataclass
+class Board:
+    """A sorted leaderboard: column names, one flat dict per row, and which columns are metrics."""
+
+    columns: list[str]
+    rows: list[dict[str, Any]]
+    metrics: frozenset[str] = frozenset()
+
+    def cell(self, row: dict, column: str, precise: bool = False) -> str:
+        """One cell as text (see :func:`format_cell`)."""
+        style = "metric" if column in self.metrics or column == COL_HELDOUT_LOSS else (
+            "cost" if column in ONE_DECIMAL else "plain")
+        return format_cell(row.get(column), precise, style)
+
+
+# --------------------------------------------------------------------------------------------
+# The job's plan file and its test case records
+
+
+def write_plan_file(plan: BenchmarkPlan) -> None:
+    """Save what the leaderboard needs to rebuild itself later (``fedpeft leaderboard``)."""
+    old = read_plan_file(plan.job_dir) if (plan.job_dir / PLAN_FILE).is_file() else {}
+    hyper = list(dict.fromkeys(plan.hyperparameter_columns() + old.get("hyperparameters", [])))
+    write_json(plan.job_dir / PLAN_FILE, {
+        "name": plan.name, "source": plan.source,
+        "metrics": [{"column": m.column, "key": m.key} for m in plan.metrics],
+        "modules": plan.modules, "hyperparameters": hyper, "rank": plan.rank.model_dump(),
+    })
+
+
+def read_plan_file(job_dir: Path) -> dict:
+    """The plan file of a job folder.
+
+    Raises:
+        ConfigError: if ``job_dir`` holds no benchmark job.
+    """
+    path = Path(job_dir) / PLAN_FILE
+    if not path.is_file():
+        raise ConfigError(f"{job_dir} is not a benchmark job folder (no {PLAN_FILE}); give the folder "
+                          "'fedpeft benchmark' wrote: <workspace>/<job name>")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_records(job_dir: Path) -> list[dict]:
+    """Every test case record of a job folder, oldest first (ties: by folder); ``_dir`` is its folder."""
+    records = [{**json.loads(p.read_text(encoding="utf-8")), "_dir": str(p.parent)}
+               for p in Path(job_dir).glob(f"*/*/{TESTCASE_FILE}")]
+    return sorted(records, key=lambda r: (r.get("time", ""), r.get("url", "")))
+
+
+# --------------------------------------------------------------------------------------------
+# Rows
+
+
+def _flat(record: dict) -> dict[str, Any]:
+    row = {"algorithm": record["algorithm"], **record.get("metrics", {}), "paradigm": record["paradigm"],
+           **record.get("modules", {}), **record.get("hyperparameters", {}), **record.get("extra", {}),
+           "time": record.get("time", ""), "url": record.get("url", "")}
+    row.update({"_kind": record.get("kind"), "_group": record.get("group"), "_session": record.get("session"),
+                "_dir": record.get("_dir")})
+    return row
+
+
+def _worse(column: str, a: Any, b: Any) -> Any:
+    if a is None or b is None:
+        return a if b is None else b
+    return max(a, b) if column in ASCENDING_COLUMNS else min(a, b)
+
+
+def _local_only_summaries(rows: list[dict], numeric: list[str]) -> list[dict]:
+    """``local_only (mean)`` and ``(worst)`` rows, one pair per (session, training setup)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["_kind"] == LOCAL_ONLY:
+            groups[(r["_session"], r["_group"])].append(r)
+    out = []
+    for members in groups.values():
+        first = members[0]
+        base = {k: v for k, v in first.items() if k not in numeric}
+        base["url"] = str(Path(first["url"]).parent)
+        base["_dir"] = None  # no run folder of its own
+        base["time"] = max(m["time"] for m in members)
+        mean, worst = dict(base), dict(base)
+        for col in numeric:
+            values = [m.get(col) for m in members if isinstance(m.get(col), (int, float))]
+            same = len(set(values)) == 1  # rounds, clients, parameters: one value, kept as it is
+            mean[col] = (values[0] if same else sum(values) / len(values)) if values else None
+            worst[col] = None
+            for v in values:
+                worst[col] = _worse(col, worst[col], v)
+        mean["algorithm"], worst["algorithm"] = f"{LOCAL_ONLY} (mean)", f"{LOCAL_ONLY} (worst)"
+        mean["_kind"] = worst["_kind"] = f"{LOCAL_ONLY}-summary"
+        out += [mean, worst]
+    return out
+
+
+def primary_metric(meta: dict) -> str | None:
+    """The metric ``pct_of_centralized`` uses: the first metric (or held-out loss) of ``sort_by``,
+    else the first metric."""
+    metrics = [m["column"] for m in meta["metrics"]] + [COL_HELDOUT_LOSS]
+    sort_cols = [next(iter(item)) for item in meta["rank"].get("sort_by", [])]
+    return next((c for c in sort_cols if c in metrics), metrics[0] if metrics else None)
+
+
+def _add_pct_of_centralized(rows: list[dict], metric: str | None) -> None:
+    central = {r["_group"]: r for r in rows if r["_kind"] == CENTRALIZED}  # latest wins (rows oldest first)
+    if not central or metric is None:
+        return
+    for r in rows:
+        c = central.get(r["_group"])
+        mine, ref = r.get(metric), (c or {}).get(metric)
+        if not isinstance(mine, (int, float)) or not isinstance(ref, (int, float)) or not ref or not mine:
+            r[COL_PCT_CENTRALIZED] = None
+            continue
+        ratio = ref / mine if metric in ASCENDING_COLUMNS else mine / ref
+        r[COL_PCT_CENTRALIZED] = round(100.0 * ratio, 1)
+
+
+def sort_rows(rows: list[dict], keys: list[tuple[str, str]]) -> list[dict]:
+    """Sort by ``[(column, ascend|descend), ...]`` (first has priority); missing values last; stable."""
+    def key(row: dict) -> tuple:
+        parts: list[Any] = []
+        for col, direction in keys:
+            v = row.get(col)
+            ok = isinstance(v, (int, float))
+            parts += [0 if ok else 1, (v if direction == "ascend" else -v) if ok else 0]
+        return tuple(parts)
+
+    return sorted(rows, key=key)
+
+
+def default_direction(column: str) -> str:
+    """``ascend`` for lower-is-better columns (loss, bytes, seconds, memory), else ``descend``."""
+    return "ascend" if column in ASCENDING_COLUMNS else "descend"
+
+
+def build_board(job_dir: Path, sort_by: list[tuple[str, str]] | None = None) -> tuple[Board, dict]:
+    """The full leaderboard of a job folder, sorted, and the job's plan file.
+
+    Args:
+        job_dir: ``<workspace>/<job name>``.
+        sort_by: Overrides the job's ``rank.sort_by``.
+    """
+    meta = read_plan_file(job_dir)
+    metrics = [m["column"] for m in meta["metrics"]]
+    rows = [_flat(r) for r in load_records(job_dir)]
+    rows += _local_only_summaries(rows, metrics + list(EXTRA_COLUMNS))
+    _add_pct_of_centralized(rows, primary_metric(meta))
+    keys = sort_by or [next(iter(i.items())) for i in meta["rank"].get("sort_by", [])]
+    keys = keys or ([(metrics[0], "descend")] if metrics else [])
+    rows = sort_rows(rows, keys)
+    for i, r in enumerate(rows, 1):
+        r["rank"] = i
+    return Board(all_columns(meta, rows), rows, frozenset(metrics)), meta
+
+
+def all_columns(meta: dict, rows: list[dict]) -> list[str]:
+    """Every column in the documented order (hyperparameters: the plan's order, then any others sorted)."""
+    fixed = {"rank", "algorithm", "paradigm", "time", "url", *HIDDEN, *meta["modules"], *EXTRA_COLUMNS}
+    metrics = [m["column"] for m in meta["metrics"]]
+    seen = {k for r in rows for k in r} - fixed - set(metrics)
+    hyper = [h for h in meta["hyperparameters"] if h in seen] + sorted(seen - set(meta["hyperparameters"]))
+    extras = [c for c in EXTRA_COLUMNS if any(r.get(c) is not None for r in rows)
+              or c not in (COL_PEAK_GPU_MEMORY, COL_PCT_CENTRALIZED)]
+    return ["rank", "algorithm", *metrics, "paradigm", *meta["modules"], *hyper, *extras, "time", "url"]
+
+
+def hyperparameter_columns(columns: list[str], meta: dict) -> list[str]:
+    """The hyperparameter columns among ``columns`` (everything that is not a fixed column)."""
+    fixed = {"rank", "algorithm", "paradigm", "time", "url", *HIDDEN, *meta["modules"], *EXTRA_COLUMNS,
+             *(m["column"] for m in meta["metrics"])}
+    return [c for c in columns if c not in fixed]
+
+
+def select(board: Board, meta: dict) -> Board:
+    """The ``selected_dataitem`` view: rows of the selected paradigms, the selected columns, re-ranked."""
+    sel = RankSpec.model_validate(meta["rank"]).selected_dataitem
+    metrics = [m["column"] for m in meta["metrics"]]
+
+    def pick(chosen: list[str], available: list[str]) -> list[str]:
+        return available if chosen == ["all"] else [c for c in chosen if c in available]
+
+    extras = [c for c in board.columns if c in EXTRA_COLUMNS]
+    hyper = hyperparameter_columns(board.columns, meta)
+    chosen_metrics = pick(sel.metrics, metrics + extras)
+    columns = ["rank", "algorithm", *[c for c in chosen_metrics if c in metrics], "paradigm",
+               *pick(sel.modules, meta["modules"]), *pick(sel.hyperparameters, hyper),
+               *[c for c in chosen_metrics if c in extras], "time", "url"]
+    rows = [dict(r) for r in board.rows if sel.paradigms == ["all"] or r["paradigm"] in sel.paradigms]
+    for i, r in enumerate(rows, 1):
+        r["rank"] = i
+    return Board(columns, rows, board.metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def format_cell(value: Any, precise: bool, style: str = "metric") -> str:
+    """A cell as text: full precision for CSV (``precise``); for people, ``metric`` with 4
+    decimals, ``cost`` with 1, ``plain`` (hyperparameters) as written."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    if not isinstance(value, (int, float)):
+        return str(value)
+    if precise:
+        return str(value) if isinstance(value, int) else f"{value:.6g}"
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+    if style == "cost":
+        return f"{value:,.1f}"
+    return f"{value:.4f}" if style == "metric" else f"{value:g}"
+
+
+def to_csv(board: Board) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(board.columns)
+    for r in board.rows:
+        writer.writerow([board.cell(r, c, precise=True) for c in board.columns])
+    return buf.getvalue()
+
+
+def to_markdown(board: Board) -> str:
+    lines = ["| " + " | ".join(board.columns) + " |", "|" + "---|" * len(board.columns)]
+    for r in board.rows:
+        cells = [board.cell(r, c).replace("|", "\\|") for c in board.columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_board(job_dir: Path) -> tuple[Board, Board, dict]:
+    """Rebuild and write ``rank/*.csv`` and ``rank/*.md`` as the job's ``save_mode`` says.
+
+    Returns:
+        ``(all, selected, plan file)``.
+    """
+    board, meta = build_board(job_dir)
+    selected = select(board, meta)
+    mode = meta["rank"].get("save_mode", "selected_and_all")
+    outputs = {SELECTED_RANK: selected} if mode == "selected_only" else {}
+    if mode == "selected_and_all":
+        outputs = {ALL_RANK: board, SELECTED_RANK: selected}
+    for name, b in outputs.items():
+        write_text(Path(job_dir) / RANK_DIR / f"{name}.csv", to_csv(b))
+        write_text(Path(job_dir) / RANK_DIR / f"{name}.md", to_markdown(b))
+    return board, selected, meta
+
+
+def print_board(board: Board, title: str, console: Console | None = None) -> None:
+    """Print a leaderboard as a table (every column but ``url``, which the CSV keeps)."""
+    columns = [c for c in board.columns if c != "url"]
+    cells = [[board.cell(r, c) for c in columns] for r in board.rows]
+    table = Table(title=title, show_lines=False)
+    for c in columns:
+        table.add_column(c, no_wrap=True, justify="right" if c == "rank" else "left")
+    for row in cells:
+        table.add_row(*row)
+    if console is None:  # as wide as the table needs: a folded leaderboard is unreadable
+        widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+        console = Console(width=max(80, sum(widths) + 3 * len(widths) + 1))
+    console.print(table)
+
+
+def job_dirs(workspace: Path) -> list[Path]:
+    """``workspace`` if it is a job folder, else the job folders directly inside it (sorted)."""
+    workspace = Path(workspace)
+    if (workspace / PLAN_FILE).is_file():
+        return [workspace]
+    return sorted(p.parent for p in workspace.glob(f"*/{PLAN_FILE}"))
+
+
+def parse_sort_by(items: list[str] | None) -> list[tuple[str, str]] | None:
+    """``["rougeL", "heldout_loss:ascend"]`` -> ``[("rougeL", "descend"), ("heldout_loss", "ascend")]``."""
+    if not items:
+        return None
+    out = []
+    for item in items:
+        name, _, direction = item.partition(":")
+        direction = direction or default_direction(name)
+        if direction not in ("ascend", "descend"):
+            raise ConfigError(f"--sort-by {item!r}: direction must be ascend or descend")
+        out.append((name, direction))
+    return out
+
+
+def print_leaderboards(workspace: str | Path, sort_by: list[str] | None = None, show_all: bool = False,
+                       console: Console | None = None) -> int:
+    """Print the leaderboard of every job under ``workspace`` (``fedpeft leaderboard``).
+
+    Raises:
+        ConfigError: if there is no job, or ``sort_by`` names no column.
+    """
+    dirs = job_dirs(Path(workspace))
+    if not dirs:
+        raise ConfigError(f"no benchmark job under {workspace} (looked for {PLAN_FILE} in it and its sub-folders)")
+    keys = parse_sort_by(sort_by)
+    for job_dir in dirs:
+        board, meta = build_board(job_dir, keys)
+        for name, _ in keys or []:
+            if name not in board.columns:
+                close = difflib.get_close_matches(name, board.columns, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"--sort-by {name!r}: no such column{hint} Columns: {', '.join(board.columns)}")
+        shown = board if show_all else select(board, meta)
+        print_board(shown, f"{meta['name']}: leaderboard ({job_dir})", console)
+    return 0

@@ -1,0 +1,215 @@
+"""``report.html`` of a benchmark job: one self-contained page, readable offline.
+
+Sections: the selected leaderboard (and every column under a fold), final metrics as bars,
+metric-vs-round curves of every test case (centralised dashed, zero-shot dotted), per-client
+train loss curves of every federated test case, and the data partition sizes per client
+(stacked by the partition field when there is one). Figures are matplotlib PNGs (Agg backend)
+embedded as base64; the page loads nothing from anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import json
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from fedpeft.benchmark.constants import (  # noqa: E402
+    CENTRALIZED, COL_HELDOUT_LOSS, KIND_FEDERATED, LOCAL_ONLY, REPORT_FILE, ZERO_SHOT,
+)
+from fedpeft.benchmark.leaderboard import (  # noqa: E402
+    Board, build_board, hyperparameter_columns, select,
+)
+from fedpeft.constants import EVENT_ROUND, KEY_EVAL, KEY_EVENT, METRICS_FILE, PARTITIONS_FILE  # noqa: E402
+from fedpeft.io_utils import read_jsonl, write_text  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1280px;color:#222}
+h1{font-size:1.6em;margin-bottom:0}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
+.meta{color:#666;font-size:.9em}.scroll{overflow-x:auto}
+table{border-collapse:collapse;font-size:.82em}th,td{border:1px solid #ddd;padding:3px 6px;white-space:nowrap}
+th{background:#f3f3f3;position:sticky;top:0}tr:nth-child(even){background:#fafafa}
+tr.baseline{color:#555;font-style:italic}img{max-width:100%;border:1px solid #eee;margin:6px 0}
+"""
+
+
+def _png(fig: plt.Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _labels(rows: list[dict], hyper: list[str]) -> dict[int, str]:
+    """Row index -> ``algorithm [varying hyperparameters]`` (constant ones are left out)."""
+    varying = [h for h in hyper if len({json.dumps(r.get(h), default=str) for r in rows if r.get(h) is not None}) > 1]
+    out = {}
+    for i, r in enumerate(rows):
+        extra = ", ".join(f"{h.split('-', 1)[-1]}={r[h]}" for h in varying if r.get(h) not in (None, ""))
+        out[i] = f"{r['algorithm']} [{extra}]" if extra else r["algorithm"]
+    return out
+
+
+def _eval_curve(run_dir: str | None, key: str) -> list[tuple[int, float]]:
+    if not run_dir or not (Path(run_dir) / METRICS_FILE).is_file():
+        return []
+    return [(r["round"], r[KEY_EVAL][key]) for r in read_jsonl(Path(run_dir) / METRICS_FILE)
+            if isinstance((r.get(KEY_EVAL) or {}).get(key), (int, float))]
+
+
+def _grid(n: int, width: float = 5.2, height: float = 3.4) -> tuple[plt.Figure, list]:
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.axis("off")
+    return fig, flat[:n]
+
+
+def bars_figure(rows: list[dict], labels: dict[int, str], metrics: list[str]) -> str:
+    """Final value of each metric, one horizontal bar per row (per-client local rows left out)."""
+    keep = [i for i, r in enumerate(rows) if not (r["_kind"] == LOCAL_ONLY)]
+    fig, axes = _grid(len(metrics), width=5.2, height=0.32 * len(keep) + 1.2)
+    colors = {KIND_FEDERATED: "tab:blue", CENTRALIZED: "tab:green", ZERO_SHOT: "tab:gray"}
+    for ax, m in zip(axes, metrics):
+        vals = [rows[i].get(m) if isinstance(rows[i].get(m), (int, float)) else 0.0 for i in keep]
+        ax.barh(range(len(keep)), vals, color=[colors.get(rows[i]["_kind"], "tab:orange") for i in keep])
+        ax.set_yticks(range(len(keep)), [labels[i] for i in keep] if ax is axes[0] else [""] * len(keep), fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(m)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("Final metrics (blue: federated, green: centralised, grey: zero-shot, orange: local-only)")
+    return _png(fig)
+
+
+def curves_figure(rows: list[dict], labels: dict[int, str], metric_keys: dict[str, str]) -> str:
+    """Metric vs round for every test case; centralised dashed, zero-shot as a dotted line."""
+    fig, axes = _grid(len(metric_keys))
+    for ax, (column, key) in zip(axes, metric_keys.items()):
+        for i, r in enumerate(rows):
+            curve = _eval_curve(r["_dir"], key)
+            if r["_kind"] == ZERO_SHOT and curve:
+                ax.axhline(curve[0][1], color="gray", linestyle=":", label=labels[i])
+            elif r["_kind"] in (KIND_FEDERATED, CENTRALIZED) and curve:
+                style = "--" if r["_kind"] == CENTRALIZED else "-"
+                ax.plot(*zip(*curve), style, marker="o", label=labels[i])
+        ax.set_title(column)
+        _round_axis(ax)
+    if axes:
+        handles, names = axes[0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="upper center", ncol=2, fontsize=8, bbox_to_anchor=(0.5, 0.0))
+    return _png(fig)
+
+
+def _round_axis(ax: plt.Axes) -> None:
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def train_loss_figure(rows: list[dict], labels: dict[int, str]) -> str:
+    """Per-client train loss over rounds, one panel per federated test case."""
+    fed = [i for i, r in enumerate(rows) if r["_kind"] == KIND_FEDERATED and r["_dir"]]
+    if not fed:
+        return "<p>No federated test case.</p>"
+    fig, axes = _grid(len(fed))
+    for ax, i in zip(axes, fed):
+        per_client: dict[str, list[tuple[int, float]]] = {}
+        for rec in read_jsonl(Path(rows[i]["_dir"]) / METRICS_FILE):
+            if rec.get(KEY_EVENT) == EVENT_ROUND:
+                for c in rec["clients"]:
+                    per_client.setdefault(c["client_id"], []).append((rec["round"], c["train_loss"]))
+        for cid, pts in sorted(per_client.items()):
+            ax.plot(*zip(*pts), marker="o", label=cid)
+        ax.set_title(labels[i], fontsize=9)
+        ax.set_ylabel("train loss")
+        ax.legend(fontsize=7)
+        _round_axis(ax)
+    return _png(fig)
+
+
+def partitions_figure(rows: list[dict]) -> str:
+    """Rows per client of each distinct partition (stacked by field value where counted)."""
+    seen: dict[str, list[dict]] = {}
+    for r in rows:
+        path = Path(r["_dir"]) / PARTITIONS_FILE if r["_dir"] and r["_kind"] == KIND_FEDERATED else None
+        if path and path.is_file():
+            parts = json.loads(path.read_text())
+            seen.setdefault(json.dumps(parts, sort_keys=True), parts)
+    if not seen:
+        return "<p>No partition recorded.</p>"
+    fig, axes = _grid(len(seen), width=6.0, height=3.6)
+    for ax, parts in zip(axes, seen.values()):
+        names = [f"client-{p['client']}" for p in parts]
+        values = sorted({v for p in parts for v in p.get("counts", {})})
+        if values:
+            bottom = [0] * len(parts)
+            for v in values:
+                heights = [p.get("counts", {}).get(v, 0) for p in parts]
+                ax.bar(names, heights, bottom=bottom, label=v)
+                bottom = [b + h for b, h in zip(bottom, heights)]
+            ax.legend(fontsize=7, ncol=2)
+        else:
+            ax.bar(names, [p["size"] for p in parts])
+        for x, p in enumerate(parts):
+            ax.annotate(str(p["size"]), (x, p["size"]), ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel("training rows")
+        ax.set_title(f"{len(parts)} clients, {sum(p['size'] for p in parts)} rows")
+    return _png(fig)
+
+
+def table_html(board: Board) -> str:
+    """The leaderboard as an HTML table (baseline rows in italics)."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in board.columns)
+    body = []
+    for r in board.rows:
+        cls = ' class="baseline"' if r.get("paradigm") == "baseline" else ""
+        cells = "".join(f"<td>{html.escape(board.cell(r, c))}</td>" for c in board.columns)
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+def render_report(job_dir: Path) -> str:
+    """The report page of ``job_dir`` as HTML text."""
+    board, meta = build_board(job_dir)
+    selected = select(board, meta)
+    rows = board.rows
+    labels = _labels(rows, hyperparameter_columns(board.columns, meta))
+    metric_keys = {m["column"]: m["key"] for m in meta["metrics"]}
+    metric_keys[COL_HELDOUT_LOSS] = COL_HELDOUT_LOSS
+    sections = [
+        ("Leaderboard", table_html(selected) + "<details><summary>Every column (rank/all_rank.csv)</summary>"
+         + table_html(board) + "</details>"),
+        ("Final metrics", bars_figure(rows, labels, list(metric_keys))),
+        ("Metrics per round", curves_figure(rows, labels, metric_keys)),
+        ("Train loss per client", train_loss_figure(rows, labels)),
+        ("Data partition sizes per client", partitions_figure(rows)),
+    ]
+    now = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(meta['name'])} - fedpeft report"
+             f"</title><style>{CSS}</style></head><body>",
+             f"<h1>{html.escape(meta['name'])}</h1><p class='meta'>fedpeft benchmark report, generated {now} from "
+             f"{html.escape(meta.get('source', ''))}; {len(rows)} rows in {html.escape(str(job_dir))}</p>"]
+    parts += [f"<h2>{title}</h2>{content}" for title, content in sections]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(job_dir: Path) -> Path:
+    """Write ``<job_dir>/report.html``; return its path."""
+    path = Path(job_dir) / REPORT_FILE
+    write_text(path, render_report(Path(job_dir)))
+    log.info("report: %s", path)
+    return path

@@ -1,0 +1,88 @@
+"""Deployment subcommands of ``fedpeft``: ``server``, ``client``, ``certs``, ``keys``.
+
+Heavy imports (Flower, torch) happen inside the commands, so ``fedpeft --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from fedpeft.deploy.coordinator import prepare_run, serve_job, summary_line
+
+    cfg, dep, run = prepare_run(args.config, args.deploy, args.overrides, args.resume)
+    print(f"run folder: {run.path}")
+    serve_job(cfg, dep, run)
+    print(summary_line(run))
+    return 0
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from fedpeft.deploy.site_runner import SiteOptions, run_site
+
+    if (args.root_certificates is None) == (not args.insecure):
+        print("fedpeft client: give --root-certificates CA.crt (from the coordinator), or "
+              "--insecure for a loopback test")
+        return 2
+    workspace = Path(args.workspace or f"fedpeft-site-{args.name}")
+    return run_site(SiteOptions(
+        server=args.server, data=Path(args.data), name=args.name, workspace=workspace.resolve(),
+        ca_cert=args.root_certificates, private_key=args.auth_key, device=args.device or "",
+        retry_for_s=args.retry_for))
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from fedpeft.deploy.tls import make_tls_files
+
+    files = make_tls_files(Path(args.out), args.host, args.days)
+    print(f"wrote {files.ca_cert} (give it to every site), {files.server_cert} and "
+          f"{files.server_key} (keep on the server), valid {args.days} days for "
+          f"{', '.join([*args.host, 'localhost', '127.0.0.1'])}")
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from fedpeft.deploy.tls import fingerprint, make_node_keys
+
+    keys = make_node_keys(Path(args.out), args.name)
+    print(f"wrote {keys.private_key} (stays on this site: fedpeft client --auth-key) and "
+          f"{keys.public_key} (send to the coordinator); fingerprint "
+          f"{fingerprint(keys.public_key.read_bytes())}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``server``, ``client``, ``certs`` and ``keys`` to the ``fedpeft`` parser."""
+    srv = sub.add_parser("server", help="coordinate a deployment: sites train on their own machines")
+    srv.add_argument("config", nargs="?", help="job YAML (the same file a simulation runs)")
+    srv.add_argument("overrides", nargs="*", help="key=value overrides of the job")
+    srv.add_argument("--deploy", help="deployment YAML: sites, TLS, authentication, SecAgg+")
+    srv.add_argument("--resume", metavar="RUN_DIR", help="go on from the run's last completed round")
+    srv.set_defaults(fn=_cmd_server)
+
+    cli = sub.add_parser("client", help="run this site: train on local data for a fedpeft server")
+    cli.add_argument("--server", required=True, help="HOST:PORT of the coordinator")
+    cli.add_argument("--data", required=True, help="this site's JSONL file (never leaves this machine)")
+    cli.add_argument("--name", required=True, help="this site's name, as in the coordinator's deploy.yaml")
+    cli.add_argument("--root-certificates", type=Path, help="the coordinator's ca.crt")
+    cli.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")
+    cli.add_argument("--auth-key", type=Path, help="this site's private key (fedpeft keys NAME)")
+    cli.add_argument("--workspace", help="folder for Flower's files (default fedpeft-site-NAME)")
+    cli.add_argument("--device", help="e.g. cuda:0 (default: the job's model.devices)")
+    cli.add_argument("--retry-for", type=float, default=3600.0,
+                     help="seconds to keep retrying an unreachable server")
+    cli.set_defaults(fn=_cmd_client)
+
+    certs = sub.add_parser("certs", help="make a CA and a server certificate for a deployment")
+    certs.add_argument("out", help="folder for ca.crt, server.pem, server.key")
+    certs.add_argument("--host", action="append", default=[],
+                       help="name or IP address sites use to reach the server (repeatable)")
+    certs.add_argument("--days", type=int, default=30)
+    certs.set_defaults(fn=_cmd_certs)
+
+    keys = sub.add_parser("keys", help="make this site's authentication key pair")
+    keys.add_argument("name", help="this site's name")
+    keys.add_argument("--out", default="keys", help="folder for NAME and NAME.pub")
+    keys.set_defaults(fn=_cmd_keys)

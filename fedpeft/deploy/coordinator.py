@@ -1,0 +1,153 @@
+"""``fedpeft server``: start the SuperLink, register the sites' keys, run the job, follow it.
+
+One command for the coordinator. It creates (or, with ``--resume``, reuses) the run folder,
+starts ``flower-superlink`` (TLS, site authentication), registers every site's public key,
+starts fedpeft's ServerApp with ``flwr run``, prints the ServerApp's log while the rounds run,
+reports sites that were refused, and stops the SuperLink when the run ends (bounded by
+:meth:`DeployConfig.run_timeout_s`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+from fedpeft.config import JobConfig, load_config
+from fedpeft.constants import CONFIG_FILE
+from fedpeft.deploy import constants as C
+from fedpeft.deploy.launch import DeployError, SuperLink, read_status
+from fedpeft.deploy.settings import DeployConfig, dump_deploy_config, load_deploy_config
+from fedpeft.deploy.tls import fingerprint
+from fedpeft.errors import ConfigError, RoundError
+from fedpeft.io_utils import write_json, write_text
+from fedpeft.run_dir import RunDir
+
+log = logging.getLogger(__name__)
+serverapp_log = logging.getLogger("fedpeft.serverapp")
+
+_FLWR_LS_EVERY_S = 15.0  # each `flwr` call costs 1-3 s of CPU: ask Flower rarely
+_WATCH_POLL_S = 1.0
+_REFUSED = re.compile(r"public key: b'(-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----\\n)'")
+
+
+def prepare_run(job: str | None, deploy: str | None, overrides: list[str],
+                resume: str | None) -> tuple[JobConfig, DeployConfig, RunDir]:
+    """Load and check both configs; create the run folder (or reuse it with ``resume``).
+
+    Raises:
+        ConfigError: listing every problem of either file.
+    """
+    if resume:
+        run = RunDir(Path(resume))
+        cfg = load_config(run.path / CONFIG_FILE)
+        deploy = deploy or str(run.path / C.DEPLOY_CONFIG_FILE)
+    else:
+        if not job or not deploy:
+            raise ConfigError("fedpeft server: give JOB.yaml and --deploy DEPLOY.yaml, or --resume RUN_DIR")
+        cfg = load_config(job, overrides)
+    dep = load_deploy_config(deploy, cfg)
+    if not resume:
+        run = RunDir.create(cfg)
+    write_text(run.path / C.DEPLOY_CONFIG_FILE, dump_deploy_config(dep))
+    return cfg, dep, run
+
+
+def serve_job(cfg: JobConfig, dep: DeployConfig, run: RunDir) -> str:
+    """Run the deployment of ``run`` to its end; return Flower's final run status.
+
+    Raises:
+        DeployError: if a Flower process fails or the run does not end in time.
+        RoundError: if the ServerApp stopped (e.g. a round stayed below min_clients).
+    """
+    if dep.insecure:
+        log.warning("INSECURE: TLS is off; updates and site names travel in clear text. Use "
+                    "this only on a loopback test (tls: in deploy.yaml for anything else)")
+    flower = run.path / C.FLOWER_DIR
+    (flower / C.STATUS_FILE).unlink(missing_ok=True)
+    link = SuperLink(flower, dep.host_port, None if dep.insecure else dep.tls, dep.authenticate)
+    try:
+        link.start()
+        if dep.authenticate:
+            nodes = {s.name: link.register_site(s.public_key, s.name) for s in dep.sites}
+            write_json(flower / C.SITE_NODES_FILE, nodes)
+            log.info("registered %d site keys: %s", len(nodes), ", ".join(nodes))
+        run_id = link.run({C.RUN_DIR: str(run.path.resolve())})
+        log.info("Flower run %d started; sites connect to %s:%d", run_id, *dep.host_port)
+        return _follow(link, run_id, flower, dep.run_timeout_s(cfg.federation.rounds))
+    finally:
+        link.stop()
+
+
+def _follow(link: SuperLink, run_id: int, flower: Path, timeout_s: float) -> str:
+    """Print the ServerApp's log and refused sites until the run ends (at most ``timeout_s``)."""
+    tails = {"app": _Tail(flower / C.LOGS_DIR / C.SERVERAPP_LOG),
+             "link": _Tail(link.log_path)}
+    deadline, next_ls, status = time.monotonic() + timeout_s, time.monotonic() + _FLWR_LS_EVERY_S, ""
+    while time.monotonic() < deadline:
+        for line in tails["app"].new_lines():
+            serverapp_log.info("%s", line)
+        for line in tails["link"].new_lines():
+            _report_refusal(line)
+        status = read_status(flower).get("status", "")
+        if status in (C.STATUS_COMPLETED, C.STATUS_FAILED):
+            break
+        if link.proc.poll() is not None:
+            raise DeployError(f"the SuperLink exited with code {link.proc.returncode}; see {link.log_path}")
+        if time.monotonic() >= next_ls:  # a ServerApp that died before writing its status
+            flower_status = link.run_status(run_id)
+            if flower_status.startswith("finished"):
+                status = status or flower_status
+                break
+            next_ls = time.monotonic() + _FLWR_LS_EVERY_S
+        time.sleep(_WATCH_POLL_S)
+    else:
+        raise DeployError(f"run {run_id} did not finish within {timeout_s:.0f}s; stopping it")
+    for line in tails["app"].new_lines():
+        serverapp_log.info("%s", line)
+    info = read_status(flower)
+    if info.get("status") != C.STATUS_COMPLETED:
+        raise RoundError(f"the server stopped: {info.get('error') or status} (log: "
+                         f"{flower / C.LOGS_DIR / C.SERVERAPP_LOG})")
+    return status
+
+
+def _report_refusal(line: str) -> None:
+    """Turn the SuperLink's "no SuperNode with this key" error into one clear line."""
+    if "No SuperNode found with the given public key" not in line:
+        return
+    match = _REFUSED.search(line)
+    key = "unknown key"
+    if match:
+        try:
+            key = fingerprint(match.group(1).replace("\\n", "\n").encode())
+        except ValueError:
+            key = "unparsable key"
+    log.warning("refused a site whose public key is not registered (%s); to admit it, add its "
+                ".pub file to sites in deploy.yaml", key)
+
+
+class _Tail:
+    """New complete lines of a growing text file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.rest = path, 0, ""
+
+    def new_lines(self) -> list[str]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            f.seek(self.offset)
+            text = f.read()
+            self.offset = f.tell()
+        *lines, self.rest = (self.rest + text).split("\n")
+        return [line for line in lines if line.strip()]
+
+
+def summary_line(run: RunDir) -> str:
+    """One line on what the run wrote."""
+    summary = json.loads((run.path / "summary.json").read_text())
+    return (f"run folder: {run.path} (adapter/, metrics.jsonl, checkpoints/); "
+            f"final: {summary.get('final') or 'no test set'}")

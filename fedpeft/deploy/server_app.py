@@ -1,0 +1,61 @@
+"""The Flower ``ServerApp``: reads the run folder, serves every round, reports its status.
+
+``fedpeft server`` creates the run folder (``config.yaml``, ``deploy.yaml``) and starts this
+app with ``flwr run``; the app gets only the folder's path (run config ``run-dir``). Its log
+goes to ``flower/logs/serverapp.log`` (the coordinator prints it) and to stderr (``flwr log``);
+``flower/status.json`` says whether it completed or why it failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedpeft.config import load_config
+from fedpeft.constants import CONFIG_FILE
+from fedpeft.deploy import constants as C
+from fedpeft.deploy.launch import write_status
+from fedpeft.deploy.server import serve
+from fedpeft.deploy.settings import load_deploy_config
+from fedpeft.deploy.transport import FlowerTransport
+from fedpeft.run_dir import RunDir
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Serve the job of the run folder named in the run config."""
+    run_dir = Path(str(context.run_config[C.RUN_DIR]))
+    flower = run_dir / C.FLOWER_DIR
+    _log_to(flower / C.LOGS_DIR / C.SERVERAPP_LOG)
+    write_status(flower, C.STATUS_RUNNING)
+    try:
+        cfg = load_config(run_dir / CONFIG_FILE)
+        dep = load_deploy_config(run_dir / C.DEPLOY_CONFIG_FILE, cfg)
+        nodes_file = flower / C.SITE_NODES_FILE
+        registered = json.loads(nodes_file.read_text()) if dep.authenticate else None
+        serve(cfg, dep, RunDir(run_dir), FlowerTransport(grid, context, dep, registered))
+    except BaseException as e:
+        log.exception("the server stopped")
+        write_status(flower, C.STATUS_FAILED, f"{type(e).__name__}: {e}")
+        raise
+    write_status(flower, C.STATUS_COMPLETED)
+    log.info("done: %s", run_dir)
+
+
+def _log_to(path: Path) -> None:
+    """fedpeft's INFO logs to ``path`` and stderr (``flwr-serverapp`` forwards only stdio)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pkg = logging.getLogger("fedpeft")
+    pkg.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    for handler in (logging.FileHandler(path, encoding="utf-8"), logging.StreamHandler()):
+        handler.setFormatter(fmt)
+        pkg.addHandler(handler)

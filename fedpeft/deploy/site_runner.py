@@ -1,0 +1,148 @@
+"""``fedpeft client``: run one site's SuperNode until it is stopped.
+
+The site's data path goes into the SuperNode's node config (a TOML file in the site's
+workspace) and never leaves the machine. The command checks the file first, starts
+``flower-supernode`` (TLS with the coordinator's CA, the site's private key when the server
+authenticates sites), echoes its log, and restarts it (bounded) if it exits, e.g. when the
+coordinator restarts its server. A refused key ends it with a clear message instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedpeft.data.io import load_examples
+from fedpeft.deploy import constants as C
+from fedpeft.deploy.launch import flower_env, free_port, spawn, stop_group, supernode_argv
+from fedpeft.deploy.settings import SITE_NAME_PATTERN
+from fedpeft.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+supernode_log = logging.getLogger("fedpeft.supernode")
+
+EXIT_REFUSED = 3
+SUPERNODE_PID_FILE = "supernode.pid"
+_REFUSALS_TOLERATED = 2  # a site may start before the coordinator has registered its key
+_RESTART_DELAY_S = 10.0
+_REFUSAL_MARKERS = ("Failed to activate SuperNode", "No SuperNode found with the given public key")
+
+
+@dataclass
+class SiteOptions:
+    """What ``fedpeft client`` was given."""
+
+    server: str  # HOST:PORT of the coordinator's SuperLink
+    data: Path  # this site's JSONL file (stays here)
+    name: str  # this site's name, as listed in the coordinator's deploy.yaml
+    workspace: Path  # FLWR_HOME and node config of this site
+    ca_cert: Path | None = None  # the coordinator's CA (None: --insecure)
+    private_key: Path | None = None  # this site's key (server authenticates sites)
+    device: str = ""  # "" = the job's model.devices
+    retry_for_s: float = 3600.0  # give up after the server was unreachable this long
+    restarts: int = 20  # restart the SuperNode at most this often
+
+
+def check_site(opts: SiteOptions) -> int:
+    """Check the options and the data file before starting; return the file's row count.
+
+    Raises:
+        ConfigError: for a bad name, server address or missing certificate/key file.
+        DataError: if the data file is missing or unreadable.
+    """
+    if not re.match(SITE_NAME_PATTERN, opts.name):
+        raise ConfigError(f"--name {opts.name!r}: use letters, digits, '.', '_' or '-' (as in deploy.yaml)")
+    if ":" not in opts.server:
+        raise ConfigError(f"--server {opts.server!r}: expected HOST:PORT, e.g. hub.example.org:9092")
+    for flag, path in (("--root-certificates", opts.ca_cert), ("--auth-key", opts.private_key)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{flag}: file not found: {path}")
+    if not opts.data.is_file():
+        raise DataError(f"--data: file not found: {opts.data}")
+    try:
+        return len(load_examples(opts.data))
+    except DataError as e:  # the job may name other fields: only the server's config knows
+        log.warning("could not read %s with the default field names (%s); the job's "
+                    "data.question_field/answer_field apply when training", opts.data, e)
+        return -1
+
+
+def write_node_config(opts: SiteOptions) -> Path:
+    """The SuperNode's node config as a TOML file (any path survives quoting)."""
+    values = {C.NODE_SITE_NAME: opts.name, C.NODE_DATA_PATH: str(opts.data.resolve()),
+              C.NODE_DEVICE: opts.device}
+    path = opts.workspace / "node-config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()), encoding="utf-8")
+    return path
+
+
+def run_site(opts: SiteOptions) -> int:
+    """Run the SuperNode until interrupted; restart it if it exits unexpectedly (bounded).
+
+    Returns:
+        0 when stopped, :data:`EXIT_REFUSED` if the server refused this site's key, else the
+        SuperNode's last exit code.
+    """
+    rows = check_site(opts)
+    if opts.ca_cert is None:
+        log.warning("INSECURE: --insecure sends this site's updates in clear text; use it only on "
+                    "a loopback test")
+    node_config = write_node_config(opts)
+    log.info("site %s: %s (%s rows) -> %s", opts.name, opts.data, rows if rows >= 0 else "?", opts.server)
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code, refusals = 0, 0
+        for attempt in range(opts.restarts + 1):
+            code, refused = _run_once(opts, node_config, stop)
+            refusals += refused
+            if refusals > _REFUSALS_TOLERATED:
+                log.error("the server refused site %s: its public key is not registered. Send %s.pub "
+                          "to the coordinator, who adds it to sites in deploy.yaml", opts.name,
+                          opts.private_key or "this site's key")
+                return EXIT_REFUSED
+            if stop.is_set():
+                return 0
+            why = "the server refused this site's key (it may still be registering keys)" if refused \
+                else f"the SuperNode exited with code {code}"
+            log.warning("%s; restarting in %.0f s (%d of %d)", why, _RESTART_DELAY_S, attempt + 1,
+                        opts.restarts)
+            if stop.wait(_RESTART_DELAY_S):
+                return 0
+        return code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_once(opts: SiteOptions, node_config: Path, stop: threading.Event) -> tuple[int, bool]:
+    """One SuperNode process: echo its output; return ``(exit code, refused)``."""
+    argv = supernode_argv(opts.server, node_config, ca_cert=opts.ca_cert, private_key=opts.private_key,
+                          runtime_port=free_port(), retry_for_s=opts.retry_for_s)
+    proc = spawn(argv, flower_env(opts.workspace / "flwr-home"), None, opts.workspace)
+    (opts.workspace / SUPERNODE_PID_FILE).write_text(f"{proc.pid}\n")  # its own process group
+    refused = threading.Event()
+    reader = threading.Thread(target=_echo, args=(proc, refused), daemon=True)
+    reader.start()
+    while proc.poll() is None and not stop.is_set():
+        time.sleep(0.5)
+    stop_group(proc)
+    reader.join(timeout=5.0)
+    return proc.returncode, refused.is_set()
+
+
+def _echo(proc: subprocess.Popen, refused: threading.Event) -> None:
+    for raw in proc.stdout:
+        line = raw.decode("utf-8", errors="replace").rstrip()
+        if any(marker in line for marker in _REFUSAL_MARKERS):
+            refused.set()
+        if line.strip():
+            supernode_log.info("%s", line)

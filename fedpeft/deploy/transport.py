@@ -1,0 +1,199 @@
+"""How the server reaches the sites over Flower: who is connected, and one round of training.
+
+:class:`FlowerTransport` is the only server code that touches Flower messages. It maps Flower
+node ids to site names (from key registration with authentication, else by asking each new
+node its name), sends each sampled site its task, and returns the round's updates in site-index
+order (plain) or only their weighted mean (SecAgg+), with the bytes each site sent and received.
+The round loop (:mod:`fedpeft.deploy.server`) sees only :class:`RoundResult`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fedpeft.constants import KEY_CLIENT_ID, KEY_NUM_EXAMPLES
+from fedpeft.deploy import constants as C
+from fedpeft.deploy.grid import CountingGrid
+from fedpeft.deploy.records import record_to_state, state_to_record
+from fedpeft.deploy.secagg import secure_mean
+from fedpeft.deploy.settings import DeployConfig
+from fedpeft.types import ClientUpdate, State
+
+log = logging.getLogger(__name__)
+
+_QUERY_TIMEOUT_S = 60.0
+_WAIT_POLL_S = 2.0
+
+
+@dataclass(frozen=True)
+class SiteTask:
+    """One sampled site's work in one round: its index in ``sites`` and its training seed."""
+
+    name: str
+    index: int
+    seed: int
+
+
+@dataclass
+class SiteReport:
+    """What the server learnt from one site in one round."""
+
+    name: str
+    num_examples: int
+    metrics: dict[str, float | int | str]
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+@dataclass
+class RoundResult:
+    """A round's outcome. ``updates`` (plain) or ``mean`` (SecAgg+) is set, never both."""
+
+    reports: list[SiteReport]  # sites that trained, in index order
+    updates: list[ClientUpdate] | None = None
+    mean: State | None = None
+    failed: dict[str, str] = field(default_factory=dict)  # site -> why it dropped out
+
+
+class Transport(Protocol):
+    """What the round loop needs from a runtime."""
+
+    def connected(self) -> list[str]:
+        """Names of the configured sites that are connected now."""
+        ...
+
+    def train(self, rnd: int, tasks: list[SiteTask], state: State, job: str) -> RoundResult:
+        """Have each site of ``tasks`` train from ``state``; collect what they send back."""
+        ...
+
+
+def wait_for_sites(transport: Transport, wanted: list[str], need: int, timeout_s: float,
+                   want_all: bool) -> list[str]:
+    """Wait until every wanted site (or, unless ``want_all``, at least ``need``) is connected.
+
+    Returns:
+        The wanted sites connected when the wait ended (bounded by ``timeout_s``).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        present = [n for n in wanted if n in set(transport.connected())]
+        if len(present) == len(wanted) or (not want_all and len(present) >= need):
+            return present
+        if time.monotonic() >= deadline:
+            return present
+        time.sleep(_WAIT_POLL_S)
+
+
+class FlowerTransport:
+    """Sites over a Flower ``Grid``.
+
+    Args:
+        grid: The ServerApp's grid (wrapped to poll faster and count bytes).
+        context: The ServerApp's context (SecAgg+ needs its run id).
+        dep: The deployment config (site names, SecAgg+, timeouts).
+        registered: Site name -> node id of sites registered with their keys (authentication);
+            ``None`` asks every new node for its name instead (unauthenticated).
+    """
+
+    def __init__(self, grid, context: Context, dep: DeployConfig,
+                 registered: dict[str, int] | None = None) -> None:
+        self.grid = CountingGrid(grid, poll_s=dep.poll_s)
+        self.context = context
+        self.dep = dep
+        self.node_of: dict[str, int] = dict(registered or {})
+        self.authenticated = registered is not None
+        self.refused: set[int] = set()
+
+    # ------------------------------------------------------------------ who is there
+
+    def connected(self) -> list[str]:
+        """Connected configured sites; asks new nodes their name first (without authentication)."""
+        online = set(self.grid.get_node_ids())
+        known = set(self.node_of.values()) | self.refused
+        if not self.authenticated and online - known:
+            self._identify(sorted(online - known))
+        return [n for n in self.dep.site_names if self.node_of.get(n) in online]
+
+    def _identify(self, node_ids: list[int]) -> None:
+        content = RecordDict({C.RECORD_CONFIG: ConfigRecord({C.KEY_QUERY: C.QUERY_SITE_NAME})})
+        msgs = [Message(content, nid, MessageType.QUERY, ttl=_QUERY_TIMEOUT_S + 60) for nid in node_ids]
+        for reply in self.grid.send_and_receive(msgs, timeout=_QUERY_TIMEOUT_S):
+            nid = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("node %d did not say which site it is: %s", nid, reply.error.reason)
+                continue
+            name = str(reply.content.config_records[C.RECORD_CONFIG][C.KEY_SITE])
+            if name not in self.dep.site_names:
+                log.warning("refused a site named %r (node %d): not one of the sites in deploy.yaml "
+                            "(%s)", name, nid, ", ".join(self.dep.site_names))
+                self.refused.add(nid)
+            elif name in self.node_of and self.node_of[name] in set(self.grid.get_node_ids()):
+                log.warning("refused a second site named %r (node %d): site %r is already connected "
+                            "as node %d", name, nid, name, self.node_of[name])
+                self.refused.add(nid)
+            else:
+                log.info("site %s connected (node %d)", name, nid)
+                self.node_of[name] = nid
+        self.grid.take_traffic()  # identification is not part of any round's traffic
+
+    # ------------------------------------------------------------------ one round
+
+    def train(self, rnd: int, tasks: list[SiteTask], state: State, job: str) -> RoundResult:
+        """One round: plain (every update comes back) or SecAgg+ (only their mean)."""
+        self.grid.take_traffic()
+        if self.dep.secure_aggregation.enabled:
+            result = self._train_secure(rnd, tasks, state, job)
+        else:
+            result = self._train_plain(rnd, tasks, state, job)
+        down, up = self.grid.take_traffic()
+        for report in result.reports:
+            nid = self.node_of[report.name]
+            report.bytes_down, report.bytes_up = down.get(nid, 0), up.get(nid, 0)
+        return result
+
+    def _config(self, rnd: int, task: SiteTask, job: str) -> dict:
+        return {C.KEY_SERVER_ROUND: rnd, C.KEY_SITE: task.name, C.KEY_SEED: task.seed, C.KEY_JOB: job}
+
+    def _train_plain(self, rnd: int, tasks: list[SiteTask], state: State, job: str) -> RoundResult:
+        ttl, record = self.dep.round_timeout_s + 60, state_to_record(state)
+        msgs = [Message(RecordDict({C.RECORD_STATE: record,
+                                    C.RECORD_CONFIG: ConfigRecord(self._config(rnd, t, job))}),
+                        self.node_of[t.name], MessageType.TRAIN, ttl=ttl, group_id=str(rnd))
+                for t in tasks]
+        replies = self.grid.send_and_receive(msgs, timeout=self.dep.round_timeout_s)
+        by_node = {r.metadata.src_node_id: r for r in replies}
+        updates, reports, failed = [], [], {}
+        for task in tasks:  # index order: the simulation sums in this order
+            reply = by_node.get(self.node_of[task.name])
+            if reply is None or reply.has_error():
+                failed[task.name] = (f"no reply within {self.dep.round_timeout_s:.0f}s" if reply is None
+                                     else reply.error.reason)
+                continue
+            m = dict(reply.content.metric_records[C.RECORD_METRICS])
+            text = dict(reply.content.config_records[C.RECORD_CONFIG])
+            n = int(m.pop(KEY_NUM_EXAMPLES))
+            metrics = {**m, **{k: v for k, v in text.items() if k != KEY_CLIENT_ID}}
+            updates.append(ClientUpdate(task.name, record_to_state(
+                reply.content.array_records[C.RECORD_STATE]), n, metrics))
+            reports.append(SiteReport(task.name, n, metrics))
+        return RoundResult(reports, updates=updates, failed=failed)
+
+    def _train_secure(self, rnd: int, tasks: list[SiteTask], state: State, job: str) -> RoundResult:
+        sa = self.dep.secure_aggregation
+        extra = {C.KEY_STATE_KEYS: "\n".join(state), C.KEY_CLIP: sa.clipping_range,
+                 C.KEY_MAX_WEIGHT: sa.max_weight}
+        fitins = {self.node_of[t.name]: {**self._config(rnd, t, job), **extra} for t in tasks}
+        mean, results = secure_mean(self.grid, self.context, state, fitins, rnd, sa,
+                                    self.dep.round_timeout_s)
+        name_of = {nid: name for name, nid in self.node_of.items()}
+        by_name = {name_of[r.node_id]: r for r in results}
+        reports = [SiteReport(t.name, by_name[t.name].num_examples,
+                              {k: v for k, v in by_name[t.name].metrics.items() if k != KEY_CLIENT_ID})
+                   for t in tasks if t.name in by_name]
+        failed = {t.name: "dropped out of SecAgg+" for t in tasks if t.name not in by_name}
+        return RoundResult(reports, mean=mean, failed=failed)

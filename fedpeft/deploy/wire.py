@@ -1,0 +1,78 @@
+"""What the server tells a site about the job, and how a site turns its file into training rows.
+
+The server sends, with every training message, the parts of the job config a site needs to
+train exactly like client ``i`` of the simulation: the model, the PEFT method, the training
+hyperparameters, how to read and tokenise rows, and the seed. It never sends data paths: a site
+names its own file (``fedpeft client --data``), and the server never learns it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedpeft.config import JobConfig
+from fedpeft.data.federated import _cap  # the simulation's per-file cap, reused so rows match
+from fedpeft.data.io import load_examples
+from fedpeft.data.split import split_rows
+from fedpeft.errors import ConfigError
+
+# Data keys that name files on the server: never sent to a site.
+_SERVER_ONLY_DATA_KEYS = ("train", "test", "client_files", "max_test_samples")
+HOLDOUT = "holdout"  # True: the site holds out test_ratio of its rows, as the simulation does
+
+
+def site_job_payload(cfg: JobConfig) -> str:
+    """The JSON text a site needs to train (no paths, no federation or eval settings).
+
+    Args:
+        cfg: The server's job config.
+
+    Returns:
+        JSON with ``seed``, ``model``, ``peft``, ``train``, ``data`` (without file names) and
+        ``holdout``: whether sites hold out ``test_ratio`` of their rows. The simulation does
+        that when ``data.test`` is unset, so the deployment must too for the same result.
+    """
+    dumped = cfg.model_dump(mode="json")
+    data = {k: v for k, v in dumped["data"].items() if k not in _SERVER_ONLY_DATA_KEYS}
+    payload = {k: dumped[k] for k in ("seed", "model", "peft", "train")}
+    payload.update(data=data, **{HOLDOUT: cfg.data.test is None})
+    return json.dumps(payload, sort_keys=True)
+
+
+def site_job_from_payload(text: str) -> tuple[JobConfig, bool]:
+    """Rebuild the job config a site trains with from :func:`site_job_payload`'s text.
+
+    Returns:
+        ``(cfg, holdout)``; ``cfg``'s data paths are defaults and must not be used.
+
+    Raises:
+        ConfigError: if the text is not a job this fedpeft version understands.
+    """
+    try:
+        payload = json.loads(text)
+        holdout = bool(payload.pop(HOLDOUT))
+        return JobConfig.model_validate(payload), holdout
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"the server sent a job this site cannot read ({e}); are the server "
+                          "and the site running the same fedpeft version?") from e
+
+
+def site_rows(cfg: JobConfig, path: str | Path, holdout: bool) -> list[dict]:
+    """The training rows of one site, as the simulation builds them from ``client_files[i]``.
+
+    Args:
+        cfg: The job (from :func:`site_job_from_payload`).
+        path: The site's own JSONL file.
+        holdout: Hold out ``data.test_ratio`` of the rows (by ``data.split_by``) like the
+            simulation does when the job has no ``data.test``.
+
+    Raises:
+        DataError: if the file is unusable (the message names file and line; it stays on the site).
+    """
+    d = cfg.data
+    rows = load_examples(path, d.question_field, d.answer_field)
+    rows = _cap(rows, d.max_train_samples, cfg.seed)
+    if holdout:
+        rows = split_rows(rows, d.test_ratio, cfg.seed, d.split_by)[0]
+    return rows

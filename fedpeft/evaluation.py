@@ -1,0 +1,126 @@
+"""Evaluate a model on held-out questions: generated-answer metrics and held-out loss.
+
+Two signals, because each misses what the other sees. Generation metrics (ROUGE, BLEU) judge
+what a user would read, but greedy decoding of a few dozen answers is slow and noisy, so only
+the first ``eval.max_samples`` test questions are generated. Held-out loss (token-weighted
+cross-entropy on the reference answers) needs one forward pass per example, so it uses every
+test example given and moves smoothly from round to round.
+
+LoRA adapters are merged into the weights while generating (``eval.merge_lora``) and restored
+bit for bit afterwards (see :func:`fedpeft.generation.merged_lora`); the loss is computed on
+the unmerged model, exactly as in training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from fedpeft.config import EvalConfig
+from fedpeft.constants import KEY_HELDOUT_LOSS
+from fedpeft.data.prompts import IGNORE_INDEX, TokenizedExample, collate, tokenize_examples
+from fedpeft.generation import Model, eval_mode, is_lora, merged_lora, model_device, run_generation
+from fedpeft.metrics import compute_metrics
+
+log = logging.getLogger(__name__)
+
+KEY_GEN_TOKENS_PER_S = "gen_tokens_per_s"  # TODO(lead): move to fedpeft.constants
+
+
+def _batch_loss_sum(model: Model, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """Sum of answer-token cross-entropies in ``batch``, and how many answer tokens it has."""
+    labels = batch["labels"]  # (batch, seq)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, -labels.shape[1]:, :]  # prompt learning prepends virtual tokens
+    targets = labels[:, 1:]  # position t predicts token t + 1
+    loss = F.cross_entropy(
+        logits[:, :-1, :].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+    return float(loss), int((targets != IGNORE_INDEX).sum())
+
+
+def heldout_loss(
+    model: Model, tokenized: list[TokenizedExample], batch_size: int = 8, *, pad_token_id: int
+) -> float:
+    """Token-weighted mean cross-entropy of the answer tokens of ``tokenized``.
+
+    Every answer token counts once, whatever batch it falls in, so the value does not depend
+    on ``batch_size`` and long answers weigh more than short ones.
+
+    Args:
+        model: A base model or PeftModel (prompt-learning virtual tokens are handled).
+        tokenized: Examples from :func:`fedpeft.data.prompts.tokenize_examples`.
+        batch_size: Examples per forward pass.
+        pad_token_id: Id used for padding (any id works: padding is masked and unlabelled).
+
+    Returns:
+        The mean loss in nats per answer token.
+
+    Raises:
+        ValueError: if ``tokenized`` holds no answer token.
+    """
+    total, count = 0.0, 0
+    device = model_device(model)
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, len(tokenized), batch_size):
+            batch = collate(tokenized[start:start + batch_size], pad_token_id)
+            loss_sum, n = _batch_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+            total, count = total + loss_sum, count + n
+    if count == 0:
+        raise ValueError(f"held-out loss needs answer tokens; the {len(tokenized)} examples have none")
+    return total / count
+
+
+def evaluate(
+    model: Model,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[dict],
+    cfg: EvalConfig,
+    *,
+    system_prompt: str | None = None,
+    max_seq_len: int = 384,
+) -> tuple[dict[str, float], list[dict]]:
+    """Generate answers to the first ``cfg.max_samples`` questions, score them, and the loss.
+
+    Args:
+        model: A base model or PeftModel.
+        tokenizer: Its tokenizer.
+        examples: Test examples, dicts with ``question`` and ``answer``.
+        cfg: The ``eval`` section of the job config.
+        system_prompt: The system message used in training, if any.
+        max_seq_len: Truncation length for the held-out loss (as in training).
+
+    Returns:
+        ``(metrics, predictions)``: ``metrics`` holds each of ``cfg.metrics``,
+        ``heldout_loss`` (if ``cfg.heldout_loss``; over all ``examples``) and
+        ``gen_tokens_per_s``; ``predictions`` holds one ``{"question", "reference",
+        "prediction"}`` row per generated question.
+
+    Raises:
+        RegistryError: if a metric name is unknown.
+        ValueError: if ``examples`` is empty.
+    """
+    if not examples:
+        raise ValueError("evaluate needs at least one test example, got none")
+    sample = examples[: cfg.max_samples]
+    questions = [e["question"] for e in sample]
+    references = [e["answer"] for e in sample]
+    merge = merged_lora(model) if cfg.merge_lora and is_lora(model) else contextlib.nullcontext()
+    with merge:
+        result = run_generation(
+            model, tokenizer, questions, system_prompt=system_prompt, max_new_tokens=cfg.max_new_tokens,
+            repetition_penalty=cfg.repetition_penalty, batch_size=cfg.batch_size,
+        )
+    metrics = compute_metrics(cfg.metrics, predictions=result.answers, references=references)
+    if cfg.heldout_loss:
+        tokenized = tokenize_examples(tokenizer, examples, max_seq_len, system_prompt)
+        metrics[KEY_HELDOUT_LOSS] = heldout_loss(model, tokenized, cfg.batch_size, pad_token_id=tokenizer.pad_token_id)
+    metrics[KEY_GEN_TOKENS_PER_S] = result.num_tokens / max(result.seconds, 1e-9)
+    log.info("evaluated %d questions: %s", len(sample), ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    rows = [{"question": q, "reference": r, "prediction": p} for q, r, p in zip(questions, references, result.answers)]
+    return metrics, rows

@@ -1,0 +1,116 @@
+"""Metrics: hand-checked values, argument order, plugins, unknown names, bootstrap intervals."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+
+import numpy as np
+import pytest
+import sacrebleu
+
+from fedpeft.errors import RegistryError
+from fedpeft.metrics import METRICS, bootstrap_ci, compute_metrics
+from fedpeft.metrics.rouge import rouge_scores
+
+BUILTIN = ["rouge1", "rouge2", "rougeL", "bleu4"]
+# A short prediction whose words are a prefix of the longer reference.
+SHORT = "the patient should drink"
+LONG = "the patient should drink more water every day"
+
+
+def test_identical_text_scores_one():
+    texts = ["Drink plenty of water and rest.", "High blood pressure often has no symptoms at all."]
+    scores = compute_metrics(BUILTIN, predictions=texts, references=texts)
+    assert scores == pytest.approx({name: 1.0 for name in BUILTIN})
+
+
+def test_rouge_f1_matches_hand_value_and_keeps_prediction_and_reference_apart():
+    # 4 prediction words, 8 reference words, 4 shared unigrams, 3 shared bigrams.
+    uni = rouge_scores("rouge1", predictions=[SHORT], references=[LONG])[0]
+    assert (uni.precision, uni.recall) == pytest.approx((4 / 4, 4 / 8))  # swapped: (0.5, 1.0)
+    bi = rouge_scores("rouge2", predictions=[SHORT], references=[LONG])[0]
+    assert (bi.precision, bi.recall) == pytest.approx((3 / 3, 3 / 7))
+    scores = compute_metrics(["rouge1", "rouge2", "rougeL"], predictions=[SHORT], references=[LONG])
+    assert scores["rouge1"] == pytest.approx(2 * 1 * 0.5 / 1.5)  # 2/3
+    assert scores["rouge2"] == pytest.approx(2 * 1 * (3 / 7) / (1 + 3 / 7))  # 0.6
+    assert scores["rougeL"] == pytest.approx(2 / 3)  # LCS = 4 words
+
+
+def test_rouge_stems_and_averages_over_examples():
+    same_stem = compute_metrics(["rouge1"], predictions=["treatments"], references=["treatment"])["rouge1"]
+    assert same_stem == pytest.approx(1.0)
+    mean = compute_metrics(["rouge1"], predictions=[SHORT, "unrelated"], references=[LONG, LONG])["rouge1"]
+    assert mean == pytest.approx((2 / 3 + 0.0) / 2)
+
+
+def test_bleu_brevity_penalty_applies_to_the_shorter_prediction():
+    # Every n-gram of the prediction is in the reference: precisions are 1, BLEU is the brevity
+    # penalty exp(1 - ref_len / hyp_len) = exp(1 - 8/4).
+    assert compute_metrics(["bleu4"], predictions=[SHORT], references=[LONG])["bleu4"] == pytest.approx(math.exp(-1))
+    swapped = compute_metrics(["bleu4"], predictions=[LONG], references=[SHORT])["bleu4"]
+    assert swapped == pytest.approx((4 / 8 * 3 / 7 * 2 / 6 * 1 / 5) ** 0.25)  # no penalty, lower precisions
+
+
+def test_metric_arguments_are_keyword_only():
+    with pytest.raises(TypeError):
+        METRICS.get("bleu4")([SHORT], [LONG])  # type: ignore[misc]
+
+
+def test_mismatched_lengths_are_rejected():
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        compute_metrics(["rouge1"], predictions=["a", "b"], references=["a"])
+
+
+def test_plugin_metric_from_a_file(tmp_path):
+    plugin = tmp_path / "exact_match.py"
+    plugin.write_text(textwrap.dedent('''
+        def exact_match(*, predictions, references):
+            return sum(p == r for p, r in zip(predictions, references)) / len(predictions)
+    '''))
+    scores = compute_metrics([f"{plugin}:exact_match", "rouge1"], predictions=["a b", "c"], references=["a b", "d"])
+    assert scores[f"{plugin}:exact_match"] == pytest.approx(0.5)
+    low, high = bootstrap_ci(f"{plugin}:exact_match", predictions=["a", "b", "c"], references=["a", "x", "c"],
+                             n_resamples=200)
+    assert 0.0 <= low <= 2 / 3 <= high <= 1.0
+
+
+def test_unknown_metric_lists_the_valid_names():
+    with pytest.raises(RegistryError) as err:
+        compute_metrics(["rouge-l"], predictions=["a"], references=["a"])
+    message = str(err.value)
+    assert "rouge-l" in message and all(name.lower() in message for name in BUILTIN)
+
+
+def _corpus() -> tuple[list[str], list[str]]:
+    rng = np.random.default_rng(0)
+    words = "the patient should drink more water every day to avoid kidney stones and pain".split()
+    predictions = [" ".join(rng.choice(words, 12)) for _ in range(30)]
+    references = [" ".join(rng.choice(words, 16)) for _ in range(30)]
+    return predictions, references
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_bootstrap_interval_contains_the_estimate_and_is_reproducible(name):
+    predictions, references = _corpus()
+    point = compute_metrics([name], predictions=predictions, references=references)[name]
+    low, high = bootstrap_ci(name, predictions=predictions, references=references, seed=3)
+    assert low < point < high
+    assert (low, high) == bootstrap_ci(name, predictions=predictions, references=references, seed=3)
+    assert (low, high) != bootstrap_ci(name, predictions=predictions, references=references, seed=4)
+    narrow = bootstrap_ci(name, predictions=predictions, references=references, seed=3, confidence=0.5)
+    assert low <= narrow[0] <= narrow[1] <= high
+
+
+def test_bleu_bootstrap_recomputes_corpus_bleu_on_each_resample():
+    """The fast path (summed sufficient statistics) equals calling sacrebleu on each resample."""
+    predictions, references = _corpus()
+    n, seed = 50, 7
+    samples = np.random.default_rng(seed).integers(0, len(predictions), size=(n, len(predictions)))
+    values = [
+        sacrebleu.corpus_bleu([predictions[i] for i in idx], [[references[i] for i in idx]]).score / 100
+        for idx in samples
+    ]
+    expected = tuple(np.quantile(values, [0.025, 0.975]))
+    got = bootstrap_ci("bleu4", predictions=predictions, references=references, n_resamples=n, seed=seed)
+    assert got == pytest.approx(expected, abs=1e-12)
