@@ -1,6 +1,6 @@
 """Tokens/s of each generation path on SmolLM2-135M-Instruct (a measurement, not a test).
 
-    .venv/bin/python bench/generation_paths.py [--questions 8] [--new-tokens 128] [--reps 3]
+    .venv/bin/python bench/generation_paths.py [--questions 8] [--new-tokens 128] [--reps 3] [--threads N]
 
 Paths: the base model; P-Tuning through ``PeftModel.generate`` ("slow") and through
 :mod:`fedpeft.generation`'s direct path ("fast"); LoRA unmerged and merged. Every path
@@ -8,9 +8,11 @@ generates exactly ``--new-tokens`` tokens per question (``min_new_tokens``), so 
 compares the cost per token, not how early answers stop. Paths run interleaved ``--reps``
 times and the table shows the median and best: on a shared CPU single runs are noisy.
 
-The last column is the number of positions the base model encoded per decoding step (a
-forward hook on its decoder): 1 means the KV cache is reused; more means each step
-re-encodes the sequence.
+``tok/CPU-s`` divides by the CPU time of this process (all its threads) instead of wall time:
+it is what the path costs, and it moves less than wall time when other processes share the
+cores (with ``--threads 1`` it is the cleanest per-token cost). ``positions/step`` is the
+number of positions the base model's decoder encoded per decoding step (a forward hook): 1
+means the KV cache is reused; more would mean every step re-encodes the sequence.
 """
 
 from __future__ import annotations
@@ -23,16 +25,17 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from peft import LoraConfig, PromptEncoderConfig, get_peft_model
 
 from fedpeft.config import ModelConfig
 from fedpeft.data.prompts import prompt_ids
 from fedpeft.generation import _generate_ids, _left_pad, merged_lora
 from fedpeft.models import load_base_model
+from fedpeft.peft_methods import build_peft_method, wrap_model
 
-QUESTION_FILE = "fedpeft/data/sample.jsonl"
+QUESTION_FILE = Path(__file__).resolve().parents[1] / "fedpeft" / "data" / "sample.jsonl"
 
 
 def _questions(n: int) -> list[str]:
@@ -67,7 +70,9 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
 
@@ -76,12 +81,11 @@ def main() -> None:
                           torch.device("cpu"))
     n = args.new_tokens
 
-    # get_peft_model modifies the model it wraps (LoRA layers are injected): wrap copies.
-    ptuning = get_peft_model(copy.deepcopy(base), PromptEncoderConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=8, encoder_hidden_size=128))
+    # fedpeft's default hyperparameters (P-Tuning: 20 virtual tokens; LoRA: r=16, all linear
+    # layers). get_peft_model modifies the model it wraps, so each wraps a copy.
+    ptuning = wrap_model(copy.deepcopy(base), build_peft_method("ptuning", {}))
     _perturb(list(ptuning.prompt_encoder.parameters()), seed=1, std=0.02)
-    lora = get_peft_model(copy.deepcopy(base), LoraConfig(
-        task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    lora = wrap_model(copy.deepcopy(base), build_peft_method("lora", {}))
     _perturb([p for name, p in lora.named_parameters() if "lora_B" in name], seed=2, std=0.01)
     for m in (ptuning, lora):
         m.eval()
@@ -94,6 +98,7 @@ def main() -> None:
         "lora merged": (lora, _runner(lora, ids, mask, slow=False), True),
     }
     results: dict[str, list[float]] = {name: [] for name in paths}
+    cpu_results: dict[str, list[float]] = {name: [] for name in paths}
     positions: dict[str, int] = {}
     for rep in range(args.reps + 1):  # rep 0 is a short warm-up run of every path
         tokens = n if rep else 8
@@ -103,19 +108,21 @@ def main() -> None:
             lengths: list[int] = []
             handle = _count_positions(decoder, lengths)
             with merged_lora(model) if merge else contextlib.nullcontext(), torch.no_grad():
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 run(kw)
-                seconds = time.perf_counter() - start
+                seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
             handle.remove()
             if rep:
                 results[name].append(ids.shape[0] * tokens / seconds)
+                cpu_results[name].append(ids.shape[0] * tokens / cpu_seconds)
                 positions[name] = max(lengths[1:])  # lengths[0] is the prompt (prefill)
 
     print(f"\nSmolLM2-135M-Instruct, {ids.shape[0]} questions x {n} new tokens, batch {ids.shape[0]}, "
           f"{torch.get_num_threads()} threads, {args.reps} interleaved reps\n")
-    print(f"{'path':38s} {'median tok/s':>12s} {'best tok/s':>11s} {'positions/step':>15s}")
+    print(f"{'path':36s} {'median tok/s':>12s} {'best tok/s':>11s} {'tok/CPU-s':>10s} {'positions/step':>15s}")
     for name, values in results.items():
-        print(f"{name:38s} {statistics.median(values):12.1f} {max(values):11.1f} {positions[name]:15d}")
+        print(f"{name:36s} {statistics.median(values):12.1f} {max(values):11.1f} "
+              f"{statistics.median(cpu_results[name]):10.1f} {positions[name]:15d}")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def run_plans(args: Any, seed: int) -> None:
     steps = set()
     for name, tree in plans(args, seed).items():
         path = folder / f"seed{seed}-{name}.yaml"
-        path.write_text(f"# written by: python bench/quality.py (seed {seed})\n" + yaml.safe_dump(tree, sort_keys=False))
+        path.write_text(f"# written by: python bench/quality.py (seed {seed})\n" + yaml.safe_dump(json.loads(json.dumps(tree)), sort_keys=False))
         plan = load_plan(path)
         for case in plan.cases:  # equal total steps: every partition, every method, and centralised
             data = prepare_data(case.cfg)

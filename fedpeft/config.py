@@ -133,7 +133,7 @@ class JobConfig(_Section):
             return n
         if isinstance(k, float) and k <= 1.0:
             return max(1, round(k * n))
-        return int(k)
+        return min(int(k), n)
 
 
 # --------------------------------------------------------------------------------------------

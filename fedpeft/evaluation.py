@@ -37,11 +37,9 @@ def _batch_loss_sum(model: Model, batch: dict[str, torch.Tensor]) -> tuple[float
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = logits[:, -labels.shape[1]:, :]  # prompt learning prepends virtual tokens
     targets = labels[:, 1:]  # position t predicts token t + 1
-    loss = F.cross_entropy(
-        logits[:, :-1, :].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
-    return float(loss), int((targets != IGNORE_INDEX).sum())
+    keep = targets != IGNORE_INDEX  # (batch, seq - 1); upcast only the answer positions' logits
+    loss = F.cross_entropy(logits[:, :-1, :][keep].float(), targets[keep], reduction="sum")
+    return float(loss), int(keep.sum())
 
 
 def heldout_loss(

@@ -119,6 +119,13 @@ def _round_record(rnd: int, updates: list[ClientUpdate], global_state: State, n_
     }
 
 
+def _log_setup(cfg: JobConfig, data: FederatedData, state: State) -> None:
+    sizes = ", ".join(f"{cid}={len(rows)}" for cid, rows in zip(data.client_ids, data.client_rows))
+    log.info("clients: %s; test questions: %d", sizes, len(data.test_rows))
+    log.info("%s: %s trainable parameters, %.2f MB per update (fp32)", cfg.peft.method,
+             f"{num_parameters(state):,}", state_nbytes(state) / 1e6)
+
+
 def _log_round(rnd: int, total: int, record: dict) -> None:
     ev = record.get(KEY_EVAL) or {}
     shown = " ".join(f"{k}={v:.4f}" for k, v in ev.items() if isinstance(v, float))
@@ -148,6 +155,7 @@ def run_job(cfg: JobConfig | None, resume: str | Path | None = None, data: Feder
     tokenized = [tokenize_examples(tok, rows, cfg.data.max_seq_len, cfg.data.system_prompt) for rows in data.client_rows]
     aggregator = build_aggregator(cfg.federation.aggregation.name, cfg.federation.aggregation.params)
     global_state = sched.call(lambda w: get_trainable_state(w.model))
+    _log_setup(cfg, data, global_state)
     start, last_eval = 1, None
     ckpt = load_latest_checkpoint(run.path) if resume else None
     if ckpt is not None:

@@ -73,9 +73,10 @@ def write_plan_file(plan: BenchmarkPlan) -> None:
     """Save what the leaderboard needs to rebuild itself later (``fedpeft leaderboard``)."""
     old = read_plan_file(plan.job_dir) if (plan.job_dir / PLAN_FILE).is_file() else {}
     hyper = list(dict.fromkeys(plan.hyperparameter_columns() + old.get("hyperparameters", [])))
-    write_json(plan.job_dir / PLAN_FILE, {
-        "name": plan.name, "source": plan.source,
-        "metrics": [{"column": m.column, "key": m.key} for m in plan.metrics],
+    metrics = [{"column": m.column, "key": m.key} for m in plan.metrics]
+    metrics += [m for m in old.get("metrics", []) if m["column"] not in {n["column"] for n in metrics}]
+    write_json(plan.job_dir / PLAN_FILE, {  # earlier runs' columns stay known: their rows keep them
+        "name": plan.name, "source": plan.source, "metrics": metrics,
         "modules": plan.modules, "hyperparameters": hyper, "rank": plan.rank.model_dump(),
     })
 

@@ -14,6 +14,7 @@ KEY_SERVER_ROUND = "server_round"
 KEY_SITE = "site"  # the site name the server expects (a site refuses a message for another)
 KEY_SEED = "seed"  # fedpeft.loop.client_seed(cfg, round, site index)
 KEY_JOB = "job"  # JSON: the parts of the job config a site needs (see fedpeft.deploy.wire)
+KEY_TIMEOUT = "timeout_s"  # the round timeout: a site gives up training after this long
 KEY_STATE_KEYS = "state_keys"  # SecAgg+ only: State keys, "\n"-joined (legacy arrays are unnamed)
 KEY_CLIP = "secagg_clipping_range"  # SecAgg+ only: lets a site report clipped values
 KEY_MAX_WEIGHT = "secagg_max_weight"
@@ -28,6 +29,7 @@ RUN_DIR = "run-dir"  # absolute path of the run folder the ServerApp writes
 NODE_SITE_NAME = "site-name"
 NODE_DATA_PATH = "data-path"
 NODE_DEVICE = "device"  # "" (job's model.devices) or e.g. "cuda:0"
+NODE_TRAINER_SOCKET = "trainer-socket"  # Unix socket of the site's trainer (fedpeft client)
 
 # Files of a deployment inside the run folder (besides the simulation's files).
 DEPLOY_CONFIG_FILE = "deploy.yaml"  # resolved deployment config (sites, TLS, SecAgg+, timeouts)

@@ -44,7 +44,7 @@ class Loopback:
                  env: dict[str, str] | None = None) -> None:
         self.root = Path(root).resolve()
         self.sites = dict(sites)
-        self.env = {**os.environ, **(env or {})}
+        self.env = {**os.environ, "COLUMNS": "240", **(env or {})}  # rich wraps at 80 otherwise
         self.procs: dict[str, subprocess.Popen] = {}
         self.port = free_port()
         self.tls = make_tls_files(self.root / "certs") if tls else None
@@ -76,6 +76,15 @@ class Loopback:
         job_path.write_text(yaml.safe_dump(self.job, sort_keys=False), encoding="utf-8")
         deploy_path.write_text(yaml.safe_dump(self.deploy, sort_keys=False), encoding="utf-8")
         return self._start("server", [*FEDPEFT, "server", str(job_path), "--deploy", str(deploy_path)])
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        """Start the server, wait until its run has started, then start every site."""
+        self.start_server()
+        if not self.wait_for_log("server", "sites connect to", timeout_s):
+            raise TimeoutError(f"fedpeft server did not start its run within {timeout_s:.0f}s; "
+                               f"see {self.log('server')}")
+        for name in self.sites:
+            self.start_site(name)
 
     def start_site(self, name: str, data: Path | None = None, key: NodeKeys | None = None) -> subprocess.Popen:
         """Start ``fedpeft client`` for site ``name`` (its own data file and key by default)."""

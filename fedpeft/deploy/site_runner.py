@@ -1,10 +1,11 @@
-"""``fedpeft client``: run one site's SuperNode until it is stopped.
+"""``fedpeft client``: run one site's SuperNode and trainer until it is stopped.
 
-The site's data path goes into the SuperNode's node config (a TOML file in the site's
-workspace) and never leaves the machine. The command checks the file first, starts
+The site's data path stays on the machine (this process and the SuperNode's node config, a
+TOML file in the site's workspace). The command checks the file first, starts the site's
+trainer (:mod:`fedpeft.deploy.site_trainer`: the model stays loaded between rounds) and
 ``flower-supernode`` (TLS with the coordinator's CA, the site's private key when the server
-authenticates sites), echoes its log, and restarts it (bounded) if it exits, e.g. when the
-coordinator restarts its server. A refused key ends it with a clear message instead.
+authenticates sites), echoes the SuperNode's log, and restarts it (bounded) if it exits, e.g.
+when the coordinator restarts its server. A refused key ends it with a clear message instead.
 """
 
 from __future__ import annotations
@@ -14,24 +15,28 @@ import logging
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedpeft.data.io import load_examples
 from fedpeft.deploy import constants as C
 from fedpeft.deploy.launch import flower_env, free_port, spawn, stop_group, supernode_argv
 from fedpeft.deploy.settings import SITE_NAME_PATTERN
+from fedpeft.deploy.site_trainer import TrainerServer
 from fedpeft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-supernode_log = logging.getLogger("fedpeft.supernode")
 
 EXIT_REFUSED = 3
 SUPERNODE_PID_FILE = "supernode.pid"
 _REFUSALS_TOLERATED = 2  # a site may start before the coordinator has registered its key
 _RESTART_DELAY_S = 10.0
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _REFUSAL_MARKERS = ("Failed to activate SuperNode", "No SuperNode found with the given public key")
 
 
@@ -74,18 +79,41 @@ def check_site(opts: SiteOptions) -> int:
         return -1
 
 
-def write_node_config(opts: SiteOptions) -> Path:
+def write_node_config(opts: SiteOptions, trainer_socket: Path) -> Path:
     """The SuperNode's node config as a TOML file (any path survives quoting)."""
     values = {C.NODE_SITE_NAME: opts.name, C.NODE_DATA_PATH: str(opts.data.resolve()),
-              C.NODE_DEVICE: opts.device}
+              C.NODE_DEVICE: opts.device, C.NODE_TRAINER_SOCKET: str(trainer_socket)}
     path = opts.workspace / "node-config.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()), encoding="utf-8")
     return path
 
 
-def run_site(opts: SiteOptions) -> int:
-    """Run the SuperNode until interrupted; restart it if it exits unexpectedly (bounded).
+class _LazyTrainer:
+    """The site's :class:`~fedpeft.deploy.site.SiteTrainer`, imported (torch...) in the background."""
+
+    def __init__(self, opts: SiteOptions) -> None:
+        self.opts, self._trainer, self._lock = opts, None, threading.Lock()
+        threading.Thread(target=self.get, daemon=True).start()
+
+    def get(self) -> Any:
+        with self._lock:
+            if self._trainer is None:
+                from fedpeft.deploy.site import SiteTrainer
+
+                self._trainer = SiteTrainer(self.opts.name, self.opts.data, self.opts.device)
+            return self._trainer
+
+    def __call__(self, config: dict, state: dict) -> tuple:
+        return self.get().train(config, state)
+
+
+def run_site(opts: SiteOptions, echo: Callable[[str], Any] = sys.stderr.write) -> int:
+    """Run the trainer and the SuperNode until interrupted; restart the SuperNode if it exits.
+
+    Args:
+        opts: What ``fedpeft client`` was given.
+        echo: Where the SuperNode's output goes, line by line.
 
     Returns:
         0 when stopped, :data:`EXIT_REFUSED` if the server refused this site's key, else the
@@ -95,14 +123,21 @@ def run_site(opts: SiteOptions) -> int:
     if opts.ca_cert is None:
         log.warning("INSECURE: --insecure sends this site's updates in clear text; use it only on "
                     "a loopback test")
-    node_config = write_node_config(opts)
+    opts.workspace.mkdir(parents=True, exist_ok=True)
+    socket_path = opts.workspace / "trainer.sock"
+    node_config = write_node_config(opts, socket_path)
     log.info("site %s: %s (%s rows) -> %s", opts.name, opts.data, rows if rows >= 0 else "?", opts.server)
+    with TrainerServer(socket_path, _LazyTrainer(opts)):
+        return _supervise(opts, node_config, echo)
+
+
+def _supervise(opts: SiteOptions, node_config: Path, echo: Callable[[str], Any]) -> int:
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         code, refusals = 0, 0
         for attempt in range(opts.restarts + 1):
-            code, refused = _run_once(opts, node_config, stop)
+            code, refused = _run_once(opts, node_config, stop, echo)
             refusals += refused
             if refusals > _REFUSALS_TOLERATED:
                 log.error("the server refused site %s: its public key is not registered. Send %s.pub "
@@ -123,14 +158,15 @@ def run_site(opts: SiteOptions) -> int:
             signal.signal(sig, handler)
 
 
-def _run_once(opts: SiteOptions, node_config: Path, stop: threading.Event) -> tuple[int, bool]:
+def _run_once(opts: SiteOptions, node_config: Path, stop: threading.Event,
+              echo: Callable[[str], Any]) -> tuple[int, bool]:
     """One SuperNode process: echo its output; return ``(exit code, refused)``."""
     argv = supernode_argv(opts.server, node_config, ca_cert=opts.ca_cert, private_key=opts.private_key,
                           runtime_port=free_port(), retry_for_s=opts.retry_for_s)
     proc = spawn(argv, flower_env(opts.workspace / "flwr-home"), None, opts.workspace)
     (opts.workspace / SUPERNODE_PID_FILE).write_text(f"{proc.pid}\n")  # its own process group
     refused = threading.Event()
-    reader = threading.Thread(target=_echo, args=(proc, refused), daemon=True)
+    reader = threading.Thread(target=_echo, args=(proc, refused, echo), daemon=True)
     reader.start()
     while proc.poll() is None and not stop.is_set():
         time.sleep(0.5)
@@ -139,10 +175,10 @@ def _run_once(opts: SiteOptions, node_config: Path, stop: threading.Event) -> tu
     return proc.returncode, refused.is_set()
 
 
-def _echo(proc: subprocess.Popen, refused: threading.Event) -> None:
+def _echo(proc: subprocess.Popen, refused: threading.Event, echo: Callable[[str], Any]) -> None:
     for raw in proc.stdout:
-        line = raw.decode("utf-8", errors="replace").rstrip()
+        line = _ANSI.sub("", raw.decode("utf-8", errors="replace")).rstrip()
         if any(marker in line for marker in _REFUSAL_MARKERS):
             refused.set()
         if line.strip():
-            supernode_log.info("%s", line)
+            echo(line + "\n")

@@ -157,7 +157,8 @@ class FlowerTransport:
         return result
 
     def _config(self, rnd: int, task: SiteTask, job: str) -> dict:
-        return {C.KEY_SERVER_ROUND: rnd, C.KEY_SITE: task.name, C.KEY_SEED: task.seed, C.KEY_JOB: job}
+        return {C.KEY_SERVER_ROUND: rnd, C.KEY_SITE: task.name, C.KEY_SEED: task.seed, C.KEY_JOB: job,
+                C.KEY_TIMEOUT: self.dep.round_timeout_s}
 
     def _train_plain(self, rnd: int, tasks: list[SiteTask], state: State, job: str) -> RoundResult:
         ttl, record = self.dep.round_timeout_s + 60, state_to_record(state)
