@@ -43,3 +43,30 @@ def param_errors(cls: type, params: dict[str, Any]) -> list[tuple[tuple, str, An
 def valid_params(cls: type) -> list[str]:
     """Names of ``cls``'s keyword parameters (for 'valid keys are ...' hints)."""
     return list(params_model(cls).model_fields)
+
+
+def instantiate(registry: Any, name: str, params: dict[str, Any] | None, kind: str) -> Any:
+    """Look ``name`` up in ``registry`` and construct it with validated, type-coerced ``params``.
+
+    Args:
+        registry: A :class:`fedpeft.registry.Registry` of classes.
+        name: A registered name, ``path/file.py:Class`` plugin or entry point.
+        params: Keyword arguments of the class's ``__init__`` (from YAML).
+        kind: What it is, for messages (``"aggregator"``).
+
+    Raises:
+        RegistryError: if ``name`` is unknown (the message lists the valid names).
+        ConfigError: if ``params`` has unknown keys, wrong types or out-of-range values.
+    """
+    from fedpeft.errors import ConfigError
+
+    cls = registry.get(name)
+    params = params or {}
+    errors = param_errors(cls, params)
+    if errors:
+        valid = ", ".join(valid_params(cls)) or "none"
+        problems = "; ".join(f"{'.'.join(map(str, loc)) or '(params)'}: {msg} (got {value!r})"
+                             for loc, msg, value in errors)
+        raise ConfigError(f"invalid parameters for {kind} {name!r}: {problems}. Valid: {valid}")
+    validated = params_model(cls).model_validate(params)
+    return cls(**{k: getattr(validated, k) for k in params})

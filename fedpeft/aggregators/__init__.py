@@ -18,8 +18,7 @@ from fedpeft.aggregators.fedadam import FedAdam
 from fedpeft.aggregators.fedavg import FedAvg
 from fedpeft.aggregators.fedavgm import FedAvgM
 from fedpeft.aggregators.fedyogi import FedYogi
-from fedpeft.errors import ConfigError
-from fedpeft.params import param_errors, params_model, valid_params
+from fedpeft.params import instantiate
 
 __all__ = [
     "AGGREGATORS",
@@ -50,14 +49,4 @@ def build_aggregator(name: str, params: dict[str, Any]) -> Aggregator:
         RegistryError: if ``name`` is unknown (the message lists the valid names).
         ConfigError: if ``params`` has unknown keys, wrong types or out-of-range values.
     """
-    cls = AGGREGATORS.get(name)
-    errors = param_errors(cls, params)
-    if errors:
-        valid = ", ".join(valid_params(cls)) or "none"
-        problems = "; ".join(
-            f"{'.'.join(map(str, loc)) or '(params)'}: {msg} (got {value!r})"
-            for loc, msg, value in errors
-        )
-        raise ConfigError(f"invalid parameters for aggregator {name!r}: {problems}. Valid: {valid}")
-    validated = params_model(cls).model_validate(params)
-    return cls(**{k: getattr(validated, k) for k in params})
+    return instantiate(AGGREGATORS, name, params, "aggregator")

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import peft
 from transformers import PreTrainedModel
 
+from fedpeft.params import instantiate
 from fedpeft.registry import Registry
 
 PEFT_METHODS: Registry = Registry("peft_methods")
@@ -25,7 +26,7 @@ from fedpeft.peft_methods import lora, ptuning  # noqa: E402,F401  (registration
 
 def build_peft_method(name: str, params: dict[str, Any]) -> PeftMethod:
     """Instantiate the PEFT method registered as ``name`` with ``params``."""
-    return PEFT_METHODS.get(name)(**params)
+    return instantiate(PEFT_METHODS, name, params, "PEFT method")
 
 
 def wrap_model(model: PreTrainedModel, method: PeftMethod) -> peft.PeftModel:

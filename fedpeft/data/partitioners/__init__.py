@@ -20,7 +20,7 @@ from collections import Counter
 from typing import Any, Protocol
 
 from fedpeft.errors import ConfigError, DataError
-from fedpeft.params import param_errors, params_model, valid_params
+from fedpeft.params import instantiate
 from fedpeft.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -66,16 +66,7 @@ def build_partitioner(method: str, params: dict[str, Any] | None = None) -> Part
         RegistryError: if ``method`` is unknown (the message lists the valid names).
         ConfigError: if ``params`` has unknown keys, wrong types or out-of-range values.
     """
-    cls = PARTITIONERS.get(method)
-    params = params or {}
-    errors = param_errors(cls, params)
-    if errors:
-        problems = "; ".join(f"{'.'.join(map(str, loc)) or '(params)'}: {msg} (got {value!r})"
-                             for loc, msg, value in errors)
-        valid = ", ".join(valid_params(cls)) or "none"
-        raise ConfigError(f"invalid parameters for partitioner {method!r}: {problems}. Valid: {valid}")
-    validated = params_model(cls).model_validate(params)
-    return cls(**{k: getattr(validated, k) for k in params})
+    return instantiate(PARTITIONERS, method, params, "partitioner")
 
 
 def partition_rows(
