@@ -191,7 +191,8 @@ def base_parser(description: str | None) -> argparse.ArgumentParser:
     """An argument parser with the options every script shares."""
     p = argparse.ArgumentParser(description=(description or "").split("\n\n")[0])
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where NAME.json is written")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 (default) is the stable choice on a shared machine, 0 keeps torch's")
     return p
 
 

@@ -80,6 +80,8 @@ def run(model, tok, questions: list[str], batch_sizes: list[int], reps: int, max
     speedups: dict[int, list[float]] = {b: [] for b in batch_sizes}
     reference, tokens = None, None
     with merge:
+        # warm-up: lazy initialisation and allocator, outside the timings
+        run_generation(model, tok, questions[:2], max_new_tokens=2, batch_size=max(batch_sizes), progress=False)
         for rep in range(reps):
             order = batch_sizes[rep % len(batch_sizes):] + batch_sizes[: rep % len(batch_sizes)]
             this_rep = {}

@@ -59,10 +59,43 @@ def _count_positions(decoder: torch.nn.Module, lengths: list[int]) -> torch.util
     return decoder.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+Path_ = tuple[torch.nn.Module, Callable[[dict], None], bool]  # (model, run(generate kwargs), merge LoRA)
+
+
 def _runner(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, slow: bool) -> Callable[[dict], None]:
     if slow:  # what a caller of PeftModel.generate gets
         return lambda kw: model.generate(input_ids=ids, attention_mask=mask, **kw)
     return lambda kw: _generate_ids(model, ids, mask, kw, penalty=1.0)
+
+
+def _paths(base: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, Path_]:
+    """Every path, on fedpeft's default adapters (P-Tuning: 20 virtual tokens; LoRA: r=16, all
+    linear layers) with perturbed weights. get_peft_model modifies what it wraps: wrap copies."""
+    ptuning = wrap_model(copy.deepcopy(base), build_peft_method("ptuning", {})).eval()
+    _perturb(list(ptuning.prompt_encoder.parameters()), seed=1, std=0.02)
+    lora = wrap_model(copy.deepcopy(base), build_peft_method("lora", {})).eval()
+    _perturb([p for name, p in lora.named_parameters() if "lora_B" in name], seed=2, std=0.01)
+    return {
+        "base": (base, _runner(base, ids, mask, slow=False), False),
+        "p-tuning slow (PeftModel.generate)": (ptuning, _runner(ptuning, ids, mask, slow=True), False),
+        "p-tuning fast (fedpeft)": (ptuning, _runner(ptuning, ids, mask, slow=False), False),
+        "lora unmerged": (lora, _runner(lora, ids, mask, slow=False), False),
+        "lora merged": (lora, _runner(lora, ids, mask, slow=False), True),
+    }
+
+
+def _measure(path: Path_, kw: dict) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, most positions encoded by one decoding step) of one run."""
+    model, run, merge = path
+    decoder = (model.get_base_model() if hasattr(model, "get_base_model") else model).model
+    lengths: list[int] = []
+    handle = _count_positions(decoder, lengths)
+    with merged_lora(model) if merge else contextlib.nullcontext(), torch.no_grad():
+        start, cpu_start = time.perf_counter(), time.process_time()
+        run(kw)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    handle.remove()
+    return seconds, cpu_seconds, max(lengths[1:])  # lengths[0] is the prompt (prefill)
 
 
 def main() -> None:
@@ -74,55 +107,28 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    torch.manual_seed(0)
-
     base, tok = load_base_model(ModelConfig(name="smollm2-135m-instruct"))
     ids, mask = _left_pad([prompt_ids(tok, q) for q in _questions(args.questions)], tok.pad_token_id,
                           torch.device("cpu"))
-    n = args.new_tokens
-
-    # fedpeft's default hyperparameters (P-Tuning: 20 virtual tokens; LoRA: r=16, all linear
-    # layers). get_peft_model modifies the model it wraps, so each wraps a copy.
-    ptuning = wrap_model(copy.deepcopy(base), build_peft_method("ptuning", {}))
-    _perturb(list(ptuning.prompt_encoder.parameters()), seed=1, std=0.02)
-    lora = wrap_model(copy.deepcopy(base), build_peft_method("lora", {}))
-    _perturb([p for name, p in lora.named_parameters() if "lora_B" in name], seed=2, std=0.01)
-    for m in (ptuning, lora):
-        m.eval()
-
-    paths: dict[str, tuple[torch.nn.Module, Callable[[dict], None], bool]] = {
-        "base": (base, _runner(base, ids, mask, slow=False), False),
-        "p-tuning slow (PeftModel.generate)": (ptuning, _runner(ptuning, ids, mask, slow=True), False),
-        "p-tuning fast (fedpeft)": (ptuning, _runner(ptuning, ids, mask, slow=False), False),
-        "lora unmerged": (lora, _runner(lora, ids, mask, slow=False), False),
-        "lora merged": (lora, _runner(lora, ids, mask, slow=False), True),
-    }
-    results: dict[str, list[float]] = {name: [] for name in paths}
-    cpu_results: dict[str, list[float]] = {name: [] for name in paths}
+    paths = _paths(base, ids, mask)
+    wall: dict[str, list[float]] = {name: [] for name in paths}
+    cpu: dict[str, list[float]] = {name: [] for name in paths}
     positions: dict[str, int] = {}
     for rep in range(args.reps + 1):  # rep 0 is a short warm-up run of every path
-        tokens = n if rep else 8
+        tokens = args.new_tokens if rep else 8
         kw = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        for name, (model, run, merge) in paths.items():
-            decoder = (model.get_base_model() if hasattr(model, "get_base_model") else model).model
-            lengths: list[int] = []
-            handle = _count_positions(decoder, lengths)
-            with merged_lora(model) if merge else contextlib.nullcontext(), torch.no_grad():
-                start, cpu_start = time.perf_counter(), time.process_time()
-                run(kw)
-                seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-            handle.remove()
+        for name, path in paths.items():
+            seconds, cpu_seconds, positions[name] = _measure(path, kw)
             if rep:
-                results[name].append(ids.shape[0] * tokens / seconds)
-                cpu_results[name].append(ids.shape[0] * tokens / cpu_seconds)
-                positions[name] = max(lengths[1:])  # lengths[0] is the prompt (prefill)
-
-    print(f"\nSmolLM2-135M-Instruct, {ids.shape[0]} questions x {n} new tokens, batch {ids.shape[0]}, "
-          f"{torch.get_num_threads()} threads, {args.reps} interleaved reps\n")
+                wall[name].append(ids.shape[0] * tokens / seconds)
+                cpu[name].append(ids.shape[0] * tokens / cpu_seconds)
+                print(f"rep {rep}: {name:36s} {wall[name][-1]:7.1f} tok/s {cpu[name][-1]:7.1f} tok/CPU-s", flush=True)
+    print(f"\nSmolLM2-135M-Instruct, {ids.shape[0]} questions x {args.new_tokens} new tokens, batch "
+          f"{ids.shape[0]}, {torch.get_num_threads()} threads, {args.reps} interleaved reps\n")
     print(f"{'path':36s} {'median tok/s':>12s} {'best tok/s':>11s} {'tok/CPU-s':>10s} {'positions/step':>15s}")
-    for name, values in results.items():
-        print(f"{name:36s} {statistics.median(values):12.1f} {max(values):11.1f} "
-              f"{statistics.median(cpu_results[name]):10.1f} {positions[name]:15d}")
+    for name in paths:
+        print(f"{name:36s} {statistics.median(wall[name]):12.1f} {max(wall[name]):11.1f} "
+              f"{statistics.median(cpu[name]):10.1f} {positions[name]:15d}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@
 
 overhead = round wall time ÷ pure training time − 1, taken within each repetition (a round and a
 pure pass, in alternating order) and reported as the median over repetitions. A second,
-lower-noise view compares the round with the training time ``fit`` itself reports for its steps
-(``seconds`` in each update, same round): everything else in the round is overhead there.
+lower-noise view, in CPU seconds of this process, is nearly blind to other jobs on the machine;
+the least noisy one times the round's own ``fit`` calls and counts everything else in that same
+round (scheduler, aggregation, record, checkpoint) as overhead.
 
     python bench/overhead.py                                   # tiny model N=2,8,32; default model N=4
     python bench/overhead.py --configs tiny:2 --reps 2 --steps 1   # smoke size
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,6 +43,27 @@ def sample_rows(n: int) -> list[dict]:
     text = resources.files("fedpeft").joinpath("data/sample.jsonl").read_text(encoding="utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     return [rows[i % len(rows)] for i in range(n)]
+
+
+@contextmanager
+def _timing_fit(module: object, walls: list[float]) -> Iterator[None]:
+    """Time every ``fit`` call the round loop makes (its module global, patched for the block)."""
+    import time
+
+    original = module.fit
+
+    def timed_fit(*args: object, **kwargs: object) -> object:
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            walls.append(time.perf_counter() - start)
+
+    module.fit = timed_fit
+    try:
+        yield
+    finally:
+        module.fit = original
 
 
 class Bench:
@@ -77,24 +101,29 @@ class Bench:
         self.run = RunDir.create(self.cfg)
 
     def round(self) -> dict[str, float]:
-        """One federated round (no evaluation): the loop's own steps, timed."""
+        """One federated round (no evaluation): the loop's own steps, wall and CPU time."""
         import time
 
         from fedpeft.checkpoint import save_checkpoint
         from fedpeft.loop import _round_record, _train_round, sample_clients
 
-        t0 = time.perf_counter()
-        sampled = sample_clients(self.cfg, 1, self.data.client_ids)
-        updates = _train_round(self.sched, self.cfg, 1, sampled, self.data, self.tokenized, self.state)
+        import fedpeft.loop
+
+        fit_walls: list[float] = []
+        t0, c0 = time.perf_counter(), time.process_time()
+        with _timing_fit(fedpeft.loop, fit_walls):
+            sampled = sample_clients(self.cfg, 1, self.data.client_ids)
+            updates = _train_round(self.sched, self.cfg, 1, sampled, self.data, self.tokenized, self.state)
         new_state = self.aggregator.aggregate(self.state, updates)
         record = _round_record(1, updates, self.state, len(sampled), time.perf_counter() - t0)
         self.run.log_metrics(record)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         save_checkpoint(self.run.path, 1, new_state, self.aggregator.state_dict())
-        t2 = time.perf_counter()
-        return {"round": t1 - t0, "checkpoint": t2 - t1, "fit_inner": sum(u.metrics["seconds"] for u in updates)}
+        t2, c2 = time.perf_counter(), time.process_time()
+        return {"wall": t1 - t0, "cpu": c1 - c0, "ckpt_wall": t2 - t1, "ckpt_cpu": c2 - c1,
+                "fit_calls": sum(fit_walls), "fit_inner": sum(u.metrics["seconds"] for u in updates)}
 
-    def pure(self) -> float:
+    def pure(self) -> dict[str, float]:
         """The same clients' ``fit`` calls back to back on the same model, nothing around them."""
         import time
 
@@ -102,11 +131,11 @@ class Bench:
         from fedpeft.trainer import fit
 
         worker = self.sched.resources["cpu"]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i, cid in enumerate(self.data.client_ids):
             fit(worker.model, self.tokenized[i], self.cfg.train, self.state, seed=client_seed(self.cfg, 1, i),
                 pad_token_id=worker.tokenizer.pad_token_id, client_id=cid)
-        return time.perf_counter() - t0
+        return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
 
 
 def measure(model: str, clients: int, steps: int, batch_size: int, max_seq_len: int, reps: int) -> dict:
@@ -122,46 +151,57 @@ def measure(model: str, clients: int, steps: int, batch_size: int, max_seq_len: 
             else:
                 pures.append(b.pure())
                 rounds.append(b.round())
-    wall = [r["round"] + r["checkpoint"] for r in rounds]
-    over = [w / p - 1 for w, p in zip(wall, pures)]
-    over_nockpt = [r["round"] / p - 1 for r, p in zip(rounds, pures)]
-    over_inner = [r["round"] / r["fit_inner"] - 1 for r in rounds]
+    wall = [r["wall"] + r["ckpt_wall"] for r in rounds]
+    over = [w / p["wall"] - 1 for w, p in zip(wall, pures)]
+    over_cpu = [(r["cpu"] + r["ckpt_cpu"]) / p["cpu"] - 1 for r, p in zip(rounds, pures)]
+    over_nockpt = [r["wall"] / p["wall"] - 1 for r, p in zip(rounds, pures)]
+    fed_only = [r["wall"] + r["ckpt_wall"] - r["fit_calls"] for r in rounds]  # seconds outside fit()
+    over_inner = [f / r["fit_calls"] for f, r in zip(fed_only, rounds)]
+    extra_cpu = [r["cpu"] + r["ckpt_cpu"] - p["cpu"] for r, p in zip(rounds, pures)]
     return {
         "model": MODELS[model], "clients": clients, "steps_per_client": steps,
-        "pure_s": median(pures), "round_s": median([r["round"] for r in rounds]),
-        "checkpoint_s": median([r["checkpoint"] for r in rounds]), "round_with_ckpt_s": median(wall),
+        "pure_s": median([p["wall"] for p in pures]), "round_s": median([r["wall"] for r in rounds]),
+        "checkpoint_s": median([r["ckpt_wall"] for r in rounds]), "round_with_ckpt_s": median(wall),
+        "pure_cpu_s": median([p["cpu"] for p in pures]),
         "overhead": median(over), "overhead_range": spread(over), "overhead_no_ckpt": median(over_nockpt),
-        "overhead_vs_fit_inner": median(over_inner),
-        "extra_s_per_client": (median(wall) - median(pures)) / clients,
-        "goal_met": median(over) <= GOAL,
+        "overhead_cpu": median(over_cpu), "overhead_cpu_range": spread(over_cpu),
+        "extra_cpu_s": median(extra_cpu), "federation_only_s": median(fed_only),
+        "federation_only": median(over_inner), "federation_only_range": spread(over_inner),
+        "goal_met_wall": median(over) <= GOAL, "goal_met_cpu": median(over_cpu) <= GOAL,
+        "goal_met_in_round": median(over_inner) <= GOAL,
+        "raw": {"rounds": rounds, "pures": pures},
     }
+
+
+def _range(r: tuple[float, float]) -> str:
+    return f"{100 * r[0]:+.1f}…{100 * r[1]:+.1f} %"
 
 
 COLUMNS = [
     Column("model", "model"),
     Column("clients", "N"),
     Column("steps_per_client", "steps/client"),
-    Column("pure_s", "pure training", fmt_seconds),
-    Column("round_s", "round (train + aggregate)", fmt_seconds),
-    Column("checkpoint_s", "checkpoint", fmt_seconds),
-    Column("overhead", "overhead (with ckpt)", fmt_pct),
-    Column("overhead_range", "min–max", lambda r: f"{100 * r[0]:+.1f}…{100 * r[1]:+.1f} %"),
-    Column("overhead_no_ckpt", "overhead (no ckpt)", fmt_pct),
-    Column("overhead_vs_fit_inner", "round ÷ in-fit time − 1", fmt_pct),
-    Column("goal_met", "≤ 2 %?", lambda v: "yes" if v else "**no**"),
+    Column("pure_s", "pure training (wall)", fmt_seconds),
+    Column("round_s", "round: train + aggregate", fmt_seconds),
+    Column("checkpoint_s", "+ checkpoint", fmt_seconds),
+    Column("overhead", "overhead, wall", fmt_pct),
+    Column("overhead_range", "wall min…max", _range),
+    Column("overhead_cpu", "overhead, CPU time", fmt_pct),
+    Column("overhead_cpu_range", "CPU min…max", _range),
+    Column("federation_only_s", "time outside fit() per round", fmt_seconds),
+    Column("federation_only", "÷ fit() time", lambda v: f"{100 * v:.2f} %"),
 ]
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = base_parser(__doc__)
-    p.set_defaults(threads=1)
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS,
                    help="MODEL:N pairs, MODEL in tiny|default (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=4, help="optimizer steps per client (tiny model)")
-    p.add_argument("--default-steps", type=int, default=2, help="optimizer steps per client (default model)")
+    p.add_argument("--steps", type=int, default=2, help="optimizer steps per client (tiny model)")
+    p.add_argument("--default-steps", type=int, default=1, help="optimizer steps per client (default model)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-seq-len", type=int, default=128)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--default-reps", type=int, default=3, help="repetitions for the default model")
     args = p.parse_args(argv)
     rec = Recorder("overhead", argv)
@@ -171,17 +211,24 @@ def main(argv: list[str] | None = None) -> dict:
         model, n = spec.split(":")
         steps, reps = (args.default_steps, args.default_reps) if model == "default" else (args.steps, args.reps)
         rows.append(measure(model, int(n), steps, args.batch_size, args.max_seq_len, reps))
-    met = all(r["goal_met"] for r in rows)
+    met_wall = all(r["goal_met_wall"] for r in rows)
+    met_cpu = all(r["goal_met_cpu"] for r in rows)
+    met_in = all(r["goal_met_in_round"] for r in rows)
     md = markdown_table(COLUMNS, rows)
     md += (f"\n\nLoRA r16 all-linear, batch {args.batch_size}, max_seq_len {args.max_seq_len}, shipped sample rows; "
            f"medians of {args.reps} repetitions (tiny) / {args.default_reps} (default model), round and pure pass "
-           "alternating; overhead taken within each repetition. Goal ≤ 2 %: "
-           f"**{'met' if met else 'missed'}**.")
+           "alternating; each overhead is taken within a repetition (round ÷ pure − 1), with the checkpoint. "
+           "'CPU time' is this process's CPU seconds (all threads), which other people's jobs on the machine "
+           "barely move. 'time outside fit()': the round's wall time (checkpoint included) minus the wall time "
+           "of its own `fit` calls, measured in the same round: scheduler, aggregation, metrics record and "
+           "checkpoint, the least noisy view. Goal ≤ 2 %: "
+           f"wall **{'met' if met_wall else 'missed'}**, CPU time **{'met' if met_cpu else 'missed'}**, "
+           f"outside fit() **{'met' if met_in else 'missed'}**.")
     return rec.finish(
         args.results_dir, title="Federation overhead: one round vs pure local training", rows=rows, markdown=md,
         params={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        goal={"text": "round wall time ≤ 1.02 × pure training time", "met": met,
-              "worst": max(r["overhead"] for r in rows)},
+        goal={"text": "round wall time ≤ 1.02 × pure training time", "met": met_wall, "met_cpu_time": met_cpu, "met_in_round": met_in,
+              "worst_wall": max(r["overhead"] for r in rows), "worst_cpu": max(r["overhead_cpu"] for r in rows)},
     )
 
 

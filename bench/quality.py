@@ -217,7 +217,6 @@ def describe(args: Any) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = base_parser(__doc__)
-    p.set_defaults(threads=1)
     p.add_argument("--model", choices=sorted(MODELS), default="default")
     p.add_argument("--train", default=str(MEDQUAD_DIR / "train.jsonl"))
     p.add_argument("--test", default=str(MEDQUAD_DIR / "test.jsonl"))

@@ -46,7 +46,7 @@ from fedpeft.benchmark.schema import RankSpec
 from fedpeft.errors import ConfigError
 from fedpeft.io_utils import write_json, write_text
 
-HIDDEN = ("_kind", "_group", "_session", "_dir")  # row keys for grouping and the report, never shown
+HIDDEN = ("_kind", "_group", "_session", "_dir", "_zs")  # row keys for grouping and the report, never shown
 ONE_DECIMAL = frozenset({COL_WALL_SECONDS, COL_PEAK_MEMORY, COL_PEAK_GPU_MEMORY, COL_PCT_CENTRALIZED})
 
 
@@ -110,7 +110,7 @@ def _flat(record: dict) -> dict[str, Any]:
            **record.get("modules", {}), **record.get("hyperparameters", {}), **record.get("extra", {}),
            "time": record.get("time", ""), "url": record.get("url", "")}
     row.update({"_kind": record.get("kind"), "_group": record.get("group"), "_session": record.get("session"),
-                "_dir": record.get("_dir")})
+                "_dir": record.get("_dir"), "_zs": record.get("zero_shot_group")})
     return row
 
 

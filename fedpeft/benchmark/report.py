@@ -71,7 +71,7 @@ def _eval_curve(run_dir: str | None, key: str) -> list[tuple[int, float]]:
 def _grid(n: int, width: float = 5.2, height: float = 3.4) -> tuple[plt.Figure, list]:
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, layout="constrained")
     flat = list(axes.flat)
     for ax in flat[n:]:
         ax.axis("off")
@@ -83,26 +83,42 @@ def bars_figure(rows: list[dict], labels: dict[int, str], metrics: list[str]) ->
     keep = [i for i, r in enumerate(rows) if not (r["_kind"] == LOCAL_ONLY)]
     fig, axes = _grid(len(metrics), width=5.2, height=0.32 * len(keep) + 1.2)
     colors = {KIND_FEDERATED: "tab:blue", CENTRALIZED: "tab:green", ZERO_SHOT: "tab:gray"}
-    for ax, m in zip(axes, metrics):
+    cols = min(len(metrics), 3)
+    for n, (ax, m) in enumerate(zip(axes, metrics)):
         vals = [rows[i].get(m) if isinstance(rows[i].get(m), (int, float)) else 0.0 for i in keep]
         ax.barh(range(len(keep)), vals, color=[colors.get(rows[i]["_kind"], "tab:orange") for i in keep])
-        ax.set_yticks(range(len(keep)), [labels[i] for i in keep] if ax is axes[0] else [""] * len(keep), fontsize=8)
+        ax.set_yticks(range(len(keep)), [labels[i] for i in keep] if n % cols == 0 else [""] * len(keep), fontsize=8)
         ax.invert_yaxis()
         ax.set_title(m)
+        ax.xaxis.set_major_locator(MaxNLocator(4))
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("Final metrics (blue: federated, green: centralised, grey: zero-shot, orange: local-only)")
     return _png(fig)
 
 
+def _round_zero(rows: list[dict], key: str) -> dict[str | None, float]:
+    """Zero-shot value of ``key`` per zero-shot setup (``None``: the only one, if there is one)."""
+    points = {r["_zs"]: _eval_curve(r["_dir"], key) for r in rows if r["_kind"] == ZERO_SHOT}
+    out = {zs: curve[0][1] for zs, curve in points.items() if curve}
+    if len(set(out.values())) == 1:
+        out[None] = next(iter(out.values()))
+    return out
+
+
 def curves_figure(rows: list[dict], labels: dict[int, str], metric_keys: dict[str, str]) -> str:
-    """Metric vs round for every test case; centralised dashed, zero-shot as a dotted line."""
+    """Metric vs round for every test case (centralised dashed); round 0 is the zero-shot
+    baseline evaluated on the same questions (dotted line) when a run did not evaluate it."""
     fig, axes = _grid(len(metric_keys))
     for ax, (column, key) in zip(axes, metric_keys.items()):
+        zero = _round_zero(rows, key)
         for i, r in enumerate(rows):
             curve = _eval_curve(r["_dir"], key)
             if r["_kind"] == ZERO_SHOT and curve:
                 ax.axhline(curve[0][1], color="gray", linestyle=":", label=labels[i])
             elif r["_kind"] in (KIND_FEDERATED, CENTRALIZED) and curve:
+                start = zero.get(r.get("_zs"), zero.get(None))
+                if curve[0][0] != 0 and start is not None:
+                    curve = [(0, start)] + curve
                 style = "--" if r["_kind"] == CENTRALIZED else "-"
                 ax.plot(*zip(*curve), style, marker="o", label=labels[i])
         ax.set_title(column)

@@ -126,7 +126,8 @@ def _no_training(s: Setting) -> bool:
 
 def _baseline_meta(case: TestCase, keep: Callable[[Setting], bool], group: str, client: str | None = None) -> dict:
     return {"paradigm": PARADIGM_BASELINE, "modules": {"basemodel": case.modules.get("basemodel", ""), "aggregation": ""},
-            "hyperparameters": _hyperparameters(case, keep), "group": group, "client": client}
+            "hyperparameters": _hyperparameters(case, keep), "group": group, "client": client,
+            "zero_shot_group": bl.zero_shot_signature(case.cfg)}
 
 
 def plan_jobs(plan: BenchmarkPlan) -> list[Job]:
@@ -152,7 +153,8 @@ def plan_jobs(plan: BenchmarkPlan) -> list[Job]:
                             lambda cfg, case=case: bl.run_zero_shot(cfg, data_of(case))))
     for case in cases:
         meta = {"paradigm": case.paradigm, "modules": case.modules, "hyperparameters": case.hyperparameters,
-                "group": bl.training_signature(case.cfg), "client": None}
+                "group": bl.training_signature(case.cfg), "client": None,
+                "zero_shot_group": bl.zero_shot_signature(case.cfg)}  # its round 0 in the report
         jobs.append(Job(KIND_FEDERATED, case.algorithm, case.algorithm, case.cfg, meta, run_job))
     for sig, case in _distinct(cases, bl.training_signature).items():
         if LOCAL_ONLY in plan.baselines:

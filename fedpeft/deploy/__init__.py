@@ -1,11 +1,28 @@
-"""Flower deployment runtime (flwr 1.42 Message API): thin adapters around the fedpeft core.
+"""Multi-site deployment on Flower 1.42 (SuperLink / SuperNodes): thin adapters around the core.
 
-- :mod:`fedpeft.deploy.apps`: the ``ServerApp`` and ``ClientApp`` (what ``flwr run`` starts).
-- :mod:`fedpeft.deploy.secagg`: SecAgg+ glue (server workflow adapter, client mod).
-- :mod:`fedpeft.deploy.records`: ``State`` <-> ``ArrayRecord`` conversion.
-- :mod:`fedpeft.deploy.launch`: start SuperLink + SuperNodes + a run as processes on loopback.
-- :mod:`fedpeft.deploy.tls`: CA / server certificate and SuperNode key generation.
-- :mod:`fedpeft.deploy.demo`: `python -m fedpeft.deploy.demo WS --tls --auth --secagg ...`.
+The coordinator runs ``fedpeft server JOB.yaml --deploy DEPLOY.yaml``; each site runs
+``fedpeft client --server HOST:PORT --data its_own.jsonl --name site-a``. The same job YAML runs
+as a simulation (``fedpeft run``) and gives the same global adapter.
 
-See ``docs/deploy-notes.md`` for the exact commands, flags and pitfalls.
+Server side:
+
+- :mod:`~fedpeft.deploy.coordinator`: ``fedpeft server`` (SuperLink, key registration, ``flwr run``).
+- :mod:`~fedpeft.deploy.server_app`: the ``ServerApp``; :mod:`~fedpeft.deploy.server`: its round
+  loop (the core's sampling, seeds, aggregators, checkpoints); :mod:`~fedpeft.deploy.transport`:
+  Flower messages; :mod:`~fedpeft.deploy.secagg`: SecAgg+; :mod:`~fedpeft.deploy.grid`: polling
+  and byte counts.
+- :mod:`~fedpeft.deploy.settings`: ``deploy.yaml`` (sites, TLS, authentication, SecAgg+, timeouts).
+
+Site side:
+
+- :mod:`~fedpeft.deploy.site_runner`: ``fedpeft client`` (SuperNode and trainer processes).
+- :mod:`~fedpeft.deploy.client_app`: the light ``ClientApp``; :mod:`~fedpeft.deploy.site_trainer`:
+  its socket to the long-lived :mod:`~fedpeft.deploy.site` trainer (the core's ``fit``).
+- :mod:`~fedpeft.deploy.wire`: what the server tells a site about the job (never a path).
+
+Shared: :mod:`~fedpeft.deploy.launch` (processes, environment), :mod:`~fedpeft.deploy.tls`
+(``fedpeft certs``/``keys``), :mod:`~fedpeft.deploy.records`, :mod:`~fedpeft.deploy.loopback`
+(a whole deployment on one machine), :mod:`~fedpeft.deploy.demo` (deployment vs simulation).
+
+See ``docs/deploy-notes.md`` for Flower's flags, pitfalls and the measurements.
 """

@@ -13,7 +13,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
     from fedpeft.deploy.coordinator import prepare_run, serve_job, summary_line
 
     cfg, dep, run = prepare_run(args.config, args.deploy, args.overrides, args.resume)
-    print(f"run folder: {run.path}")
+    print(f"starting the deployment; run folder: {run.path}")
     serve_job(cfg, dep, run)
     print(summary_line(run))
     return 0

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fedpeft.config import JobConfig, load_config
@@ -30,6 +32,7 @@ serverapp_log = logging.getLogger("fedpeft.serverapp")
 
 _FLWR_LS_EVERY_S = 15.0  # each `flwr` call costs 1-3 s of CPU: ask Flower rarely
 _WATCH_POLL_S = 1.0
+_LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) (.*)$")
 _REFUSED = re.compile(r"public key: b'(-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----\\n)'")
 
 
@@ -66,32 +69,42 @@ def serve_job(cfg: JobConfig, dep: DeployConfig, run: RunDir) -> str:
         log.warning("INSECURE: TLS is off; updates and site names travel in clear text. Use "
                     "this only on a loopback test (tls: in deploy.yaml for anything else)")
     flower = run.path / C.FLOWER_DIR
-    (flower / C.STATUS_FILE).unlink(missing_ok=True)
     link = SuperLink(flower, dep.host_port, None if dep.insecure else dep.tls, dep.authenticate)
+    previous = {sig: signal.signal(sig, _stop_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         link.start()
         if dep.authenticate:
-            nodes = {s.name: link.register_site(s.public_key, s.name) for s in dep.sites}
+            with ThreadPoolExecutor(max_workers=4) as pool:  # each `flwr` call takes seconds
+                ids = pool.map(lambda s: link.register_site(s.public_key, s.name), dep.sites)
+            nodes = dict(zip(dep.site_names, ids))
             write_json(flower / C.SITE_NODES_FILE, nodes)
             log.info("registered %d site keys: %s", len(nodes), ", ".join(nodes))
+        tails = (_Tail(flower / C.LOGS_DIR / C.SERVERAPP_LOG), _Tail(link.log_path))
         run_id = link.run({C.RUN_DIR: str(run.path.resolve())})
         log.info("Flower run %d started; sites connect to %s:%d", run_id, *dep.host_port)
-        return _follow(link, run_id, flower, dep.run_timeout_s(cfg.federation.rounds))
+        return _follow(link, run_id, flower, tails, dep.run_timeout_s(cfg.federation.rounds))
     finally:
         link.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _follow(link: SuperLink, run_id: int, flower: Path, timeout_s: float) -> str:
+def _stop_on_signal(signum: int, frame: object) -> None:
+    """SIGTERM/SIGHUP: unwind, so the SuperLink (and the ServerApp) are stopped too."""
+    raise DeployError(f"stopped by signal {signal.Signals(signum).name}; the last completed round "
+                      "is checkpointed: resume with fedpeft server --resume RUN_DIR")
+
+
+def _follow(link: SuperLink, run_id: int, flower: Path, tails: tuple[_Tail, _Tail],
+            timeout_s: float) -> str:
     """Print the ServerApp's log and refused sites until the run ends (at most ``timeout_s``)."""
-    tails = {"app": _Tail(flower / C.LOGS_DIR / C.SERVERAPP_LOG),
-             "link": _Tail(link.log_path)}
+    app_log, link_log = tails
     deadline, next_ls, status = time.monotonic() + timeout_s, time.monotonic() + _FLWR_LS_EVERY_S, ""
     while time.monotonic() < deadline:
-        for line in tails["app"].new_lines():
-            serverapp_log.info("%s", line)
-        for line in tails["link"].new_lines():
+        _echo_serverapp(app_log.new_lines())
+        for line in link_log.new_lines():
             _report_refusal(line)
-        status = read_status(flower).get("status", "")
+        status = read_status(flower, run_id).get("status", "")
         if status in (C.STATUS_COMPLETED, C.STATUS_FAILED):
             break
         if link.proc.poll() is not None:
@@ -105,13 +118,20 @@ def _follow(link: SuperLink, run_id: int, flower: Path, timeout_s: float) -> str
         time.sleep(_WATCH_POLL_S)
     else:
         raise DeployError(f"run {run_id} did not finish within {timeout_s:.0f}s; stopping it")
-    for line in tails["app"].new_lines():
-        serverapp_log.info("%s", line)
-    info = read_status(flower)
+    _echo_serverapp(app_log.new_lines())
+    info = read_status(flower, run_id)
     if info.get("status") != C.STATUS_COMPLETED:
         raise RoundError(f"the server stopped: {info.get('error') or status} (log: "
                          f"{flower / C.LOGS_DIR / C.SERVERAPP_LOG})")
     return status
+
+
+def _echo_serverapp(lines: list[str]) -> None:
+    """Re-log the ServerApp's lines (``HH:MM:SS LEVEL message``) at their level."""
+    for line in lines:
+        match = _LOG_LINE.match(line)
+        level, text = (logging.getLevelName(match.group(1)), match.group(2)) if match else (logging.INFO, line)
+        serverapp_log.log(level if isinstance(level, int) else logging.INFO, "%s", text)
 
 
 def _report_refusal(line: str) -> None:
@@ -130,10 +150,11 @@ def _report_refusal(line: str) -> None:
 
 
 class _Tail:
-    """New complete lines of a growing text file."""
+    """Complete lines appended to a text file after this object was made."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.offset, self.rest = path, 0, ""
+        self.path, self.rest = path, ""
+        self.offset = path.stat().st_size if path.is_file() else 0  # a resumed run's old lines
 
     def new_lines(self) -> list[str]:
         if not self.path.is_file():

@@ -9,6 +9,8 @@ wait is bounded.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
@@ -35,6 +37,7 @@ VENV_BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, fl
 CONNECTION = "fedpeft"  # SuperLink connection name in the CLI's config.toml
 APP_NAME = "fedpeft-deploy"
 _PROBE_INTERVAL_S = 0.5
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class DeployError(FedPeftError):
@@ -60,12 +63,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    """In the child (Linux): get SIGTERM when the process that started it dies, even by SIGKILL."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def spawn(argv: list[str], env: dict[str, str], log_path: Path | None, cwd: Path) -> subprocess.Popen:
-    """Start ``argv`` in a new session; output to ``log_path`` (or piped when ``None``)."""
+    """Start ``argv`` in a new session; output to ``log_path`` (or piped when ``None``).
+
+    The child gets its own process group (so :func:`stop_group` reaches the processes it
+    starts, and nothing else) and, on Linux, dies with the process that started it, so a
+    coordinator or site killed outright leaves no SuperLink or SuperNode behind.
+    """
     out = open(log_path, "ab") if log_path else subprocess.PIPE  # noqa: SIM115 - child keeps it
     try:
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     finally:
         if log_path:
             out.close()
@@ -86,18 +101,22 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
             continue
 
 
-def write_status(flower_dir: Path, status: str, error: str | None = None) -> None:
-    """``flower/status.json``: what the ServerApp is doing (for the coordinator)."""
-    write_json(flower_dir / C.STATUS_FILE, {"status": status, "error": error})
+def write_status(flower_dir: Path, run_id: int, status: str, error: str | None = None) -> None:
+    """``flower/status.json``: what the ServerApp of Flower run ``run_id`` is doing."""
+    write_json(flower_dir / C.STATUS_FILE, {"run_id": run_id, "status": status, "error": error})
 
 
-def read_status(flower_dir: Path) -> dict[str, Any]:
-    """The ServerApp's last status (``{}`` before it wrote one)."""
+def read_status(flower_dir: Path, run_id: int) -> dict[str, Any]:
+    """The last status of run ``run_id``'s ServerApp (``{}`` before it wrote one).
+
+    A ServerApp of an earlier run of the same folder (being stopped) is ignored.
+    """
     path = flower_dir / C.STATUS_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return info if info.get("run_id") == run_id else {}
 
 
 def app_pyproject(run_config: dict[str, Any]) -> str:
@@ -146,7 +165,18 @@ class SuperLink:
         return self.dir / C.LOGS_DIR / C.SUPERLINK_LOG
 
     def start(self) -> None:
-        """Start the SuperLink and wait (bounded) until ``/health`` answers."""
+        """Start the SuperLink and wait (bounded) until ``/health`` answers.
+
+        Raises:
+            DeployError: if the port is taken (another server still running?) or the SuperLink
+                exits or does not answer in time.
+        """
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((self.host, self.port))
+            except OSError as e:
+                raise DeployError(f"cannot listen on {self.host}:{self.port} ({e.strerror}); is "
+                                  "another fedpeft server (or Flower SuperLink) still running?") from e
         argv = [str(VENV_BIN / "flower-superlink"), "--host", self.host, "--port", str(self.port),
                 "--disable-runtime-dependency-installation"]
         if self.tls is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 from flwr.app import Context
@@ -19,7 +20,6 @@ from fedpeft.config import load_config
 from fedpeft.constants import CONFIG_FILE
 from fedpeft.deploy import constants as C
 from fedpeft.deploy.launch import write_status
-from fedpeft.deploy.server import serve
 from fedpeft.deploy.settings import load_deploy_config
 from fedpeft.deploy.transport import FlowerTransport
 from fedpeft.run_dir import RunDir
@@ -35,18 +35,27 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = Path(str(context.run_config[C.RUN_DIR]))
     flower = run_dir / C.FLOWER_DIR
     _log_to(flower / C.LOGS_DIR / C.SERVERAPP_LOG)
-    write_status(flower, C.STATUS_RUNNING)
+    write_status(flower, context.run_id, C.STATUS_RUNNING)
     try:
         cfg = load_config(run_dir / CONFIG_FILE)
         dep = load_deploy_config(run_dir / C.DEPLOY_CONFIG_FILE, cfg)
         nodes_file = flower / C.SITE_NODES_FILE
         registered = json.loads(nodes_file.read_text()) if dep.authenticate else None
-        serve(cfg, dep, RunDir(run_dir), FlowerTransport(grid, context, dep, registered))
+        transport = FlowerTransport(grid, context, dep, registered)
+        # Ask the sites who they are while torch, transformers and the model load.
+        threading.Thread(target=transport.connected, daemon=True).start()
+        from fedpeft.deploy.server import serve
+
+        serve(cfg, dep, RunDir(run_dir), transport)
+    except (SystemExit, KeyboardInterrupt):  # Flower's SIGTERM handler: the SuperLink stops
+        log.warning("the server was stopped; the last completed round is checkpointed")
+        write_status(flower, context.run_id, C.STATUS_FAILED, "stopped")
+        raise
     except BaseException as e:
         log.exception("the server stopped")
-        write_status(flower, C.STATUS_FAILED, f"{type(e).__name__}: {e}")
+        write_status(flower, context.run_id, C.STATUS_FAILED, f"{type(e).__name__}: {e}")
         raise
-    write_status(flower, C.STATUS_COMPLETED)
+    write_status(flower, context.run_id, C.STATUS_COMPLETED)
     log.info("done: %s", run_dir)
 
 

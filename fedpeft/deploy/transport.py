@@ -10,9 +10,11 @@ The round loop (:mod:`fedpeft.deploy.server`) sees only :class:`RoundResult`.
 from __future__ import annotations
 
 import logging
+import re
 import time
+import threading
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
@@ -20,9 +22,10 @@ from fedpeft.constants import KEY_CLIENT_ID, KEY_NUM_EXAMPLES
 from fedpeft.deploy import constants as C
 from fedpeft.deploy.grid import CountingGrid
 from fedpeft.deploy.records import record_to_state, state_to_record
-from fedpeft.deploy.secagg import secure_mean
 from fedpeft.deploy.settings import DeployConfig
-from fedpeft.types import ClientUpdate, State
+
+if TYPE_CHECKING:  # torch: imported when the first round starts, not before sites are asked
+    from fedpeft.types import ClientUpdate, State
 
 log = logging.getLogger(__name__)
 
@@ -108,24 +111,29 @@ class FlowerTransport:
         self.node_of: dict[str, int] = dict(registered or {})
         self.authenticated = registered is not None
         self.refused: set[int] = set()
+        self.asked: dict[int, float] = {}  # node id -> when it was last asked its name
+        self._lock = threading.Lock()  # connected() may run in a prefetch thread
 
     # ------------------------------------------------------------------ who is there
 
     def connected(self) -> list[str]:
         """Connected configured sites; asks new nodes their name first (without authentication)."""
-        online = set(self.grid.get_node_ids())
-        known = set(self.node_of.values()) | self.refused
-        if not self.authenticated and online - known:
-            self._identify(sorted(online - known))
-        return [n for n in self.dep.site_names if self.node_of.get(n) in online]
+        with self._lock:
+            online = set(self.grid.get_node_ids())
+            known = set(self.node_of.values()) | self.refused
+            recent = {n for n, t in self.asked.items() if time.monotonic() - t < _QUERY_TIMEOUT_S * 2}
+            if not self.authenticated and online - known - recent:
+                self._identify(sorted(online - known - recent))
+            return [n for n in self.dep.site_names if self.node_of.get(n) in online]
 
     def _identify(self, node_ids: list[int]) -> None:
         content = RecordDict({C.RECORD_CONFIG: ConfigRecord({C.KEY_QUERY: C.QUERY_SITE_NAME})})
         msgs = [Message(content, nid, MessageType.QUERY, ttl=_QUERY_TIMEOUT_S + 60) for nid in node_ids]
+        self.asked.update({nid: time.monotonic() for nid in node_ids})
         for reply in self.grid.send_and_receive(msgs, timeout=_QUERY_TIMEOUT_S):
             nid = reply.metadata.src_node_id
             if reply.has_error():
-                log.warning("node %d did not say which site it is: %s", nid, reply.error.reason)
+                log.warning("node %d did not say which site it is: %s", nid, _reason(reply))
                 continue
             name = str(reply.content.config_records[C.RECORD_CONFIG][C.KEY_SITE])
             if name not in self.dep.site_names:
@@ -161,6 +169,8 @@ class FlowerTransport:
                 C.KEY_TIMEOUT: self.dep.round_timeout_s}
 
     def _train_plain(self, rnd: int, tasks: list[SiteTask], state: State, job: str) -> RoundResult:
+        from fedpeft.types import ClientUpdate
+
         ttl, record = self.dep.round_timeout_s + 60, state_to_record(state)
         msgs = [Message(RecordDict({C.RECORD_STATE: record,
                                     C.RECORD_CONFIG: ConfigRecord(self._config(rnd, t, job))}),
@@ -173,7 +183,7 @@ class FlowerTransport:
             reply = by_node.get(self.node_of[task.name])
             if reply is None or reply.has_error():
                 failed[task.name] = (f"no reply within {self.dep.round_timeout_s:.0f}s" if reply is None
-                                     else reply.error.reason)
+                                     else _reason(reply))
                 continue
             m = dict(reply.content.metric_records[C.RECORD_METRICS])
             text = dict(reply.content.config_records[C.RECORD_CONFIG])
@@ -185,6 +195,8 @@ class FlowerTransport:
         return RoundResult(reports, updates=updates, failed=failed)
 
     def _train_secure(self, rnd: int, tasks: list[SiteTask], state: State, job: str) -> RoundResult:
+        from fedpeft.deploy.secagg import secure_mean
+
         sa = self.dep.secure_aggregation
         extra = {C.KEY_STATE_KEYS: "\n".join(state), C.KEY_CLIP: sa.clipping_range,
                  C.KEY_MAX_WEIGHT: sa.max_weight}
@@ -198,3 +210,9 @@ class FlowerTransport:
                    for t in tasks if t.name in by_name]
         failed = {t.name: "dropped out of SecAgg+" for t in tasks if t.name not in by_name}
         return RoundResult(reports, mean=mean, failed=failed)
+
+
+def _reason(reply: Message) -> str:
+    """A failed reply's reason without Flower's ``<class '...'>:<'...'>`` wrapping."""
+    match = re.fullmatch(r"<class '[\w.]+'>:<'(.*)'>", reply.error.reason, flags=re.DOTALL)
+    return match.group(1) if match else reply.error.reason

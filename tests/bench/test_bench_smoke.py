@@ -1,0 +1,143 @@
+"""Every bench script at its tiniest size on the tiny model, and the BENCHMARKS.md rewriting.
+
+These check that the scripts run and that what they write holds together (exact byte counts,
+identical batched answers, logits equal after swap and reload, markers rewritten in place);
+the numbers themselves are what ``bench/`` is for, not these tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from bench import communication, generation, memory, overhead, quality, run_all, scaling, swap  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_settings():
+    """The scripts set torch threads and quiet library logging; give other tests theirs back."""
+    import transformers
+
+    threads, level = torch.get_num_threads(), logging.getLogger("fedpeft").level
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    yield
+    torch.set_num_threads(threads)
+    logging.getLogger("fedpeft").setLevel(level)
+    transformers.logging.set_verbosity(verbosity)
+    if bars:
+        transformers.utils.logging.enable_progress_bar()
+
+
+def _written(results: Path, name: str) -> dict:
+    return json.loads((results / f"{name}.json").read_text())
+
+
+def test_communication_counts_bytes_exactly(tmp_path):
+    res = communication.main(["--model", "tiny", "--ranks", "4", "--clients", "2", "--results-dir", str(tmp_path)])
+    rows = {r["method"]: r for r in res["rows"]}
+    qv = rows["LoRA q/v r4"]
+    # tiny Llama: 2 layers, q 64->64 and v 64->32, rank 4: 4*(64+64) + 4*(64+32) per layer
+    assert qv["trainable_params"] == 2 * (4 * 128 + 4 * 96)
+    assert qv["update_bytes"] == 4 * qv["trainable_params"]
+    assert qv["update_bytes"] < rows["LoRA all-linear r4"]["update_bytes"] < qv["full_model_bytes"]
+    assert qv["round_bytes"] == 2 * 2 * qv["update_bytes"]
+    assert qv["flower_bytes"] >= qv["update_bytes"]
+    assert _written(tmp_path, "communication")["markdown"] == res["markdown"]
+
+
+def test_swap_and_reload_give_the_same_model(tmp_path):
+    res = swap.main(["--model", "tiny", "--reps", "1", "--swaps", "2", "--results-dir", str(tmp_path)])
+    assert len(res["rows"]) == 3
+    for row in res["rows"]:
+        assert row["max_logit_diff"] < 1e-4, row["method"]
+        assert 0 < row["swap_s"] < row["reload_s"]
+
+
+def test_generation_batches_match_batch_one(tmp_path):
+    res = generation.main(["--model", "tiny", "--questions", "3", "--batch-sizes", "1", "2", "--max-new-tokens", "4",
+                           "--reps", "1", "--results-dir", str(tmp_path)])
+    assert [r["batch_size"] for r in res["rows"]] == [1, 2]
+    assert all(r["identical"] and r["tokens"] > 0 for r in res["rows"])
+    assert res["goal"]["best_batch_size"] in (1, 2)
+
+
+def test_generation_refuses_different_answers():
+    with pytest.raises(generation.OutputsDiffer, match="batch size 4: 1 of 2"):
+        generation._check_same(["a", "b"], ["a", "c"], 4)
+
+
+def test_memory_measures_fresh_processes(tmp_path):
+    res = memory.main(["--configs", "tiny:2", "--reps", "1", "--rounds", "1", "--steps", "1",
+                       "--results-dir", str(tmp_path)])
+    floor, run = res["rows"]
+    assert floor["label"] == "model load only" and run["label"] == "2"
+    assert run["peak_rss"] > floor["peak_rss"] > 100e6  # torch alone takes more than 100 MB
+    assert run["vm_hwm"] > 0 and run["growth"] == 0.0
+
+
+def test_overhead_times_a_real_round(tmp_path):
+    res = overhead.main(["--configs", "tiny:2", "--reps", "1", "--steps", "1", "--results-dir", str(tmp_path)])
+    (row,) = res["rows"]
+    assert row["clients"] == 2 and row["pure_s"] > 0 and row["checkpoint_s"] > 0
+    assert row["federation_only_s"] > 0
+    raw = row["raw"]["rounds"][0]
+    assert raw["fit_calls"] <= raw["wall"]  # the fit calls are inside the round
+
+
+def test_scaling_counts_the_7b_adapter_exactly(tmp_path):
+    res = scaling.main(["--sites", "4", "16", "--site-steps", "10", "--results-dir", str(tmp_path)])
+    # Llama-2-7B, LoRA r16 on all 7 linear layers of 32 blocks: 16 * (in + out) each
+    per_block = 16 * (4 * (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096))
+    assert res["adapter_sizes"]["LoRA all-linear r16"][1] == 32 * per_block
+    four, sixteen = res["rows"]
+    assert sixteen["round_bytes"] == 4 * four["round_bytes"] == 2 * 16 * 4 * 32 * per_block
+    assert sixteen["gpu_hours"] == pytest.approx(4 * four["gpu_hours"])
+
+
+def test_quality_dry_run_matches_total_steps(tmp_path):
+    # writes the three plans and checks every run (centralised included) takes the same steps
+    quality.main(["--model", "tiny", "--train", "builtin:sample", "--test", "none", "--train-rows", "24",
+                  "--test-rows", "2", "--max-seq-len", "48", "--rounds", "2", "--steps", "2", "--dry-run",
+                  "--workspace", str(tmp_path / "ws"), "--results-dir", str(tmp_path)])
+    assert sorted(p.name for p in (tmp_path / "ws" / "plans").iterdir()) == [
+        "seed0-lora-iid.yaml", "seed0-lora-noniid.yaml", "seed0-ptuning.yaml"]
+
+
+def test_quality_runs_every_arm(tmp_path):
+    res = quality.main(["--model", "tiny", "--train", "builtin:sample", "--test", "none", "--train-rows", "16",
+                        "--test-rows", "2", "--max-seq-len", "48", "--rounds", "1", "--steps", "1",
+                        "--max-new-tokens", "4", "--workspace", str(tmp_path / "ws"), "--results-dir", str(tmp_path)])
+    arms = sorted((r["method"], r["partition"]) for r in res["rows"])
+    assert arms == sorted([("zero-shot", "–"), ("centralised LoRA", "all rows"),
+                           *[(m, p) for m in ("FedAvg-LoRA", "FedAvgM-LoRA", "FedAvg-P-Tuning")
+                             for p in ("IID", "non-IID (source)")]])
+    assert all(r["questions"] == 2 and r["rougeL_ci"][0] <= r["rougeL_ci"][1] for r in res["rows"])
+
+
+def test_run_all_rewrites_only_between_markers(tmp_path):
+    (tmp_path / "swap.json").write_text(json.dumps({
+        "name": "swap", "title": "t", "command": "python bench/swap.py", "date": "2026-01-01 00:00 UTC",
+        "seconds": 3.0, "loadavg_start": [1.0, 1.0, 1.0], "loadavg_end": [1.0, 1.0, 1.0],
+        "machine": {"cpu": "cpu", "cpu_count": 2, "torch_threads": 1, "mem_total_gib": 1, "cuda": None,
+                    "python": "3", "versions": {"torch": "t", "transformers": "t", "peft": "p", "fedpeft": "f"}},
+        "markdown": "| new table |", "goal": {"text": "fast", "met": True},
+    }))
+    md = tmp_path / "B.md"
+    md.write_text("# Benchmarks\n\nhand-written intro\n\n<!-- bench:swap:start -->\nold\n<!-- bench:swap:end -->\n"
+                  "\nhand-written analysis\n")
+    assert run_all.main(["--render-only", "--results-dir", str(tmp_path), "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert "hand-written intro" in text and "hand-written analysis" in text
+    assert "old" not in text and "| new table |" in text and "`python bench/swap.py`" in text
+    assert text.count("<!-- bench:swap:start -->") == 1
+    assert run_all.main(["--render-only", "--results-dir", str(tmp_path), "--markdown", str(md)]) == 0
+    assert md.read_text() == text  # idempotent

@@ -1,0 +1,158 @@
+"""Real deployments on loopback: ``fedpeft server`` and three ``fedpeft client`` processes.
+
+Each test starts the SuperLink (through ``fedpeft server``) and one SuperNode per site (through
+``fedpeft client``), runs 2 rounds of the tiny model, and compares the run folder with the
+in-process simulation of the same job and seed. Everything listens on 127.0.0.1, every wait is
+bounded, and every process is stopped at the end. About 1-2 minutes each on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from deploy_helpers import SITE_ENV, checkpoint, max_abs_diff, tiny_job, torch_threads
+from safetensors.torch import load_file
+
+from fedpeft.adapters import state_nbytes
+from fedpeft.config import dump_config, validate_tree
+from fedpeft.deploy.loopback import Loopback
+from fedpeft.deploy.secagg import error_bound
+from fedpeft.deploy.settings import SecAggConfig
+from fedpeft.deploy.site_runner import EXIT_REFUSED
+from fedpeft.deploy.tls import fingerprint, make_node_keys
+from fedpeft.io_utils import read_jsonl
+from fedpeft.loop import run_job
+
+RUN_TIMEOUT_S = 300  # bound on one deployment, on a loaded 2-core machine
+SECAGG_FINAL_TOLERANCE = 1e-4  # docs/deploy-notes.md, section 5: two rounds of this job
+
+
+def _server_job(sites, test) -> dict:
+    """The simulation's job without the site files: the server never learns them."""
+    job = tiny_job(sites, test)
+    job["data"] = {k: v for k, v in job["data"].items() if k != "client_files"}
+    return job
+
+
+def _run(lb: Loopback) -> str:
+    """Wait for the server; return its output (for assertion messages)."""
+    code = lb.wait_server(RUN_TIMEOUT_S)
+    output = lb.log("server").read_text(errors="replace")
+    assert code == 0, f"fedpeft server exited with {code}:\n{output[-4000:]}"
+    return output
+
+
+def _files_under(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 120)
+def test_three_sites_two_rounds_equal_the_simulation_bit_for_bit(sites_and_test, simulation, tmp_path):
+    sites, test = sites_and_test
+    deploy = {"round_timeout_s": 150, "wait_for_sites_s": 150}
+    with Loopback(tmp_path, _server_job(sites, test), sites, env=SITE_ENV, deploy=deploy) as lb:
+        lb.start()
+        _run(lb)
+    assert all(p.poll() is not None for p in lb.procs.values()), "processes left running"
+    run = lb.run_dir
+    for rnd in (1, 2):
+        assert max_abs_diff(checkpoint(simulation.path, rnd), checkpoint(run, rnd)) == 0.0, rnd
+    ours = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    theirs = load_file(str(simulation.path / "adapter" / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    sim_files = {p.name for p in simulation.path.iterdir()}
+    assert sim_files <= {p.name for p in run.iterdir()}  # plus deploy.yaml and flower/
+
+    sim_rounds = [r for r in read_jsonl(simulation.metrics_file) if r["event"] == "round"]
+    state_bytes = state_nbytes(checkpoint(run, 1))
+    for s, d in zip(sim_rounds, read_jsonl(run / "metrics.jsonl"), strict=True):
+        assert [c["client_id"] for c in d["clients"]] == list(sites)
+        assert [c["train_loss"] for c in d["clients"]] == [c["train_loss"] for c in s["clients"]]
+        for site in d["clients"]:  # each site's traffic: the fp32 state plus headers, both ways
+            assert state_bytes < site["bytes_down"] < 1.2 * state_bytes + 4096
+            assert state_bytes < site["bytes_up"] < 1.2 * state_bytes + 4096
+        assert d["bytes_down"] == sum(c["bytes_down"] for c in d["clients"])
+
+    # Nothing of a site's data reached the server: no path, no row.
+    site_text = [str(p) for p in sites.values()]
+    site_text += [json.loads(line)["question"] for line in sites["site-a"].read_text().splitlines()]
+    for path in _files_under(run):
+        text = path.read_text(errors="replace") if path.suffix in {".json", ".jsonl", ".yaml", ".log", ".toml"} else ""
+        assert not any(t in text for t in site_text), path
+    # Flower's files stayed in the run folder and the sites' workspaces.
+    assert any((run / "flower" / "flwr-home" / "superlink" / "apps").iterdir())
+    for name in sites:
+        assert any((tmp_path / "sites" / name / "flwr-home" / "apps").iterdir())
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 180)
+def test_tls_and_site_keys_refuse_an_unknown_site_and_a_crash_mid_round_is_survived(sites_and_test, tmp_path):
+    sites, test = sites_and_test
+    intruder = make_node_keys(tmp_path / "intruder-keys", "intruder")
+    deploy = {"round_timeout_s": 45, "wait_for_sites_s": 150}  # the crashed site costs one timeout
+    with Loopback(tmp_path, _server_job(sites, test), sites, tls=True, authenticate=True, env=SITE_ENV,
+                  deploy=deploy) as lb:
+        lb.start()
+        refused = lb.start_site("intruder", data=sites["site-a"], key=intruder)
+        # site-c has pulled its round-2 task: crash it before it can answer.
+        assert lb.wait_for_log("site-c", "Receiving: train message", RUN_TIMEOUT_S, count=2)
+        lb.kill_site("site-c")
+        output = _run(lb)
+        refused.wait(timeout=90)
+    assert refused.returncode == EXIT_REFUSED
+    assert "the server refused site intruder" in lb.log("intruder").read_text()
+    assert f"refused a site whose public key is not registered ({fingerprint(intruder.public_key.read_bytes())})" \
+        in " ".join(output.split())
+    assert "INSECURE" not in output
+    first, second = read_jsonl(lb.run_dir / "metrics.jsonl")
+    assert [c["client_id"] for c in first["clients"]] == ["site-a", "site-b", "site-c"]
+    assert [c["client_id"] for c in second["clients"]] == ["site-a", "site-b"]
+    assert second["dropped"] == 1 and "no reply within 45s" in second["failed"]["site-c"]
+    assert (lb.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _replay_round_two(job: dict, deployed: Path, workspace: Path) -> Path:
+    """The simulation's round 2 started from the deployment's round-1 checkpoint (exact means)."""
+    cfg = validate_tree({**job, "workspace": str(workspace), "run_id": "replay"})
+    run = workspace / job["job"] / "replay"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_config(cfg))
+    shutil.copytree(deployed / "checkpoints" / "round-0001", run / "checkpoints" / "round-0001")
+    (run / "checkpoints" / "latest").write_text("round-0001\n")
+    with torch_threads(1):
+        return run_job(None, resume=run).path
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 180)
+def test_secure_aggregation_stays_within_the_documented_error(sites_and_test, simulation, tmp_path):
+    sites, test = sites_and_test
+    secagg = SecAggConfig(enabled=True, clipping_range=0.05, max_weight=6)  # 6 = largest site
+    deploy = {"round_timeout_s": 150, "wait_for_sites_s": 150,
+              "secure_aggregation": secagg.model_dump(mode="json")}
+    with Loopback(tmp_path, _server_job(sites, test), sites, env=SITE_ENV, deploy=deploy) as lb:
+        lb.start()
+        _run(lb)
+    records = read_jsonl(lb.run_dir / "metrics.jsonl")
+    sizes = [c["num_examples"] for c in records[0]["clients"]]
+    assert sizes == [4, 6, 3] and all(r["secure_aggregation"] for r in records)
+    assert all(c["secagg_clipped"] == 0 for r in records for c in r["clients"])
+    # |w_i * delta| <= clip for every value (nothing clipped), so |delta| <= clip * max_weight / n_i.
+    max_delta = secagg.clipping_range * secagg.max_weight / min(sizes)
+
+    def bound(state: dict) -> float:
+        return error_bound(secagg, sizes, max_delta, max(v.abs().max().item() for v in state.values()))
+
+    # Each round's secure mean is within the bound of the exact mean of the same updates.
+    sim1 = checkpoint(simulation.path, 1)
+    assert max_abs_diff(checkpoint(lb.run_dir, 1), sim1) <= bound(sim1)
+    replay2 = checkpoint(_replay_round_two(tiny_job(sites, test), lb.run_dir, tmp_path / "replay"), 2)
+    assert max_abs_diff(checkpoint(lb.run_dir, 2), replay2) <= bound(replay2)
+    # Round 2 trains from a slightly different state, so the final adapter may drift further.
+    assert max_abs_diff(checkpoint(lb.run_dir, 2), checkpoint(simulation.path, 2)) <= SECAGG_FINAL_TOLERANCE
+    state_bytes = state_nbytes(sim1)
+    for site in records[0]["clients"]:  # masked int64 vectors: about twice the fp32 state
+        assert site["bytes_up"] > 1.5 * state_bytes

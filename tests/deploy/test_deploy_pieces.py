@@ -1,0 +1,204 @@
+"""Fast checks of the deployment's pieces: configs, wire format, SecAgg+ error bound, sockets, keys."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cryptography import x509
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from fedpeft.cli import main
+from fedpeft.config import validate_tree
+from fedpeft.data.federated import prepare_data
+from fedpeft.deploy import coordinator
+from fedpeft.deploy.grid import CountingGrid
+from fedpeft.deploy.launch import app_pyproject
+from fedpeft.deploy.records import content_nbytes, record_to_state, state_to_record
+from fedpeft.deploy.secagg import error_bound, expected_noise_std
+from fedpeft.deploy.settings import SecAggConfig, load_deploy_config
+from fedpeft.deploy.site_trainer import ERROR, TrainerServer, request_training
+from fedpeft.deploy.tls import fingerprint, make_node_keys, make_tls_files
+from fedpeft.deploy.wire import site_job_from_payload, site_job_payload, site_rows
+from fedpeft.errors import ConfigError
+from deploy_helpers import tiny_job
+
+
+def test_state_record_round_trip_keeps_names_shapes_and_float32() -> None:
+    state = {"a.lora_A": torch.randn(3, 5, dtype=torch.float64), "b": torch.arange(4.0)}
+    back = record_to_state(state_to_record(state))
+    assert list(back) == ["a.lora_A", "b"]
+    assert all(t.dtype == torch.float32 for t in back.values())
+    torch.testing.assert_close(back["a.lora_A"], state["a.lora_A"].float())
+    torch.testing.assert_close(back["b"], state["b"])
+
+
+def test_content_bytes_count_arrays_and_empty_config_values() -> None:
+    content = RecordDict({"state": state_to_record({"w": torch.zeros(10)}),
+                          "config": ConfigRecord({"s": "", "l": [b"ab", b"c"], "i": 3})})
+    # 40 bytes of float32 plus the .npy header and key; config: keys + "" + 3 bytes + one int64
+    assert content_nbytes(content) > 40 + len("s") + len("l") + 3 + len("i") + 8
+
+
+def test_app_pyproject_is_a_valid_flower_app() -> None:
+    from flwr.common.config import validate_config
+
+    config = tomllib.loads(app_pyproject({"run-dir": "/x/run"}))
+    ok, errors, _ = validate_config(config, check_module=False)
+    assert ok, errors
+    assert config["tool"]["flwr"]["app"]["components"]["clientapp"] == "fedpeft.deploy.client_app:app"
+    assert config["tool"]["flwr"]["app"]["config"] == {"run-dir": "/x/run"}
+
+
+def _secaggplus_mean(deltas, weights, settings: SecAggConfig, rng) -> np.ndarray:
+    """flwr's SecAgg+ arithmetic without the masks (they cancel): quantise, sum, dequantise."""
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    q, c, m = settings.quantization_range, settings.clipping_range, settings.max_weight
+    ratios = [round(n / m * q) for n in weights]
+    np.random.seed(int(rng.integers(2**31)))  # flwr's stochastic rounding draws from np.random
+    summed = sum(quantize([d * (r / q)], c, q)[0].astype(np.int64) for d, r in zip(deltas, ratios))
+    mean = dequantize([summed], c, q)[0] + (len(deltas) - 1) * -c
+    return mean * (q / sum(ratios))
+
+
+def test_secaggplus_error_is_unbiased_with_the_documented_std_and_within_the_bound() -> None:
+    settings = SecAggConfig(enabled=True, clipping_range=0.05, quantization_range=2**22, max_weight=1000)
+    rng = np.random.default_rng(0)
+    deltas = [rng.normal(0, 0.01, size=20000).clip(-0.04, 0.04) for _ in range(3)]
+    weights = [2, 3, 1]
+    err = _secaggplus_mean(deltas, weights, settings, rng) - sum(
+        n * d for n, d in zip(weights, deltas)) / sum(weights)
+    std = expected_noise_std(settings, weights)
+    assert abs(err.mean()) < 5 * std / np.sqrt(err.size)  # unbiased
+    assert 0.7 * std < err.std() < 1.3 * std
+    bound = error_bound(settings, weights, max_abs_delta=0.04, max_abs_state=0.0)
+    assert np.abs(err).max() <= bound
+    # a tight max_weight (largest site's count) shrinks the error by its ratio
+    tight = SecAggConfig(enabled=True, clipping_range=0.05, max_weight=3)
+    assert error_bound(tight, weights, 0.04, 0.0) < bound / 100
+
+
+def test_deploy_config_lists_every_problem(tmp_path: Path) -> None:
+    job = validate_tree(tiny_job({"a": tmp_path / "a", "b": tmp_path / "b", "c": tmp_path / "c"},
+                                 tmp_path / "t"))
+    path = tmp_path / "deploy.yaml"
+    path.write_text(json.dumps({"sites": [{"name": "a"}, {"name": "a", "public_key": "nope.pub"}],
+                                "secure_aggregation": {"enabled": True, "quantization_range": 2**31}}))
+    with pytest.raises(ConfigError) as err:
+        load_deploy_config(path, job)
+    text = str(err.value)
+    for needle in ("names must be unique", "num_clients is 3", "tls: missing", "have no public_key",
+                   "file not found", "mod 2**32"):
+        assert needle in text, needle
+    path.write_text(json.dumps({"insecure": True, "authenticate": False,
+                                "sites": [{"name": n} for n in "abc"]}))
+    assert load_deploy_config(path, job).site_names == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("holdout", [False, True])
+def test_a_site_builds_the_rows_the_simulation_gives_its_client(sites_and_test, holdout) -> None:
+    sites, test = sites_and_test
+    job = tiny_job(sites, test)
+    job["data"] = {**job["data"], "max_train_samples": 5, "test_ratio": 0.34}
+    if holdout:
+        del job["data"]["test"]
+    cfg = validate_tree(job)
+    payload = site_job_payload(cfg)
+    assert str(test) not in payload and all(str(p) not in payload for p in sites.values())
+    site_cfg, site_holdout = site_job_from_payload(payload)
+    assert site_holdout is holdout
+    data = prepare_data(cfg)
+    for i, path in enumerate(sites.values()):
+        assert site_rows(site_cfg, path, site_holdout) == data.client_rows[i]
+
+
+class _FakeGrid:
+    """Replies to every message after ``delay_pulls`` pulls, except to node 3 (dead)."""
+
+    def __init__(self, delay_pulls: int) -> None:
+        self.delay, self.pulls, self.pushed = delay_pulls, 0, []
+
+    def push_messages(self, messages):
+        self.pushed = list(messages)
+        return [f"m{i}" for i in range(len(self.pushed))]
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        if self.pulls < self.delay:
+            return []
+        out = []
+        for i, msg in enumerate(self.pushed):
+            if f"m{i}" in ids and msg.metadata.dst_node_id != 3:
+                reply = Message(msg.content, reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+                reply.metadata.__dict__["_reply_to_message_id"] = f"m{i}"
+                out.append(reply)
+        return out
+
+
+def test_counting_grid_polls_until_every_reply_or_the_timeout_and_counts_bytes(monkeypatch) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as in a ServerApp
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    content = RecordDict({"state": state_to_record({"w": torch.zeros(100)})})
+    fake = _FakeGrid(delay_pulls=3)
+    grid = CountingGrid(fake, poll_s=0.01)
+    replies = grid.send_and_receive([Message(content, n, "train") for n in (1, 2)], timeout=5)
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2] and fake.pulls == 3
+    down, up = grid.take_traffic()
+    assert down == up == {1: content_nbytes(content), 2: content_nbytes(content)}
+    grid = CountingGrid(_FakeGrid(delay_pulls=1), poll_s=0.01)
+    replies = grid.send_and_receive([Message(content, n, "train") for n in (1, 3)], timeout=0.2)
+    assert [r.metadata.src_node_id for r in replies] == [1]  # node 3 never answers: timeout
+    with pytest.raises(ValueError, match="needs a timeout"):
+        grid.send_and_receive([], timeout=None)
+
+
+def test_trainer_socket_round_trip_and_errors_report_only_their_type(tmp_path: Path) -> None:
+    def train(config, state):
+        if config["fail"]:
+            raise FileNotFoundError("/secret/path/of/the/site.jsonl")
+        return 7, {"train_loss": 1.5}, "site-a", {k: v + 1 for k, v in state.items()}
+
+    state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    with TrainerServer(tmp_path / "t.sock", train):
+        assert (tmp_path / "t.sock").stat().st_mode & 0o077 == 0  # private to the site's user
+        header, new = request_training(str(tmp_path / "t.sock"), {"fail": False}, state, 10)
+        assert header == {"num_examples": 7, "metrics": {"train_loss": 1.5}, "client_id": "site-a"}
+        np.testing.assert_array_equal(new["w"], state["w"] + 1)
+        header, _ = request_training(str(tmp_path / "t.sock"), {"fail": True}, state, 10)
+        assert header == {ERROR: "FileNotFoundError"}
+    assert not (tmp_path / "t.sock").exists()
+
+
+def test_certs_cover_the_given_hosts_and_key_fingerprints_match_across_formats(tmp_path: Path, capsys) -> None:
+    assert main(["certs", str(tmp_path / "certs"), "--host", "hub.example.org", "--host", "10.0.0.5"]) == 0
+    cert = x509.load_pem_x509_certificate((tmp_path / "certs" / "server.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"hub.example.org", "localhost"} <= set(san.get_values_for_type(x509.DNSName))
+    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"10.0.0.5", "127.0.0.1"}
+    assert main(["keys", "site-a", "--out", str(tmp_path / "keys")]) == 0
+    keys_out = capsys.readouterr().out
+    pub = (tmp_path / "keys" / "site-a.pub").read_bytes()
+    assert pub.startswith(b"ecdsa-sha2-nistp384 ") and fingerprint(pub) in keys_out
+    assert (tmp_path / "keys" / "site-a").stat().st_mode & 0o077 == 0
+
+
+def test_coordinator_names_the_fingerprint_of_a_refused_key(tmp_path: Path, caplog) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    keys = make_node_keys(tmp_path, "intruder")
+    key = serialization.load_ssh_public_key(keys.public_key.read_bytes())
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    line = ("ERROR :     [/v1/fleet/activate-node][ApiError:2004] Attempted to register SuperNode with "
+            f"public key: {pem!r}, exception: No SuperNode found with the given public key.")
+    with caplog.at_level("WARNING"):
+        coordinator._report_refusal(line)
+    assert f"refused a site whose public key is not registered ({fingerprint(key)})" in caplog.text
+    assert make_tls_files(tmp_path / "tls").ca_cert.is_file()

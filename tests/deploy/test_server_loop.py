@@ -1,0 +1,124 @@
+"""The deployment's round loop with the sites in-process (no Flower): equality, retry, resume.
+
+:class:`InProcessSites` stands in for :class:`~fedpeft.deploy.transport.FlowerTransport`:
+each site is a real :class:`~fedpeft.deploy.site.SiteTrainer` on its own file, so these tests
+check everything but the network in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedpeft.config import validate_tree
+from fedpeft.deploy import constants as C
+from fedpeft.deploy.server import round_tasks, serve
+from fedpeft.deploy.settings import DeployConfig
+from fedpeft.deploy.site import SiteTrainer
+from fedpeft.deploy.transport import RoundResult, SiteReport
+from fedpeft.errors import RoundError
+from fedpeft.io_utils import read_jsonl
+from fedpeft.run_dir import RunDir
+from fedpeft.types import ClientUpdate
+from deploy_helpers import checkpoint, simulate, tiny_job, torch_threads
+
+
+class InProcessSites:
+    """Sites as local trainers; ``down`` names the sites that fail in a given round."""
+
+    def __init__(self, sites: dict, down: dict[int, set[str]] | None = None) -> None:
+        self.trainers = {name: SiteTrainer(name, path) for name, path in sites.items()}
+        self.down = down or {}
+        self.jobs: list[str] = []
+
+    def connected(self) -> list[str]:
+        return list(self.trainers)
+
+    def train(self, rnd, tasks, state, job) -> RoundResult:
+        self.jobs.append(job)
+        updates, reports, failed = [], [], {}
+        for task in tasks:
+            if task.name in self.down.get(rnd, set()):
+                failed[task.name] = "crashed"
+                continue
+            config = {C.KEY_SITE: task.name, C.KEY_SEED: task.seed, C.KEY_JOB: job, C.KEY_SERVER_ROUND: rnd}
+            n, metrics, _, new = self.trainers[task.name].train(config, {k: v.numpy() for k, v in state.items()})
+            updates.append(ClientUpdate(task.name, {k: torch.from_numpy(v) for k, v in new.items()}, n, metrics))
+            reports.append(SiteReport(task.name, n, metrics, bytes_down=1, bytes_up=2))
+        return RoundResult(reports, updates=updates, failed=failed)
+
+
+def _deploy(sites: dict, **extra) -> DeployConfig:
+    return DeployConfig(insecure=True, authenticate=False, sites=[{"name": n} for n in sites],
+                        wait_for_sites_s=1, round_retries=1, **extra)
+
+
+def _serve(job: dict, workspace, run_id: str, transport, dep: DeployConfig) -> RunDir:
+    cfg = validate_tree({**job, "workspace": str(workspace), "run_id": run_id})
+    run = RunDir.create(cfg)
+    with torch_threads(1):
+        serve(cfg, dep, run, transport)
+    return run
+
+
+def test_sampled_rounds_match_the_simulation_bit_for_bit(sites_and_test, tmp_path):
+    sites, test = sites_and_test
+    job = tiny_job(sites, test, clients_per_round=2, min_clients=1)  # sampling and seeds matter
+    sim = simulate(job, tmp_path)
+    transport = InProcessSites(sites)
+    run = _serve(job, tmp_path, "deploy", transport, _deploy(sites))
+    for rnd in (1, 2):
+        a, b = checkpoint(sim.path, rnd), checkpoint(run.path, rnd)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rnd
+    sim_rounds = [r for r in read_jsonl(sim.metrics_file) if r["event"] == "round"]
+    dep_rounds = read_jsonl(run.metrics_file)
+    for s, d in zip(sim_rounds, dep_rounds, strict=True):
+        assert [c["train_loss"] for c in s["clients"]] == [c["train_loss"] for c in d["clients"]]
+        assert len(d["clients"]) == 2 and d["bytes_down"] == 2 and d["bytes_up"] == 4
+    assert json.loads(transport.jobs[0])["data"].keys().isdisjoint({"train", "test", "client_files"})
+    expected = {"config.yaml", "metrics.jsonl", "checkpoints", "adapter", "summary.json",
+                "partitions.json", "predictions.jsonl"}
+    assert expected <= {p.name for p in run.path.iterdir()}
+    summary = run.read_summary()
+    assert summary["runtime"] == "flower" and summary["final"].keys() == sim.read_summary()["final"].keys()
+
+
+def test_round_below_min_clients_is_retried_then_stops_and_a_restart_resumes(sites_and_test, tmp_path):
+    sites, test = sites_and_test
+    job = tiny_job(sites, test)  # min_clients=2 of 3
+    # Round 2: two sites down on both attempts -> the run stops after round 1.
+    broken = InProcessSites(sites, down={2: {"site-a", "site-c"}})
+    with pytest.raises(RoundError, match=r"round 2/2: fewer than min_clients=2.*last completed round is 1"):
+        _serve(job, tmp_path, "deploy", broken, _deploy(sites))
+    run = RunDir(tmp_path / job["job"] / "deploy")
+    assert (run.path / "checkpoints" / "latest").read_text().strip() == "round-0001"
+    assert [r["round"] for r in read_jsonl(run.metrics_file)] == [1]
+    # A restarted server goes on from round 2 and ends where an uninterrupted run ends.
+    cfg = validate_tree({**job, "workspace": str(tmp_path), "run_id": "deploy"})
+    with torch_threads(1):
+        serve(cfg, _deploy(sites), run, InProcessSites(sites))
+    uninterrupted = simulate(job, tmp_path, "sim")
+    a, b = checkpoint(uninterrupted.path, 2), checkpoint(run.path, 2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["round"] for r in read_jsonl(run.metrics_file)] == [1, 2]
+
+
+def test_a_site_that_drops_out_is_recorded_and_the_round_goes_on(sites_and_test, tmp_path):
+    sites, test = sites_and_test
+    run = _serve(tiny_job(sites, test), tmp_path, "deploy", InProcessSites(sites, down={2: {"site-b"}}),
+                 _deploy(sites))
+    last = read_jsonl(run.metrics_file)[-1]
+    assert [c["client_id"] for c in last["clients"]] == ["site-a", "site-c"]
+    assert last["dropped"] == 1 and last["failed"] == {"site-b": "crashed"}
+
+
+def test_round_tasks_give_each_site_its_simulation_index_and_seed(sites_and_test):
+    from fedpeft.loop import client_seed
+
+    sites, test = sites_and_test
+    cfg = validate_tree(tiny_job(sites, test))
+    tasks = round_tasks(cfg, _deploy(sites), 2)
+    assert [(t.name, t.index, t.seed) for t in tasks] == [
+        (name, i, client_seed(cfg, 2, i)) for i, name in enumerate(sites)]
