@@ -6,6 +6,8 @@ kernel (``os.wait4`` rusage ``ru_maxrss`` of that child; the child's own ``VmHWM
 beside it). A child that only loads and wraps the model gives the floor. One base model per
 device is kept and adapters are swapped, so the peak should not grow with the number of
 clients; what may grow is the clients' updates, which the round keeps until it aggregates them.
+The floor row is a child that loads and wraps the model and reads every weight once (the
+safetensors weights are memory-mapped, so untouched pages would not count).
 
 Data: every client holds the same number of rows (the shipped sample, cycled), so the data set
 grows with the number of clients too.
@@ -69,9 +71,13 @@ def child(args: argparse.Namespace) -> None:
         "eval": {"zero_shot": False, "every": 0, "max_samples": 2, "max_new_tokens": 8, "batch_size": 2},
     })
     if args.clients == 0:  # the floor: import, load and wrap the model, nothing else
+        import torch
+
         from fedpeft.loop import build_worker
 
-        build_worker(cfg, "cpu")
+        worker = build_worker(cfg, "cpu")
+        with torch.no_grad():  # safetensors weights are mmap'd: read every page so they count
+            sum(float(p.sum()) for p in worker.model.parameters())
     else:
         from fedpeft.loop import run_job
 
@@ -108,7 +114,7 @@ COLUMNS = [
     Column("label", "clients"),
     Column("peak_rss", "peak RSS (median)", fmt_bytes),
     Column("peak_range", "min–max", lambda r: f"{fmt_bytes(r[0])}–{fmt_bytes(r[1])}"),
-    Column("above_floor", "above model-load floor", fmt_bytes),
+    Column("above_floor", "above the loaded model", fmt_bytes),
     Column("growth", "vs fewest clients", lambda v: f"{100 * v:+.1f} %"),
 ]
 
@@ -135,7 +141,7 @@ def measure_model(args: argparse.Namespace, model: str, counts: list[int], folde
     rounds, steps = (args.default_rounds, args.default_steps) if model == "default" else (args.rounds, args.steps)
     opts = ["--rounds", str(rounds), "--steps", str(steps), "--batch-size", str(args.batch_size),
             "--max-seq-len", str(args.max_seq_len), "--threads", str(args.threads)]
-    floor = {**measure(model, 0, opts, args.reps, folder), "label": "model load only"}
+    floor = {**measure(model, 0, opts, args.reps, folder), "label": "model loaded, no run"}
     rows = []
     for n in sorted(counts):
         data = folder / f"data-{n}"

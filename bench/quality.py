@@ -1,12 +1,13 @@
 """Learning quality on MedQuAD: zero-shot, centralised LoRA, FedAvg/FedAvgM-LoRA, FedAvg-P-Tuning.
 
-Runs on the benchmark runner (``fedpeft.benchmark``): three native grid plans per seed, written
-into the workspace and executed with ``run_benchmark``:
+Runs on the benchmark runner (``fedpeft.benchmark``): four native grid plans per seed, written
+into the workspace and executed with ``run_benchmark`` (one after the other, or ``--parallel``):
 
-* ``lora-iid``: FedAvg and FedAvgM × LoRA, IID partition, with the ``zero_shot`` and
-  ``centralized`` baselines;
-* ``lora-noniid``: FedAvg and FedAvgM × LoRA, ``by_field: source`` (each NIH site a hospital);
-* ``ptuning``: FedAvg × P-Tuning, IID and non-IID.
+* ``fedavg-lora-iid``: FedAvg-LoRA, IID partition, with the ``zero_shot`` and ``centralized``
+  baselines;
+* ``fedavgm-lora``: FedAvgM-LoRA, IID and ``by_field: source`` (each NIH site a hospital);
+* ``fedavg-ptuning``: FedAvg-P-Tuning, IID and non-IID;
+* ``fedavg-lora-noniid``: FedAvg-LoRA, non-IID.
 
 Every client takes exactly ``--steps`` optimizer steps per round in both partitions
 (``max_steps``, with enough local epochs for the smallest client), so the federated runs take
@@ -17,7 +18,7 @@ partitions, so one centralised run is the reference for IID and non-IID alike.
 Metrics: ROUGE-1/2/L and BLEU-4 of greedy answers to the test questions, held-out loss on the
 same questions, 95% bootstrap intervals over questions, and federated ÷ centralised ROUGE-L.
 
-    python bench/quality.py                      # the size in BENCHMARKS.md (about an hour, 1 thread)
+    python bench/quality.py --parallel 3         # the size in BENCHMARKS.md (1 thread per process)
     python bench/quality.py --seeds 0 1 2        # three seeds (three times as long)
     python bench/quality.py --collect-only       # re-read finished runs and rewrite the table
     python bench/quality.py --model tiny --train builtin:sample --test none --train-rows 16 \
@@ -26,6 +27,7 @@ same questions, 95% bootstrap intervals over questions, and federated ÷ central
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -72,17 +74,62 @@ def _test_source(test: str) -> str | None:
 
 
 def plans(args: Any, seed: int) -> dict[str, dict[str, Any]]:
-    """The three grid files of one seed: ``{name: tree}``."""
+    """The grid files of one seed, ``{name: tree}``, balanced so ``--parallel 3`` finishes together."""
     base = base_job(args, seed)
+    both = [IID, NONIID]
     out = {
-        "lora-iid": {**base, "grid": {"federation.aggregation": [FEDAVG, FEDAVGM]},
-                     "baselines": ["zero_shot", "centralized"]},
-        "lora-noniid": {**base, "federation": {**base["federation"], "partition": NONIID},
-                        "grid": {"federation.aggregation": [FEDAVG, FEDAVGM]}},
-        "ptuning": {**base, "peft": PTUNING, "grid": {"federation.partition": [IID, NONIID]}},
+        "fedavg-lora-iid": {**base, "baselines": ["zero_shot", "centralized"]},
+        "fedavgm-lora": {**base, "federation": {**base["federation"], "aggregation": FEDAVGM},
+                         "grid": {"federation.partition": both}},
+        "fedavg-ptuning": {**base, "peft": PTUNING, "grid": {"federation.partition": both}},
+        "fedavg-lora-noniid": {**base, "federation": {**base["federation"], "partition": NONIID}},
     }
     for name, tree in out.items():
         tree["job"] = f"{base['job']}-{name}"
+    return {name: tree for name, tree in out.items() if not args.plans or name in args.plans}
+
+
+def run_parallel(args: Any, argv: list[str]) -> None:
+    """Run every (seed, plan) as its own process, at most ``--parallel`` at a time.
+
+    Each process is single-threaded; on a 2-core machine shared with other jobs, three of them
+    get a larger share of the cores than one, and finish the set in about a third of the time.
+    """
+    import subprocess
+    import time
+
+    todo = [(seed, name) for seed in args.seeds for name in plans(args, seed)]
+    running: dict[subprocess.Popen, Path] = {}
+    failed: list[str] = []
+    base = _without_option(argv, "--parallel", "--seeds", "--plans")
+    while todo or running:
+        while todo and len(running) < args.parallel:
+            seed, name = todo.pop(0)
+            log = Path(args.workspace) / f"seed{seed}-{name}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, __file__, *base, "--seeds", str(seed), "--plans", name, "--no-collect"]
+            with log.open("w") as out:
+                running[subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)] = log
+        time.sleep(1)
+        for proc in [p for p in running if p.poll() is not None]:
+            log = running.pop(proc)
+            if proc.returncode != 0:
+                failed.append(f"exit code {proc.returncode}, log {log}")
+    if failed:
+        raise RuntimeError("quality runs failed (the finished ones are kept): " + "; ".join(failed))
+
+
+def _without_option(argv: list[str], *names: str) -> list[str]:
+    """``argv`` without the options ``names`` and their values."""
+    out, skip = [], False
+    for a in argv:
+        if a in names:
+            skip = True
+            continue
+        if skip and not a.startswith("--"):
+            continue
+        skip = False
+        out.append(a)
     return out
 
 
@@ -104,7 +151,7 @@ def run_plans(args: Any, seed: int) -> None:
         for case in plan.cases:  # equal total steps: every partition, every method, and centralised
             data = prepare_data(case.cfg)
             steps.add(federated_steps(case.cfg, data))
-            if name == "lora-iid":
+            if name == "fedavg-lora-iid":
                 steps.add(centralized(case.cfg, data)[2] * case.cfg.federation.rounds)
         if len(steps) != 1:
             raise AssertionError(f"total optimizer steps differ between runs: {sorted(steps)}; "
@@ -229,18 +276,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--workspace", type=Path, default=REPO / "workspace" / "bench-quality")
     p.add_argument("--collect-only", action="store_true", help="only re-read finished runs")
     p.add_argument("--dry-run", action="store_true", help="write and check the plans, run nothing")
+    p.add_argument("--parallel", type=int, default=1, help="plans run at once, each in its own process")
+    p.add_argument("--plans", nargs="+", help="run only these plans (default: all)")
+    p.add_argument("--no-collect", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     rec = Recorder("quality", argv)
     setup_torch(args.threads)
-    if not args.collect_only:
+    if args.parallel > 1 and not (args.collect_only or args.dry_run):
+        run_parallel(args, list(sys.argv[1:] if argv is None else argv))
+    elif not args.collect_only:
         for seed in args.seeds:
             run_plans(args, seed)
-    if args.dry_run:
+    if args.dry_run or args.no_collect:
         return {}
     rows, goals = summarise(collect(Path(args.workspace), args.seeds))
     for r in rows:

@@ -73,20 +73,26 @@ def serve_job(cfg: JobConfig, dep: DeployConfig, run: RunDir) -> str:
     previous = {sig: signal.signal(sig, _stop_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         link.start()
-        if dep.authenticate:
-            with ThreadPoolExecutor(max_workers=4) as pool:  # each `flwr` call takes seconds
-                ids = pool.map(lambda s: link.register_site(s.public_key, s.name), dep.sites)
-            nodes = dict(zip(dep.site_names, ids))
-            write_json(flower / C.SITE_NODES_FILE, nodes)
-            log.info("registered %d site keys: %s", len(nodes), ", ".join(nodes))
+        (flower / C.SITE_NODES_FILE).unlink(missing_ok=True)
         tails = (_Tail(flower / C.LOGS_DIR / C.SERVERAPP_LOG), _Tail(link.log_path))
-        run_id = link.run({C.RUN_DIR: str(run.path.resolve())})
-        log.info("Flower run %d started; sites connect to %s:%d", run_id, *dep.host_port)
+        run_id = link.run({C.RUN_DIR: str(run.path.resolve())})  # its ServerApp loads meanwhile
+        log.info("Flower run %d started", run_id)
+        if dep.authenticate:
+            _register_sites(link, dep, flower / C.SITE_NODES_FILE)
+        log.info("ready: sites connect to %s:%d", *dep.host_port)
         return _follow(link, run_id, flower, tails, dep.run_timeout_s(cfg.federation.rounds))
     finally:
         link.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _register_sites(link: SuperLink, dep: DeployConfig, nodes_file: Path) -> None:
+    """Register every site's public key; the ServerApp reads ``nodes_file`` (name -> node id)."""
+    with ThreadPoolExecutor(max_workers=4) as pool:  # each `flwr` call takes seconds
+        ids = list(pool.map(lambda s: link.register_site(s.public_key, s.name), dep.sites))
+    write_json(nodes_file, dict(zip(dep.site_names, ids)))
+    log.info("registered %d site keys: %s", len(ids), ", ".join(dep.site_names))
 
 
 def _stop_on_signal(signum: int, frame: object) -> None:

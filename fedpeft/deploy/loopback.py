@@ -80,7 +80,7 @@ class Loopback:
     def start(self, timeout_s: float = 90.0) -> None:
         """Start the server, wait until its run has started, then start every site."""
         self.start_server()
-        if not self.wait_for_log("server", "sites connect to", timeout_s):
+        if not self.wait_for_log("server", "ready: sites connect to", timeout_s):
             raise TimeoutError(f"fedpeft server did not start its run within {timeout_s:.0f}s; "
                                f"see {self.log('server')}")
         for name in self.sites:

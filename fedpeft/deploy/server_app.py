@@ -8,7 +8,6 @@ goes to ``flower/logs/serverapp.log`` (the coordinator prints it) and to stderr 
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from pathlib import Path
@@ -39,8 +38,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg = load_config(run_dir / CONFIG_FILE)
         dep = load_deploy_config(run_dir / C.DEPLOY_CONFIG_FILE, cfg)
-        nodes_file = flower / C.SITE_NODES_FILE
-        registered = json.loads(nodes_file.read_text()) if dep.authenticate else None
+        registered = flower / C.SITE_NODES_FILE if dep.authenticate else None
         transport = FlowerTransport(grid, context, dep, registered)
         # Ask the sites who they are while torch, transformers and the model load.
         threading.Thread(target=transport.connected, daemon=True).start()

@@ -139,14 +139,16 @@ def _supervise(opts: SiteOptions, node_config: Path, echo: Callable[[str], Any])
         for attempt in range(opts.restarts + 1):
             code, refused = _run_once(opts, node_config, stop, echo)
             refusals += refused
-            if refusals > _REFUSALS_TOLERATED:
+            if refused:
                 log.error("the server refused site %s: its public key is not registered. Send %s.pub "
-                          "to the coordinator, who adds it to sites in deploy.yaml", opts.name,
-                          opts.private_key or "this site's key")
+                          "to the coordinator, who adds it to sites in deploy.yaml (refusal %d of %d)",
+                          opts.name, opts.private_key or "this site's key", refusals,
+                          _REFUSALS_TOLERATED + 1)
+            if refusals > _REFUSALS_TOLERATED:
                 return EXIT_REFUSED
             if stop.is_set():
                 return 0
-            why = "the server refused this site's key (it may still be registering keys)" if refused \
+            why = "retrying: the coordinator may still be registering keys" if refused \
                 else f"the SuperNode exited with code {code}"
             log.warning("%s; restarting in %.0f s (%d of %d)", why, _RESTART_DELAY_S, attempt + 1,
                         opts.restarts)

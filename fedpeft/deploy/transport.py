@@ -9,11 +9,13 @@ The round loop (:mod:`fedpeft.deploy.server`) sees only :class:`RoundResult`.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -99,17 +101,17 @@ class FlowerTransport:
         grid: The ServerApp's grid (wrapped to poll faster and count bytes).
         context: The ServerApp's context (SecAgg+ needs its run id).
         dep: The deployment config (site names, SecAgg+, timeouts).
-        registered: Site name -> node id of sites registered with their keys (authentication);
-            ``None`` asks every new node for its name instead (unauthenticated).
+        registered: JSON file of site name -> node id of the sites registered with their keys
+            (authentication; read once it exists, as the coordinator registers them while the
+            ServerApp starts); ``None`` asks every new node for its name instead.
     """
 
-    def __init__(self, grid, context: Context, dep: DeployConfig,
-                 registered: dict[str, int] | None = None) -> None:
+    def __init__(self, grid, context: Context, dep: DeployConfig, registered: Path | None = None) -> None:
         self.grid = CountingGrid(grid, poll_s=dep.poll_s)
         self.context = context
         self.dep = dep
-        self.node_of: dict[str, int] = dict(registered or {})
-        self.authenticated = registered is not None
+        self.node_of: dict[str, int] = {}
+        self.registered = registered
         self.refused: set[int] = set()
         self.asked: dict[int, float] = {}  # node id -> when it was last asked its name
         self._lock = threading.Lock()  # connected() may run in a prefetch thread
@@ -120,9 +122,13 @@ class FlowerTransport:
         """Connected configured sites; asks new nodes their name first (without authentication)."""
         with self._lock:
             online = set(self.grid.get_node_ids())
+            if self.registered is not None:
+                if not self.node_of and self.registered.is_file():
+                    self.node_of = {str(k): int(v) for k, v in json.loads(self.registered.read_text()).items()}
+                return [n for n in self.dep.site_names if self.node_of.get(n) in online]
             known = set(self.node_of.values()) | self.refused
             recent = {n for n, t in self.asked.items() if time.monotonic() - t < _QUERY_TIMEOUT_S * 2}
-            if not self.authenticated and online - known - recent:
+            if online - known - recent:
                 self._identify(sorted(online - known - recent))
             return [n for n in self.dep.site_names if self.node_of.get(n) in online]
 

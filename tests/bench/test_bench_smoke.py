@@ -79,7 +79,7 @@ def test_memory_measures_fresh_processes(tmp_path):
     res = memory.main(["--configs", "tiny:2", "--reps", "1", "--rounds", "1", "--steps", "1",
                        "--results-dir", str(tmp_path)])
     floor, run = res["rows"]
-    assert floor["label"] == "model load only" and run["label"] == "2"
+    assert floor["label"] == "model loaded, no run" and run["label"] == "2"
     assert run["peak_rss"] > floor["peak_rss"] > 100e6  # torch alone takes more than 100 MB
     assert run["vm_hwm"] > 0 and run["growth"] == 0.0
 
@@ -109,7 +109,8 @@ def test_quality_dry_run_matches_total_steps(tmp_path):
                   "--test-rows", "2", "--max-seq-len", "48", "--rounds", "2", "--steps", "2", "--dry-run",
                   "--workspace", str(tmp_path / "ws"), "--results-dir", str(tmp_path)])
     assert sorted(p.name for p in (tmp_path / "ws" / "plans").iterdir()) == [
-        "seed0-lora-iid.yaml", "seed0-lora-noniid.yaml", "seed0-ptuning.yaml"]
+        "seed0-fedavg-lora-iid.yaml", "seed0-fedavg-lora-noniid.yaml", "seed0-fedavg-ptuning.yaml",
+        "seed0-fedavgm-lora.yaml"]
 
 
 def test_quality_runs_every_arm(tmp_path):

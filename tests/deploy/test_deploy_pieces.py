@@ -202,3 +202,17 @@ def test_coordinator_names_the_fingerprint_of_a_refused_key(tmp_path: Path, capl
         coordinator._report_refusal(line)
     assert f"refused a site whose public key is not registered ({fingerprint(key)})" in caplog.text
     assert make_tls_files(tmp_path / "tls").ca_cert.is_file()
+
+
+def test_a_site_gives_up_after_repeated_refusals_with_exit_code_3(sites_and_test, tmp_path, monkeypatch):
+    from fedpeft.deploy import site_runner
+
+    calls = []
+    monkeypatch.setattr(site_runner, "_RESTART_DELAY_S", 0.0)
+    monkeypatch.setattr(site_runner, "_run_once", lambda *a: calls.append(a) or (305, True))
+    opts = site_runner.SiteOptions(server="127.0.0.1:1", data=sites_and_test[0]["site-a"], name="site-a",
+                                   workspace=tmp_path / "ws", private_key=None)
+    assert site_runner.run_site(opts, echo=lambda line: None) == site_runner.EXIT_REFUSED
+    assert len(calls) == site_runner._REFUSALS_TOLERATED + 1
+    config = tomllib.loads((tmp_path / "ws" / "node-config.toml").read_text())
+    assert config["site-name"] == "site-a" and config["trainer-socket"].endswith("trainer.sock")
