@@ -106,7 +106,8 @@ def machine_line(machine: dict[str, Any]) -> str:
     """One line describing ``machine`` for a table caption."""
     v = machine["versions"]
     dev = machine.get("cuda") or "no GPU"
-    return (f"{machine['cpu']}, {machine['cpu_count']} cores ({machine['torch_threads']} torch threads), "
+    threads = machine["torch_threads"]
+    return (f"{machine['cpu']}, {machine['cpu_count']} cores ({threads} torch thread{'s' * (threads != 1)}), "
             f"{machine['mem_total_gib']} GiB, {dev}; Python {machine['python']}, torch {v['torch']}, "
             f"transformers {v['transformers']}, peft {v['peft']}, fedpeft {v['fedpeft']} "
             f"(commit {machine.get('git_commit') or '?'})")

@@ -18,7 +18,8 @@ partitions, so one centralised run is the reference for IID and non-IID alike.
 Metrics: ROUGE-1/2/L and BLEU-4 of greedy answers to the test questions, held-out loss on the
 same questions, 95% bootstrap intervals over questions, and federated ÷ centralised ROUGE-L.
 
-    python bench/quality.py --parallel 3         # the size in BENCHMARKS.md (1 thread per process)
+    python bench/quality.py                      # the size in BENCHMARKS.md (1 torch thread)
+    python bench/quality.py --parallel 3         # plans in 3 processes at once (needs ~3 × 3.5 GB)
     python bench/quality.py --seeds 0 1 2        # three seeds (three times as long)
     python bench/quality.py --collect-only       # re-read finished runs and rewrite the table
     python bench/quality.py --model tiny --train builtin:sample --test none --train-rows 16 \
@@ -74,7 +75,7 @@ def _test_source(test: str) -> str | None:
 
 
 def plans(args: Any, seed: int) -> dict[str, dict[str, Any]]:
-    """The grid files of one seed, ``{name: tree}``, balanced so ``--parallel 3`` finishes together."""
+    """The grid files of one seed, ``{name: tree}``, sized so that ``--parallel 3`` balances."""
     base = base_job(args, seed)
     both = [IID, NONIID]
     out = {

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +107,10 @@ class Job:
 
 @dataclass
 class BenchmarkResult:
+    """Where a benchmark wrote its outputs, and how many runs it made."""
+
     job_dir: Path
-    rows: int
-    failures: list[str] = field(default_factory=list)
+    runs: int
 
 
 def _hyperparameters(case: TestCase, keep: Callable[[Setting], bool]) -> dict[str, Any]:
@@ -217,7 +218,7 @@ def run_benchmark(plan: BenchmarkPlan, console: Console | None = None, report: b
         report: Also write ``report.html``.
 
     Returns:
-        The job folder and the number of rows written in this session.
+        The job folder and the number of runs made in this session.
 
     Raises:
         FedPeftError: after writing every output, if any run failed (each is listed).

@@ -34,7 +34,6 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from fedpeft.deploy import constants as C
 from fedpeft.deploy.records import state_to_record
 from fedpeft.deploy.settings import SecAggConfig
 from fedpeft.errors import RoundError

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -114,6 +114,7 @@ class FlowerTransport:
         self.registered = registered
         self.refused: set[int] = set()
         self.asked: dict[int, float] = {}  # node id -> when it was last asked its name
+        self.seen: set[str] = set()  # registered sites online at the last look
         self._lock = threading.Lock()  # connected() may run in a prefetch thread
 
     # ------------------------------------------------------------------ who is there
@@ -125,7 +126,11 @@ class FlowerTransport:
             if self.registered is not None:
                 if not self.node_of and self.registered.is_file():
                     self.node_of = {str(k): int(v) for k, v in json.loads(self.registered.read_text()).items()}
-                return [n for n in self.dep.site_names if self.node_of.get(n) in online]
+                present = [n for n in self.dep.site_names if self.node_of.get(n) in online]
+                for name in set(present) - self.seen:
+                    log.info("site %s connected (node %d, registered key)", name, self.node_of[name])
+                self.seen = set(present)
+                return present
             known = set(self.node_of.values()) | self.refused
             recent = {n for n, t in self.asked.items() if time.monotonic() - t < _QUERY_TIMEOUT_S * 2}
             if online - known - recent:
