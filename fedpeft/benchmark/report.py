@@ -98,7 +98,7 @@ def bars_figure(rows: list[dict], labels: dict[int, str], metrics: list[str]) ->
 
 def _round_zero(rows: list[dict], key: str) -> dict[str | None, float]:
     """Zero-shot value of ``key`` per zero-shot setup (``None``: the only one, if there is one)."""
-    points = {r["_zs"]: _eval_curve(r["_dir"], key) for r in rows if r["_kind"] == ZERO_SHOT}
+    points = {r.get("_zs"): _eval_curve(r["_dir"], key) for r in rows if r["_kind"] == ZERO_SHOT}
     out = {zs: curve[0][1] for zs, curve in points.items() if curve}
     if len(set(out.values())) == 1:
         out[None] = next(iter(out.values()))
