@@ -1,7 +1,7 @@
 """Federation overhead: a round of N clients on one device vs the same training without federation.
 
 * **round**: what ``run_job`` does in a round, with evaluation off, using its own functions:
-  sample clients, ``_train_round`` (each client a task on the ``DeviceScheduler``, adapter state
+  sample clients, ``train_round`` (each client a task on the ``DeviceScheduler``, adapter state
   swapped in and out of the worker's one model), aggregate (FedAvg), build the metrics record
   and append it to ``metrics.jsonl``; then the per-round checkpoint, timed separately.
 * **pure training**: ``fedpeft.trainer.fit`` called back to back on the same model for the same
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,8 +49,6 @@ def sample_rows(n: int) -> list[dict]:
 @contextmanager
 def _timing_fit(module: object, walls: list[float]) -> Iterator[None]:
     """Time every ``fit`` call the round loop makes (its module global, patched for the block)."""
-    import time
-
     original = module.fit
 
     def timed_fit(*args: object, **kwargs: object) -> object:
@@ -102,20 +101,17 @@ class Bench:
 
     def round(self) -> dict[str, float]:
         """One federated round (no evaluation): the loop's own steps, wall and CPU time."""
-        import time
-
-        from fedpeft.checkpoint import save_checkpoint
-        from fedpeft.loop import _round_record, _train_round, sample_clients
-
         import fedpeft.loop
+        from fedpeft.checkpoint import save_checkpoint
+        from fedpeft.loop import round_record, train_round, sample_clients
 
         fit_walls: list[float] = []
         t0, c0 = time.perf_counter(), time.process_time()
         with _timing_fit(fedpeft.loop, fit_walls):
             sampled = sample_clients(self.cfg, 1, self.data.client_ids)
-            updates = _train_round(self.sched, self.cfg, 1, sampled, self.data, self.tokenized, self.state)
+            updates = train_round(self.sched, self.cfg, 1, sampled, self.data, self.tokenized, self.state)
         new_state = self.aggregator.aggregate(self.state, updates)
-        record = _round_record(1, updates, self.state, len(sampled), time.perf_counter() - t0)
+        record = round_record(1, updates, self.state, len(sampled), time.perf_counter() - t0)
         self.run.log_metrics(record)
         t1, c1 = time.perf_counter(), time.process_time()
         save_checkpoint(self.run.path, 1, new_state, self.aggregator.state_dict())
@@ -125,8 +121,6 @@ class Bench:
 
     def pure(self) -> dict[str, float]:
         """The same clients' ``fit`` calls back to back on the same model, nothing around them."""
-        import time
-
         from fedpeft.loop import client_seed
         from fedpeft.trainer import fit
 
@@ -201,8 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--default-steps", type=int, default=1, help="optimizer steps per client (default model)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-seq-len", type=int, default=128)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--default-reps", type=int, default=3, help="repetitions for the default model")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--default-reps", type=int, default=5, help="repetitions for the default model")
     args = p.parse_args(argv)
     rec = Recorder("overhead", argv)
     setup_torch(args.threads)

@@ -47,6 +47,7 @@ PTUNING = {"method": "ptuning", "num_virtual_tokens": 20, "encoder_hidden_size":
 IID = {"method": "iid"}
 NONIID = {"method": "by_field", "field": "source"}
 FEDAVG, FEDAVGM = {"name": "fedavg"}, {"name": "fedavgm", "beta": 0.9, "server_lr": 1.0}
+DEPTH_PLAN = "central-depth-matched"
 
 
 def base_job(args: Any, seed: int) -> dict[str, Any]:
@@ -85,6 +86,8 @@ def plans(args: Any, seed: int) -> dict[str, dict[str, Any]]:
         "fedavg-ptuning": {**base, "peft": PTUNING, "grid": {"federation.partition": both}},
         "fedavg-lora-noniid": {**base, "federation": {**base["federation"], "partition": NONIID}},
     }
+    if args.depth_matched:  # one client with every row, as many sequential steps as one federated client
+        out[DEPTH_PLAN] = {**base, "federation": {**base["federation"], "num_clients": 1}}
     for name, tree in out.items():
         tree["job"] = f"{base['job']}-{name}"
     return {name: tree for name, tree in out.items() if not args.plans or name in args.plans}
@@ -147,9 +150,10 @@ def run_plans(args: Any, seed: int) -> None:
     steps = set()
     for name, tree in plans(args, seed).items():
         path = folder / f"seed{seed}-{name}.yaml"
-        path.write_text(f"# written by: python bench/quality.py (seed {seed})\n" + yaml.safe_dump(json.loads(json.dumps(tree)), sort_keys=False))
+        text = yaml.safe_dump(json.loads(json.dumps(tree)), sort_keys=False)
+        path.write_text(f"# written by: python bench/quality.py (seed {seed})\n{text}")
         plan = load_plan(path)
-        for case in plan.cases:  # equal total steps: every partition, every method, and centralised
+        for case in plan.cases if name != DEPTH_PLAN else []:  # equal total steps, centralised included
             data = prepare_data(case.cfg)
             steps.add(federated_steps(case.cfg, data))
             if name == "fedavg-lora-iid":
@@ -170,6 +174,9 @@ def _label(row: dict) -> tuple[str, str]:
     cfg = row["_cfg"]
     if kind == "centralized":
         return f"centralised {cfg['peft']['method'].replace('lora', 'LoRA')}", "all rows"
+    if cfg["federation"]["num_clients"] == 1:
+        steps = cfg["federation"]["rounds"] * cfg["train"]["max_steps"]
+        return f"centralised LoRA, {steps} steps", "all rows"
     agg = {"fedavg": "FedAvg", "fedavgm": "FedAvgM"}[cfg["federation"]["aggregation"]["name"]]
     peft = {"lora": "LoRA", "ptuning": "P-Tuning"}[cfg["peft"]["method"]]
     part = "IID" if cfg["federation"]["partition"]["method"] == "iid" else "non-IID (source)"
@@ -211,7 +218,7 @@ def collect(workspace: Path, seeds: list[int]) -> list[dict]:
     return rows
 
 
-ORDER = ["zero-shot", "centralised LoRA", "FedAvg-LoRA", "FedAvgM-LoRA", "FedAvg-P-Tuning"]
+ORDER = ["zero-shot", "centralised LoRA", "FedAvg-LoRA", "FedAvgM-LoRA", "FedAvg-P-Tuning"]  # then the rest
 
 
 def summarise(rows: list[dict]) -> tuple[list[dict], dict]:
@@ -222,7 +229,7 @@ def summarise(rows: list[dict]) -> tuple[list[dict], dict]:
         r["vs_central"] = r["rougeL"] / central[r["seed"]] if central.get(r["seed"]) else None
         r["vs_zero"] = r["rougeL"] - zero[r["seed"]] if r["seed"] in zero else None
     rows.sort(key=lambda r: (r["seed"], ORDER.index(r["method"]) if r["method"] in ORDER else 99, r["partition"]))
-    tuned = [r for r in rows if r["method"] != "zero-shot"]
+    tuned = [r for r in rows if r["method"] in ORDER[1:]]  # the issue's arms (not the diagnostic one)
 
     def ratio(method: str, iid: bool) -> list[float]:
         return [r["vs_central"] for r in rows if r["method"] == method and (r["partition"] == "IID") == iid
@@ -252,7 +259,7 @@ COLUMNS = [
 ]
 
 
-def describe(args: Any) -> str:
+def describe(args: Any, depth_matched: bool) -> str:
     """The size of the experiment in words (for the table caption)."""
     return (f"`{MODELS[args.model]}`, LoRA r16 all-linear (α 32) and P-Tuning (20 virtual tokens, MLP 128), "
             f"lr {args.lr:g}; {args.train_rows} training rows ({Path(args.train).name}, seeded subset), "
@@ -260,7 +267,9 @@ def describe(args: Any) -> str:
             f"per client (= {args.clients * args.rounds * args.steps} steps in total for every run, centralised "
             f"included), max_seq_len {args.max_seq_len}; {args.test_rows} test questions ({Path(args.test).name}; "
             f"topics unseen in training), greedy, max {args.max_new_tokens} new tokens, repetition penalty 1.1; "
-            f"seeds {', '.join(map(str, args.seeds))}; {args.threads} torch thread(s).")
+            f"seeds {', '.join(map(str, args.seeds))}; {args.threads} torch thread(s)."
+            + (f" 'centralised LoRA, {args.rounds * args.steps} steps': one client with every row taking as many "
+               "sequential steps as each federated client (a diagnostic, not a goal)." if depth_matched else ""))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -284,10 +293,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dry-run", action="store_true", help="write and check the plans, run nothing")
     p.add_argument("--parallel", type=int, default=1, help="plans run at once, each in its own process")
     p.add_argument("--plans", nargs="+", help="run only these plans (default: all)")
+    p.add_argument("--depth-matched", action="store_true",
+                   help="add a centralised run with as many sequential steps as one federated client "
+                        "(rounds × steps): what FedAvg's averaging of parallel steps is worth")
     p.add_argument("--no-collect", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     rec = Recorder("quality", argv)
     setup_torch(args.threads)
+    log = Path(args.workspace) / "commands.log"
+    if not (args.collect_only or args.dry_run or args.no_collect):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as f:
+            f.write(rec.command + "\n")
     if args.parallel > 1 and not (args.collect_only or args.dry_run):
         run_parallel(args, list(sys.argv[1:] if argv is None else argv))
     elif not args.collect_only:
@@ -298,10 +315,13 @@ def main(argv: list[str] | None = None) -> dict:
     rows, goals = summarise(collect(Path(args.workspace), args.seeds))
     for r in rows:
         r.pop("_cfg", None)
-    md = markdown_table(COLUMNS, rows) + "\n\n" + describe(args)
+    commands = list(dict.fromkeys(log.read_text().splitlines())) if log.is_file() else []
+    md = markdown_table(COLUMNS, rows) + "\n\n" + describe(args, any(r["method"] not in ORDER for r in rows))
+    md += "".join(f" Runs made by `{c}`." for c in commands)
     return rec.finish(
         args.results_dir, title="Learning quality on MedQuAD", rows=rows, markdown=md,
         params={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "results_dir"},
+        extra={"run_commands": commands},
         goal={"text": "every fine-tune above zero-shot; FedAvg-LoRA ≥ 0.97× centralised (IID), ≥ 0.90× (non-IID)",
               "met": goals["every_finetune_above_zero_shot"] and goals["fedavg_lora_iid_met"]
               and goals["fedavg_lora_noniid_met"], **goals},

@@ -161,7 +161,7 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
-def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
+def line_of(node: yaml.Node | None, loc: tuple) -> int | None:
     """1-based line of the YAML node at ``loc`` (deepest existing ancestor), if known."""
     line = None
     for part in loc:
@@ -289,7 +289,7 @@ def validate_tree(tree: Any, source: str = "<config>", root: yaml.Node | None = 
     if problems:
         lines = []
         for loc, text in problems:
-            line = _line_of(root, loc)
+            line = line_of(root, loc)
             lines.append(f"  - {source}{f':{line}' if line else ''}: {text}")
         noun = "problem" if len(problems) == 1 else "problems"
         raise ConfigError(f"{len(problems)} {noun} in {source}:\n" + "\n".join(lines))

@@ -13,6 +13,10 @@ CHECKPOINT_META_FILE = "checkpoint.json"
 CHECKPOINT_SERVER_OPT_FILE = "server_optimizer.pt"
 LATEST_CHECKPOINT_FILE = "latest"
 
+# Files written by `fedpeft data split`.
+SPLIT_TRAIN_FILE = "train.jsonl"
+SPLIT_TEST_FILE = "test.jsonl"
+
 # Keys of metrics.jsonl records and of messages between server and clients.
 KEY_ROUND = "round"
 KEY_EVENT = "event"
@@ -26,6 +30,7 @@ KEY_BYTES_DOWN = "bytes_down"
 KEY_BYTES_UP = "bytes_up"
 KEY_EVAL = "eval"
 KEY_HELDOUT_LOSS = "heldout_loss"
+KEY_GEN_TOKENS_PER_S = "gen_tokens_per_s"
 
 EVENT_ROUND = "round"
 EVENT_EVAL = "eval"

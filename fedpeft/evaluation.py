@@ -21,14 +21,13 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from fedpeft.config import EvalConfig
-from fedpeft.constants import KEY_HELDOUT_LOSS
+from fedpeft.constants import KEY_GEN_TOKENS_PER_S, KEY_HELDOUT_LOSS
 from fedpeft.data.prompts import IGNORE_INDEX, TokenizedExample, collate, tokenize_examples
 from fedpeft.generation import Model, eval_mode, is_lora, merged_lora, model_device, run_generation
 from fedpeft.metrics import compute_metrics
 
 log = logging.getLogger(__name__)
 
-KEY_GEN_TOKENS_PER_S = "gen_tokens_per_s"  # TODO(lead): move to fedpeft.constants
 
 
 def _batch_loss_sum(model: Model, batch: dict[str, torch.Tensor]) -> tuple[float, int]:

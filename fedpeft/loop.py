@@ -82,7 +82,7 @@ def base_view(model: PeftModel) -> Iterator[torch.nn.Module]:
             yield model
 
 
-def _evaluate(worker: Worker, state: State | None, cfg: JobConfig, test: list[dict]) -> tuple[dict, list[dict]]:
+def evaluate_global(worker: Worker, state: State | None, cfg: JobConfig, test: list[dict]) -> tuple[dict, list[dict]]:
     kwargs = dict(system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len)
     if state is None:  # zero-shot: the base model alone
         with base_view(worker.model) as model:
@@ -92,7 +92,7 @@ def _evaluate(worker: Worker, state: State | None, cfg: JobConfig, test: list[di
     return evaluate(worker.model, worker.tokenizer, test, cfg.eval, **kwargs)
 
 
-def _train_round(
+def train_round(
     sched: DeviceScheduler[Worker], cfg: JobConfig, rnd: int, sampled: list[str],
     data: FederatedData, tokenized: list[list[TokenizedExample]], global_state: State,
 ) -> list[ClientUpdate]:
@@ -108,7 +108,7 @@ def _train_round(
     return [results[c] for c in sampled if c in results]  # sampled order: deterministic sums
 
 
-def _round_record(rnd: int, updates: list[ClientUpdate], global_state: State, n_sampled: int, seconds: float) -> dict:
+def round_record(rnd: int, updates: list[ClientUpdate], global_state: State, n_sampled: int, seconds: float) -> dict:
     down = state_nbytes(global_state) * n_sampled
     return {
         "round": rnd, "event": EVENT_ROUND, "seconds": round(seconds, 3),
@@ -126,7 +126,7 @@ def _log_setup(cfg: JobConfig, data: FederatedData, state: State) -> None:
              f"{num_parameters(state):,}", state_nbytes(state) / 1e6)
 
 
-def _log_round(rnd: int, total: int, record: dict) -> None:
+def log_round(rnd: int, total: int, record: dict) -> None:
     ev = record.get(KEY_EVAL) or {}
     shown = " ".join(f"{k}={v:.4f}" for k, v in ev.items() if isinstance(v, float))
     log.info("[round %d/%d] clients=%d train_loss=%.4f %s (%.1fs)", rnd, total, len(record["clients"]),
@@ -164,7 +164,7 @@ def run_job(cfg: JobConfig | None, resume: str | Path | None = None, data: Feder
         run.truncate_metrics_after(ckpt.round)
         log.info("resuming %s after round %d", run.path, ckpt.round)
     elif cfg.eval.zero_shot:
-        metrics, preds = sched.call(lambda w: _evaluate(w, None, cfg, data.test_rows))
+        metrics, preds = sched.call(lambda w: evaluate_global(w, None, cfg, data.test_rows))
         run.log_metrics({"round": 0, "event": EVENT_EVAL, KEY_EVAL: metrics, "zero_shot": True})
         run.write_predictions(preds, "predictions_zero_shot.jsonl")
         log.info("[round 0/%d] zero-shot %s", cfg.federation.rounds, metrics)
@@ -172,15 +172,15 @@ def run_job(cfg: JobConfig | None, resume: str | Path | None = None, data: Feder
     for rnd in range(start, R + 1):
         t0 = time.perf_counter()
         sampled = sample_clients(cfg, rnd, data.client_ids)
-        updates = _train_round(sched, cfg, rnd, sampled, data, tokenized, global_state)
+        updates = train_round(sched, cfg, rnd, sampled, data, tokenized, global_state)
         new_state = aggregator.aggregate(global_state, updates)
-        record = _round_record(rnd, updates, global_state, len(sampled), time.perf_counter() - t0)
+        record = round_record(rnd, updates, global_state, len(sampled), time.perf_counter() - t0)
         global_state = new_state
         if rnd == R or (cfg.eval.every and rnd % cfg.eval.every == 0):
-            last_eval = sched.call(lambda w: _evaluate(w, global_state, cfg, data.test_rows))
+            last_eval = sched.call(lambda w: evaluate_global(w, global_state, cfg, data.test_rows))
             record[KEY_EVAL] = last_eval[0]
         run.log_metrics(record)
-        _log_round(rnd, R, record)
+        log_round(rnd, R, record)
         save_checkpoint(run.path, rnd, global_state, aggregator.state_dict())
     _finish(run, sched, cfg, global_state, last_eval, data)
     return run
@@ -189,7 +189,7 @@ def run_job(cfg: JobConfig | None, resume: str | Path | None = None, data: Feder
 def _finish(run: RunDir, sched: DeviceScheduler[Worker], cfg: JobConfig, state: State,
             last_eval: tuple[dict, list[dict]] | None, data: FederatedData) -> None:
     if last_eval is None:  # resumed after the last round had already been evaluated
-        last_eval = sched.call(lambda w: _evaluate(w, state, cfg, data.test_rows))
+        last_eval = sched.call(lambda w: evaluate_global(w, state, cfg, data.test_rows))
     metrics, preds = last_eval
     run.write_predictions(preds)
     sched.call(lambda w: save_adapter(w.model, state, run.adapter_dir, cfg))

@@ -11,7 +11,8 @@ from peft import LoraConfig, PromptEncoderConfig, get_peft_model
 from fedpeft.config import EvalConfig
 from fedpeft.constants import KEY_HELDOUT_LOSS
 from fedpeft.data.prompts import tokenize_examples
-from fedpeft.evaluation import KEY_GEN_TOKENS_PER_S, evaluate, heldout_loss
+from fedpeft.constants import KEY_GEN_TOKENS_PER_S
+from fedpeft.evaluation import evaluate, heldout_loss
 
 EXAMPLES = [
     {"question": "What is high blood pressure?", "answer": "Blood pressure that stays above normal."},

@@ -19,7 +19,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fedpeft.config import _line_of  # the YAML line lookup native configs use
+from fedpeft.config import line_of  # the YAML line lookup native configs use
 from fedpeft.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class Problems:
         self.ignored: list[str] = []
 
     def add(self, source: str, root: yaml.Node | None, loc: tuple, message: str) -> None:
-        line = _line_of(root, loc) if root is not None else None
+        line = line_of(root, loc) if root is not None else None
         path = ".".join(str(p) for p in loc)
         where = f"{source}:{line}" if line else source
         self.items.append(f"{where}: {path + ': ' if path else ''}{message}")

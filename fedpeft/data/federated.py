@@ -29,7 +29,7 @@ class FederatedData:
     summary: list[dict]
 
 
-def _cap(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
+def cap_rows(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
     """A seeded random subset of at most ``limit`` rows (all rows, in order, if no limit)."""
     if limit is None or len(rows) <= limit:
         return rows
@@ -46,7 +46,7 @@ def prepare_data(cfg: JobConfig) -> FederatedData:
     d, fed = cfg.data, cfg.federation
     fields = {"question_field": d.question_field, "answer_field": d.answer_field}
     if d.client_files:
-        parts = [_cap(rows, d.max_train_samples, cfg.seed) for rows in load_client_files(d.client_files, **fields)]
+        parts = [cap_rows(rows, d.max_train_samples, cfg.seed) for rows in load_client_files(d.client_files, **fields)]
         test = load_examples(d.test, **fields) if d.test else []
         if not d.test:  # each site holds out part of its own file; the union is the test set
             split = [split_rows(rows, d.test_ratio, cfg.seed, d.split_by) for rows in parts]
@@ -57,10 +57,10 @@ def prepare_data(cfg: JobConfig) -> FederatedData:
             train, test = rows, load_examples(d.test, **fields)
         else:
             train, test = split_rows(rows, d.test_ratio, cfg.seed, d.split_by)
-        train = _cap(train, d.max_train_samples, cfg.seed)
+        train = cap_rows(train, d.max_train_samples, cfg.seed)
         p = fed.partition
         parts = partition_rows(train, fed.num_clients, cfg.seed, p.method, p.params)
-    test = _cap(test, d.max_test_samples, cfg.seed + 1)
+    test = cap_rows(test, d.max_test_samples, cfg.seed + 1)
     field = fed.partition.params.get("field")
     return FederatedData(
         client_ids=[f"client-{i}" for i in range(len(parts))],

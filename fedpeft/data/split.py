@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from fedpeft.constants import SPLIT_TEST_FILE, SPLIT_TRAIN_FILE
 from fedpeft.data.io import field_values, load_examples
 from fedpeft.errors import DataError
 from fedpeft.io_utils import write_jsonl
 
-TRAIN_FILE = "train.jsonl"
-TEST_FILE = "test.jsonl"
 _REQUIRED_FIELDS = ("question", "answer")
 
 
@@ -97,7 +96,7 @@ def split_file(
     _check_drop_fields(rows, drop_fields)
     train, test = split_rows(rows, test_ratio, seed, group_field)
     out = Path(out_dir)
-    train_path, test_path = out / TRAIN_FILE, out / TEST_FILE
+    train_path, test_path = out / SPLIT_TRAIN_FILE, out / SPLIT_TEST_FILE
     write_jsonl(train_path, _without(train, drop_fields))
     write_jsonl(test_path, _without(test, drop_fields))
     return {"train": len(train), "test": len(test), "train_path": str(train_path), "test_path": str(test_path)}

@@ -20,13 +20,13 @@ from fedpeft.aggregators import Aggregator, build_aggregator
 from fedpeft.checkpoint import load_latest_checkpoint, save_checkpoint
 from fedpeft.config import JobConfig
 from fedpeft.constants import EVENT_EVAL, KEY_BYTES_DOWN, KEY_BYTES_UP, KEY_EVAL, PARTITIONS_FILE
-from fedpeft.data.federated import _cap  # the simulation's test cap, so both test the same rows
+from fedpeft.data.federated import cap_rows  # the simulation's test cap, so both test the same rows
 from fedpeft.data.io import load_examples
 from fedpeft.deploy.settings import DeployConfig
 from fedpeft.deploy.transport import RoundResult, SiteTask, Transport, wait_for_sites
 from fedpeft.deploy.wire import site_job_payload
 from fedpeft.errors import RoundError
-from fedpeft.loop import Worker, _evaluate, _log_round, _round_record, build_worker, client_seed, sample_clients
+from fedpeft.loop import Worker, build_worker, client_seed, evaluate_global, log_round, round_record, sample_clients
 from fedpeft.models import resolve_devices
 from fedpeft.run_dir import RunDir
 from fedpeft.types import ClientUpdate, State
@@ -56,10 +56,10 @@ def serve(cfg: JobConfig, dep: DeployConfig, run: RunDir, transport: Transport) 
         record = round_record(rnd, result, state, time.perf_counter() - t0)
         state = new_state
         if test and (rnd == total or (cfg.eval.every and rnd % cfg.eval.every == 0)):
-            last_eval = _evaluate(worker, state, cfg, test)
+            last_eval = evaluate_global(worker, state, cfg, test)
             record[KEY_EVAL] = last_eval[0]
         run.log_metrics(record)
-        _log_round(rnd, total, record)
+        log_round(rnd, total, record)
         save_checkpoint(run.path, rnd, state, aggregator.state_dict())
         _write_partitions(run, dep, result)
     _finish(cfg, dep, run, worker, state, last_eval, test)
@@ -71,7 +71,7 @@ def _test_rows(cfg: JobConfig) -> list[dict]:
     if not d.test:
         log.info("the job has no data.test: the server will not evaluate (sites keep their data)")
         return []
-    return _cap(load_examples(d.test, d.question_field, d.answer_field), d.max_test_samples, cfg.seed + 1)
+    return cap_rows(load_examples(d.test, d.question_field, d.answer_field), d.max_test_samples, cfg.seed + 1)
 
 
 def _start(cfg: JobConfig, run: RunDir, worker: Worker, aggregator: Aggregator,
@@ -84,7 +84,7 @@ def _start(cfg: JobConfig, run: RunDir, worker: Worker, aggregator: Aggregator,
         log.info("resuming %s after round %d", run.path, ckpt.round)
         return ckpt.global_state, ckpt.round + 1, None
     if test and cfg.eval.zero_shot:
-        metrics, preds = _evaluate(worker, None, cfg, test)
+        metrics, preds = evaluate_global(worker, None, cfg, test)
         run.log_metrics({"round": 0, "event": EVENT_EVAL, KEY_EVAL: metrics, "zero_shot": True})
         run.write_predictions(preds, "predictions_zero_shot.jsonl")
         log.info("[round 0/%d] zero-shot %s", cfg.federation.rounds, metrics)
@@ -137,7 +137,7 @@ def round_record(rnd: int, result: RoundResult, state: State, seconds: float) ->
     updates = result.updates or [ClientUpdate(r.name, {}, r.num_examples, r.metrics)
                                  for r in result.reports]
     n_sampled = len(result.reports) + len(result.failed)
-    record = _round_record(rnd, updates, state, n_sampled, seconds)
+    record = round_record(rnd, updates, state, n_sampled, seconds)
     by_name = {r.name: r for r in result.reports}
     for entry in record["clients"]:
         site = by_name[entry["client_id"]]
@@ -161,7 +161,7 @@ def _write_partitions(run: RunDir, dep: DeployConfig, result: RoundResult) -> No
 def _finish(cfg: JobConfig, dep: DeployConfig, run: RunDir, worker: Worker, state: State,
             last_eval: tuple[dict, list[dict]] | None, test: list[dict]) -> None:
     if test and last_eval is None:  # resumed after the last round
-        last_eval = _evaluate(worker, state, cfg, test)
+        last_eval = evaluate_global(worker, state, cfg, test)
     if last_eval is not None:
         run.write_predictions(last_eval[1])
     save_adapter(worker.model, state, run.adapter_dir, cfg)

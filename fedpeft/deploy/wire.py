@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from fedpeft.config import JobConfig
-from fedpeft.data.federated import _cap  # the simulation's per-file cap, reused so rows match
+from fedpeft.data.federated import cap_rows  # the simulation's per-file cap, reused so rows match
 from fedpeft.data.io import load_examples
 from fedpeft.data.split import split_rows
 from fedpeft.errors import ConfigError
@@ -72,7 +72,7 @@ def site_rows(cfg: JobConfig, path: str | Path, holdout: bool) -> list[dict]:
     """
     d = cfg.data
     rows = load_examples(path, d.question_field, d.answer_field)
-    rows = _cap(rows, d.max_train_samples, cfg.seed)
+    rows = cap_rows(rows, d.max_train_samples, cfg.seed)
     if holdout:
         rows = split_rows(rows, d.test_ratio, cfg.seed, d.split_by)[0]
     return rows

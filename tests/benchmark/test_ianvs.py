@@ -17,7 +17,7 @@ from benchmark_jobs import write_files
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _line_of(path: Path, needle: str) -> int:
+def line_of(path: Path, needle: str) -> int:
     return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if needle in line)
 
 
@@ -86,11 +86,11 @@ def test_misspelt_keys_name_the_file_line_key_and_closest_valid_key(tmp_path, ia
         load_plan(job)
     msg = str(err.value)
     env, alg = tmp_path / "testenv/testenv.yaml", tmp_path / "algorithm/algorithm.yaml"
-    assert f"{env}:{_line_of(env, 'client_numbr')}: testenv.client_numbr: unknown key 'client_numbr'; " \
+    assert f"{env}:{line_of(env, 'client_numbr')}: testenv.client_numbr: unknown key 'client_numbr'; " \
            "did you mean 'client_number'?" in msg
     assert "testenv.client_number: Field required" in msg  # the misspelling leaves it unset
-    assert f"{alg}:{_line_of(alg, 'lerning_rate')}:" in msg and "did you mean 'learning_rate'?" in msg
-    assert f"{alg}:{_line_of(alg, 'betta')}:" in msg and "did you mean 'beta'?" in msg
+    assert f"{alg}:{line_of(alg, 'lerning_rate')}:" in msg and "did you mean 'learning_rate'?" in msg
+    assert f"{alg}:{line_of(alg, 'betta')}:" in msg and "did you mean 'beta'?" in msg
 
 
 def test_misspelt_key_in_benchmarkingjob(tmp_path, ianvs_files):
@@ -100,7 +100,7 @@ def test_misspelt_key_in_benchmarkingjob(tmp_path, ianvs_files):
     with pytest.raises(ConfigError) as err:
         load_plan(job)
     msg = str(err.value)
-    assert f"{job}:{_line_of(job, 'sortby')}: benchmarkingjob.rank.sortby: unknown key 'sortby'; " \
+    assert f"{job}:{line_of(job, 'sortby')}: benchmarkingjob.rank.sortby: unknown key 'sortby'; " \
            "did you mean 'sort_by'?" in msg
     assert "unknown baseline 'centralised'; did you mean 'centralized'?" in msg
 
@@ -176,7 +176,7 @@ def test_native_grid_key_errors_name_file_and_line(tmp_path):
         "baselines": ["zero_shot"], "rank": {"sort_by": [{"rougeL": "descend"}]}}, sort_keys=False))
     with pytest.raises(ConfigError) as err:
         load_plan(path)
-    assert f"{path}:{_line_of(path, 'learnig_rate')}: grid.train.learnig_rate: 'train.learnig_rate' is not a job " \
+    assert f"{path}:{line_of(path, 'learnig_rate')}: grid.train.learnig_rate: 'train.learnig_rate' is not a job " \
            "setting; did you mean 'train.learning_rate'?" in str(err.value)
 
 
