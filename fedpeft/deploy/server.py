@@ -53,7 +53,7 @@ def serve(cfg: JobConfig, dep: DeployConfig, run: RunDir, transport: Transport) 
             new_state = aggregator.aggregate(state, result.updates)
         else:  # SecAgg+: the server only ever sees the weighted mean
             new_state = aggregator.step(state, result.mean)
-        record = round_record(rnd, result, state, time.perf_counter() - t0)
+        record = site_round_record(rnd, result, state, time.perf_counter() - t0)
         state = new_state
         if test and (rnd == total or (cfg.eval.every and rnd % cfg.eval.every == 0)):
             last_eval = evaluate_global(worker, state, cfg, test)
@@ -132,7 +132,7 @@ def run_round(transport: Transport, cfg: JobConfig, dep: DeployConfig, rnd: int,
         "`fedpeft server --resume RUN_DIR`.")
 
 
-def round_record(rnd: int, result: RoundResult, state: State, seconds: float) -> dict:
+def site_round_record(rnd: int, result: RoundResult, state: State, seconds: float) -> dict:
     """The simulation's metrics record, with each site's measured bytes down and up."""
     updates = result.updates or [ClientUpdate(r.name, {}, r.num_examples, r.metrics)
                                  for r in result.reports]
