@@ -259,6 +259,33 @@ COLUMNS = [
 ]
 
 
+SPREAD_COLUMNS = [
+    Column("method", "method"),
+    Column("partition", "partition"),
+    Column("seeds", "seeds"),
+    Column("rougeL_mean", "ROUGE-L mean", "{:.3f}"),
+    Column("rougeL_range", "ROUGE-L min–max", lambda c: f"{c[0]:.3f}–{c[1]:.3f}"),
+    Column("loss_mean", "held-out loss mean", "{:.3f}"),
+    Column("ratio_range", "ROUGE-L ÷ centralised, min–max", lambda c: f"{c[0]:.3f}–{c[1]:.3f}" if c else "–"),
+]
+
+
+def spread(rows: list[dict]) -> list[dict]:
+    """One row per (method, partition) over the seeds it ran with: mean and range."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["partition"]), []).append(r)
+    out = []
+    for (method, part), rs in groups.items():
+        rl = [r["rougeL"] for r in rs]
+        ratios = [r["vs_central"] for r in rs if r["vs_central"] is not None]
+        out.append({"method": method, "partition": part, "seeds": ", ".join(str(r["seed"]) for r in rs),
+                    "rougeL_mean": sum(rl) / len(rl), "rougeL_range": (min(rl), max(rl)),
+                    "loss_mean": sum(r["heldout_loss"] for r in rs) / len(rs),
+                    "ratio_range": (min(ratios), max(ratios)) if ratios else None})
+    return out
+
+
 def describe(args: Any, depth_matched: bool) -> str:
     """The size of the experiment in words (for the table caption)."""
     return (f"`{MODELS[args.model]}`, LoRA r16 all-linear (α 32) and P-Tuning (20 virtual tokens, MLP 128), "
@@ -318,6 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
     commands = list(dict.fromkeys(log.read_text().splitlines())) if log.is_file() else []
     md = markdown_table(COLUMNS, rows) + "\n\n" + describe(args, any(r["method"] not in ORDER for r in rows))
     md += "".join(f" Runs made by `{c}`." for c in commands)
+    if len({r["seed"] for r in rows}) > 1:
+        md += "\n\nAcross seeds:\n\n" + markdown_table(SPREAD_COLUMNS, spread(rows))
     return rec.finish(
         args.results_dir, title="Learning quality on MedQuAD", rows=rows, markdown=md,
         params={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "results_dir"},

@@ -124,6 +124,17 @@ def test_quality_runs_every_arm(tmp_path):
     assert all(r["questions"] == 2 and r["rougeL_ci"][0] <= r["rougeL_ci"][1] for r in res["rows"])
 
 
+def test_quality_spread_groups_seeds_and_gives_their_range():
+    rows = [{"method": "FedAvg-LoRA", "partition": "IID", "seed": s, "rougeL": rl, "heldout_loss": loss,
+             "vs_central": ratio} for s, rl, loss, ratio in ((0, 0.15, 2.0, 0.8), (1, 0.19, 1.8, 0.9))]
+    rows.append({"method": "zero-shot", "partition": "–", "seed": 0, "rougeL": 0.13, "heldout_loss": 2.4,
+                 "vs_central": None})
+    fed, zero = quality.spread(rows)
+    assert fed["seeds"] == "0, 1" and fed["rougeL_range"] == (0.15, 0.19) and fed["ratio_range"] == (0.8, 0.9)
+    assert fed["rougeL_mean"] == pytest.approx(0.17) and fed["loss_mean"] == pytest.approx(1.9)
+    assert zero["seeds"] == "0" and zero["ratio_range"] is None
+
+
 def test_run_all_rewrites_only_between_markers(tmp_path):
     (tmp_path / "swap.json").write_text(json.dumps({
         "name": "swap", "title": "t", "command": "python bench/swap.py", "date": "2026-01-01 00:00 UTC",
