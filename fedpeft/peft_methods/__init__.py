@@ -6,6 +6,7 @@ A method is a class whose typed ``__init__`` keyword arguments are its hyperpara
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Protocol
 
 import peft
@@ -31,4 +32,6 @@ def build_peft_method(name: str, params: dict[str, Any]) -> PeftMethod:
 
 def wrap_model(model: PreTrainedModel, method: PeftMethod) -> peft.PeftModel:
     """Wrap a frozen base model with the method's adapter (only adapter parameters train)."""
-    return peft.get_peft_model(model, method.peft_config(model))
+    with warnings.catch_warnings():  # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.get_peft_model(model, method.peft_config(model))
