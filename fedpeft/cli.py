@@ -19,7 +19,7 @@ def _setup_logging(verbose: bool) -> None:
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         datefmt="[%X]", handlers=[RichHandler(show_path=False, markup=False)])
-    for noisy in ("httpx", "urllib3", "filelock", "flwr"):
+    for noisy in ("httpx", "urllib3", "filelock", "flwr", "absl"):  # absl: rouge-score's "Using default tokenizer."
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
