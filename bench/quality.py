@@ -246,13 +246,14 @@ def summarise(rows: list[dict]) -> tuple[list[dict], dict]:
 
 
 COLUMNS = [
+    Column("seed", "seed"),
     Column("method", "method"),
     Column("partition", "partition"),
     Column("rouge1", "ROUGE-1", "{:.3f}"),
     Column("rouge2", "ROUGE-2", "{:.3f}"),
     Column("rougeL", "ROUGE-L", "{:.3f}"),
     Column("rougeL_ci", "ROUGE-L 95% CI", lambda c: f"{c[0]:.3f}–{c[1]:.3f}"),
-    Column("bleu4", "BLEU-4", "{:.2f}"),
+    Column("bleu4", "BLEU-4", "{:.3f}"),
     Column("heldout_loss", "held-out loss", "{:.3f}"),
     Column("vs_central", "ROUGE-L ÷ centralised", "{:.3f}"),
     Column("wall_s", "wall time", fmt_seconds),
