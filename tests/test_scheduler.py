@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import platform
+import sys
 import threading
 import time
 
 import pytest
 
 from fedpeft.errors import RoundError
-from fedpeft.scheduler import DeviceScheduler, Task
+from fedpeft.scheduler import DeviceScheduler, Task, share_malloc_arena
 
 
 class Resource:
@@ -95,3 +97,9 @@ def test_worker_build_error_is_raised():
 
     with pytest.raises(OSError, match="out of memory on cpu"):
         DeviceScheduler(["cpu"], build)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_cpu_workers_share_the_main_malloc_arena_on_glibc():
+    # glibc accepts the setting (mallopt returns 1); worker threads then allocate like the main thread
+    assert share_malloc_arena() is True
