@@ -29,7 +29,6 @@ from fedpeft.metrics import compute_metrics
 log = logging.getLogger(__name__)
 
 
-
 def _batch_loss_sum(model: Model, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
     """Sum of answer-token cross-entropies in ``batch``, and how many answer tokens it has."""
     labels = batch["labels"]  # (batch, seq)

@@ -9,9 +9,8 @@ import torch
 from peft import LoraConfig, PromptEncoderConfig, get_peft_model
 
 from fedpeft.config import EvalConfig
-from fedpeft.constants import KEY_HELDOUT_LOSS
+from fedpeft.constants import KEY_GEN_TOKENS_PER_S, KEY_HELDOUT_LOSS
 from fedpeft.data.prompts import tokenize_examples
-from fedpeft.constants import KEY_GEN_TOKENS_PER_S
 from fedpeft.evaluation import evaluate, heldout_loss
 
 EXAMPLES = [

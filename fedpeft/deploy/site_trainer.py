@@ -26,6 +26,8 @@ import numpy as np
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
+from fedpeft.scheduler import share_malloc_arena
+
 log = logging.getLogger(__name__)
 
 ERROR = "error"
@@ -107,6 +109,7 @@ class TrainerServer:
                                        daemon=True)
 
     def __enter__(self) -> TrainerServer:
+        share_malloc_arena()  # training runs in the server's thread: let it allocate like the main thread
         self.thread.start()
         return self
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.data.io import SAMPLE_PATH, load_examples
 from fedpeft.constants import SPLIT_TEST_FILE as TEST_FILE
 from fedpeft.constants import SPLIT_TRAIN_FILE as TRAIN_FILE
+from fedpeft.data.io import SAMPLE_PATH, load_examples
 from fedpeft.data.split import split_file, split_rows
 from fedpeft.errors import DataError
 from fedpeft.io_utils import read_jsonl
