@@ -72,7 +72,7 @@ def aggregation_seconds_per_byte(update_bytes: int, k: int = 4, reps: int = 3) -
 
     from fedpeft.aggregators import build_aggregator
     from fedpeft.checkpoint import save_checkpoint
-    from fedpeft.types import ClientUpdate
+    from fedpeft.state import ClientUpdate
 
     n = update_bytes // 4
     shapes = [n // 64] * 64  # 64 tensors, like a LoRA state's many matrices

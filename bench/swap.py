@@ -4,7 +4,7 @@
   the worker holds (``set_trainable_state``); the base model stays where it is. Shown also with
   the copy out (``get_trainable_state``) that returns a trained update, in either design.
 * **reload** (what a per-client model would cost): re-create the model with the client's
-  adapter from disk, ``fedpeft.adapter_io.load_adapter`` (base model from the local safetensors
+  adapter from disk, ``fedpeft.adapters.load_adapter`` (base model from the local safetensors
   cache, then ``PeftModel.from_pretrained``). The files are in the page cache after a warm-up
   load, so this is the best case for reloading.
 
@@ -50,7 +50,7 @@ def measure(model_name: str, peft: dict, reps: int, swaps: int) -> dict:
     """Median swap and reload times for one PEFT method, and their per-repetition ratio."""
     import torch
 
-    from fedpeft.adapter_io import load_adapter, save_adapter
+    from fedpeft.adapters import load_adapter, save_adapter
     from fedpeft.adapters import get_trainable_state, set_trainable_state
     from fedpeft.config import JobConfig
     from fedpeft.loop import build_worker

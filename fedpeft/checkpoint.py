@@ -25,7 +25,7 @@ from fedpeft.constants import (
     LATEST_CHECKPOINT_FILE,
 )
 from fedpeft.io_utils import atomic_path, write_json, write_text
-from fedpeft.types import State
+from fedpeft.state import State
 
 
 @dataclass

@@ -92,7 +92,7 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from fedpeft.adapter_io import load_adapter
+    from fedpeft.adapters import load_adapter
     from fedpeft.generation import generate_answers
 
     model, tok = load_adapter(args.adapter, args.device)

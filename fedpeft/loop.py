@@ -29,11 +29,11 @@ from fedpeft.data.prompts import TokenizedExample, tokenize_examples
 from fedpeft.evaluation import evaluate
 from fedpeft.models import load_base_model, resolve_devices
 from fedpeft.peft_methods import build_peft_method, wrap_model
-from fedpeft.adapter_io import save_adapter
+from fedpeft.adapters import save_adapter
 from fedpeft.run_dir import RunDir
 from fedpeft.scheduler import DeviceScheduler, Task
 from fedpeft.trainer import fit
-from fedpeft.types import ClientUpdate, State
+from fedpeft.state import ClientUpdate, State
 
 log = logging.getLogger(__name__)
 

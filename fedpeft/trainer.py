@@ -19,7 +19,7 @@ from fedpeft.adapters import get_trainable_state, set_trainable_state, trainable
 from fedpeft.config import TrainConfig
 from fedpeft.constants import KEY_DEVICE, KEY_SECONDS, KEY_STEPS, KEY_TRAIN_LOSS
 from fedpeft.data.prompts import TokenizedExample, collate
-from fedpeft.types import ClientUpdate, State
+from fedpeft.state import ClientUpdate, State
 
 log = logging.getLogger(__name__)
 

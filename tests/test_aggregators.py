@@ -22,7 +22,7 @@ from fedpeft.aggregators import (
 )
 from fedpeft.errors import AggregationError, ConfigError, RegistryError
 from fedpeft.params import param_errors
-from fedpeft.types import ClientUpdate, State
+from fedpeft.state import ClientUpdate, State
 
 ALL_NAMES = ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
 # Hyperparameters for the adaptive tests: tau = 2 makes v start at 4, so square roots stay simple.

@@ -14,7 +14,7 @@ import torch
 
 from fedpeft.errors import AggregationError, ConfigError
 from fedpeft.registry import Registry
-from fedpeft.types import ClientUpdate, State
+from fedpeft.state import ClientUpdate, State
 
 AGGREGATORS: Registry[type] = Registry("aggregators")
 """Aggregator classes by name (``fedavg``, ``fedavgm``, ...); see :mod:`fedpeft.registry`."""

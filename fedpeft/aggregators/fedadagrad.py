@@ -20,7 +20,7 @@ import torch
 
 from fedpeft.aggregators.base import AGGREGATORS, check_updates, weighted_mean
 from fedpeft.aggregators.fedopt import AdaptiveServerOptimizer
-from fedpeft.types import ClientUpdate, State
+from fedpeft.state import ClientUpdate, State
 
 
 @AGGREGATORS.register("fedadagrad")

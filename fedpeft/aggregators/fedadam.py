@@ -17,7 +17,7 @@ import torch
 
 from fedpeft.aggregators.base import AGGREGATORS, check_updates, require_in_range, weighted_mean
 from fedpeft.aggregators.fedopt import AdaptiveServerOptimizer
-from fedpeft.types import ClientUpdate, State
+from fedpeft.state import ClientUpdate, State
 
 
 @AGGREGATORS.register("fedadam")

@@ -15,7 +15,7 @@ from fedpeft.aggregators.base import (
     clone_state,
     weighted_mean,
 )
-from fedpeft.types import ClientUpdate, State
+from fedpeft.state import ClientUpdate, State
 
 
 @AGGREGATORS.register("fedavg")

@@ -22,7 +22,7 @@ from fedpeft.aggregators.base import (
     require_state_keys,
     weighted_mean,
 )
-from fedpeft.types import ClientUpdate, State
+from fedpeft.state import ClientUpdate, State
 
 
 @AGGREGATORS.register("fedavgm")

@@ -25,7 +25,7 @@ from fedpeft.aggregators.base import (
     require_state_keys,
     zeros_like_state,
 )
-from fedpeft.types import State
+from fedpeft.state import State
 
 SecondMomentRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(v_prev, delta ** 2) -> v``, elementwise on float32 tensors."""

@@ -2,7 +2,7 @@
 
 A job is written either in the KubeEdge Ianvs format (``benchmarkingjob.yaml`` + ``testenv.yaml``
 + ``algorithm.yaml``, see :mod:`fedpeft.benchmark.ianvs`) or as one native YAML with a ``grid:``
-(:mod:`fedpeft.benchmark.grid`). Both become one :class:`~fedpeft.benchmark.plan.BenchmarkPlan`
+(:mod:`fedpeft.benchmark.native`). Both become one :class:`~fedpeft.benchmark.plan.BenchmarkPlan`
 (a list of validated :class:`~fedpeft.config.JobConfig` test cases) that
 :func:`~fedpeft.benchmark.runner.run_benchmark` executes::
 

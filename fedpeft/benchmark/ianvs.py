@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from fedpeft.benchmark.constants import BASELINES, EXTRA_COLUMNS, PARADIGM_BASELINE, PARADIGM_FEDERATED
-from fedpeft.benchmark.grid import check_baselines, check_dotted, make_config
+from fedpeft.benchmark.native import check_baselines, check_dotted, make_config
 from fedpeft.benchmark.plan import (BenchmarkPlan, Dimension, MetricColumn, Setting, TestCase, expand, flatten,
                                     settings_label)
 from fedpeft.benchmark.ianvs_schema import AlgorithmFile, AlgorithmRef, BenchmarkingJob, BenchmarkingJobFile, Module, TestEnv, TestEnvFile

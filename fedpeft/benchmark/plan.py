@@ -1,7 +1,7 @@
 """The one internal form of a benchmark job: a list of test cases (each a validated JobConfig).
 
 Both file formats end here: the KubeEdge Ianvs files (:mod:`fedpeft.benchmark.ianvs`) and the
-native single-file grid (:mod:`fedpeft.benchmark.grid`). :func:`load_plan` tells them apart
+native single-file grid (:mod:`fedpeft.benchmark.native`). :func:`load_plan` tells them apart
 and :func:`fedpeft.benchmark.runner.run_benchmark` executes the result.
 """
 
@@ -175,7 +175,7 @@ def load_plan(path: str | Path, overrides: list[str] | None = None) -> Benchmark
 
         return load_ianvs(path, overrides)
     if fmt == "grid":
-        from fedpeft.benchmark.grid import load_grid
+        from fedpeft.benchmark.native import load_grid
 
         return load_grid(path, overrides)
     raise ConfigError(f"{path}: not a benchmark file: expected a top-level 'benchmarkingjob:' (Ianvs format) "

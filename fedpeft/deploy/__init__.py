@@ -6,18 +6,18 @@ as a simulation (``fedpeft run``) and gives the same global adapter.
 
 Server side:
 
-- :mod:`~fedpeft.deploy.coordinator`: ``fedpeft server`` (SuperLink, key registration, ``flwr run``).
+- :mod:`~fedpeft.deploy.server_command`: ``fedpeft server`` (SuperLink, key registration, ``flwr run``).
 - :mod:`~fedpeft.deploy.server_app`: the ``ServerApp``; :mod:`~fedpeft.deploy.server`: its round
   loop (the core's sampling, seeds, aggregators, checkpoints); :mod:`~fedpeft.deploy.transport`:
-  Flower messages; :mod:`~fedpeft.deploy.secagg`: SecAgg+; :mod:`~fedpeft.deploy.grid`: polling
+  Flower messages; :mod:`~fedpeft.deploy.secagg`: SecAgg+; :mod:`~fedpeft.deploy.counting_grid`: polling
   and byte counts.
 - :mod:`~fedpeft.deploy.settings`: ``deploy.yaml`` (sites, TLS, authentication, SecAgg+, timeouts).
 
 Site side:
 
-- :mod:`~fedpeft.deploy.site_runner`: ``fedpeft client`` (SuperNode and trainer processes).
-- :mod:`~fedpeft.deploy.client_app`: the light ``ClientApp``; :mod:`~fedpeft.deploy.site_trainer`:
-  its socket to the long-lived :mod:`~fedpeft.deploy.site` trainer (the core's ``fit``).
+- :mod:`~fedpeft.deploy.client_command`: ``fedpeft client`` (SuperNode and trainer processes).
+- :mod:`~fedpeft.deploy.client_app`: the light ``ClientApp``; :mod:`~fedpeft.deploy.trainer_service`:
+  its socket to the long-lived :mod:`~fedpeft.deploy.site_training` trainer (the core's ``fit``).
 - :mod:`~fedpeft.deploy.wire`: what the server tells a site about the job (never a path).
 
 Shared: :mod:`~fedpeft.deploy.launch` (processes, environment), :mod:`~fedpeft.deploy.tls`

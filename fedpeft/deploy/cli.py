@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
-    from fedpeft.deploy.coordinator import prepare_run, serve_job, summary_line
+    from fedpeft.deploy.server_command import prepare_run, serve_job, summary_line
 
     cfg, dep, run = prepare_run(args.config, args.deploy, args.overrides, args.resume)
     print(f"starting the deployment; run folder: {run.path}")
@@ -20,7 +20,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
-    from fedpeft.deploy.site_runner import SiteOptions, run_site
+    from fedpeft.deploy.client_command import SiteOptions, run_site
 
     if (args.root_certificates is None) == (not args.insecure):
         print("fedpeft client: give --root-certificates CA.crt (from the coordinator), or "

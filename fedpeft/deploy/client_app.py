@@ -2,8 +2,8 @@
 
 flwr 1.42 starts a fresh ``flwr-clientapp`` process for every message, so this module stays
 light (Flower, NumPy, safetensors; no torch): it unpacks the message and hands training to the
-site's long-lived trainer (:mod:`fedpeft.deploy.site_trainer`) over a Unix socket, or, when the
-SuperNode was started without one, trains in this process (:mod:`fedpeft.deploy.site`).
+site's long-lived trainer (:mod:`fedpeft.deploy.trainer_service`) over a Unix socket, or, when the
+SuperNode was started without one, trains in this process (:mod:`fedpeft.deploy.site_training`).
 
 Nothing about the site's data leaves it except the number of training examples and scalar
 training metrics (loss, steps, seconds): a failure is reported to the server as its exception
@@ -88,7 +88,7 @@ def _train(context: Context, config: dict[str, Any], state: Arrays) -> tuple[int
     """Train via the site's trainer process (or in this process); ``(n, metrics, new_state)``."""
     socket_path = str(context.node_config.get(C.NODE_TRAINER_SOCKET, ""))
     if socket_path:
-        from fedpeft.deploy.site_trainer import ERROR, request_training
+        from fedpeft.deploy.trainer_service import ERROR, request_training
 
         timeout = float(config.get(C.KEY_TIMEOUT, _DEFAULT_TIMEOUT_S))
         header, new_state = request_training(socket_path, config, state, timeout)
@@ -96,7 +96,7 @@ def _train(context: Context, config: dict[str, Any], state: Arrays) -> tuple[int
             raise _failure(context, str(header[ERROR]))
         n, metrics = int(header["num_examples"]), dict(header["metrics"])
     else:
-        from fedpeft.deploy.site import SiteTrainer  # torch etc.: only without a trainer process
+        from fedpeft.deploy.site_training import SiteTrainer  # torch etc.: only without a trainer process
 
         trainer = SiteTrainer(site_name(context), str(context.node_config[C.NODE_DATA_PATH]),
                               str(context.node_config.get(C.NODE_DEVICE, "")))

@@ -20,7 +20,7 @@ import yaml
 
 from fedpeft.deploy import constants as C
 from fedpeft.deploy.launch import free_port, spawn, stop_group
-from fedpeft.deploy.site_runner import SUPERNODE_PID_FILE
+from fedpeft.deploy.client_command import SUPERNODE_PID_FILE
 from fedpeft.deploy.tls import NodeKeys, make_node_keys, make_tls_files
 
 FEDPEFT = [sys.executable, "-m", "fedpeft.cli"]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 if TYPE_CHECKING:
-    from fedpeft.types import State
+    from fedpeft.state import State
 
 
 def state_to_record(state: State) -> ArrayRecord:

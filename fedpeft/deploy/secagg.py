@@ -5,7 +5,7 @@ needs a ``LegacyContext`` holding a legacy ``Strategy`` and a ``ClientManager``,
 FitIns/FitRes layout. :func:`secure_mean` runs it with a capture strategy that hands each
 sampled site its own FitIns (site name, seed, job) and keeps the unmasked mean; fedpeft then
 applies its own ``Aggregator.step(global_state, mean)``. The site side is
-``fedpeft.deploy.client_app.optional_secaggplus_mod`` and ``fedpeft.deploy.site``.
+``fedpeft.deploy.client_app.optional_secaggplus_mod`` and ``fedpeft.deploy.site_training``.
 
 What the workflow computes: site i sends ``quantize(clip(w_i * d_i, -c, c))`` with
 ``w_i = round(n_i / max_weight * Q) / Q`` and ``d_i = x_i - global`` (its delta), masked mod
@@ -37,7 +37,7 @@ from flwr.serverapp import Grid
 from fedpeft.deploy.records import state_to_record
 from fedpeft.deploy.settings import SecAggConfig
 from fedpeft.errors import RoundError
-from fedpeft.types import State
+from fedpeft.state import State
 
 log = logging.getLogger(__name__)
 

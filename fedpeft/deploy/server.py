@@ -14,7 +14,7 @@ import json
 import logging
 import time
 
-from fedpeft.adapter_io import save_adapter
+from fedpeft.adapters import save_adapter
 from fedpeft.adapters import get_trainable_state, num_parameters, state_nbytes
 from fedpeft.aggregators import Aggregator, build_aggregator
 from fedpeft.checkpoint import load_latest_checkpoint, save_checkpoint
@@ -29,7 +29,7 @@ from fedpeft.errors import RoundError
 from fedpeft.loop import Worker, build_worker, client_seed, evaluate_global, log_round, round_record, sample_clients
 from fedpeft.models import resolve_devices
 from fedpeft.run_dir import RunDir
-from fedpeft.types import ClientUpdate, State
+from fedpeft.state import ClientUpdate, State
 
 log = logging.getLogger(__name__)
 

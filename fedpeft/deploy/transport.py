@@ -22,12 +22,12 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedpeft.constants import KEY_CLIENT_ID, KEY_NUM_EXAMPLES
 from fedpeft.deploy import constants as C
-from fedpeft.deploy.grid import CountingGrid
+from fedpeft.deploy.counting_grid import CountingGrid
 from fedpeft.deploy.records import record_to_state, state_to_record
 from fedpeft.deploy.settings import DeployConfig
 
 if TYPE_CHECKING:  # torch: imported when the first round starts, not before sites are asked
-    from fedpeft.types import ClientUpdate, State
+    from fedpeft.state import ClientUpdate, State
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class FlowerTransport:
                 C.KEY_TIMEOUT: self.dep.round_timeout_s}
 
     def _train_plain(self, rnd: int, tasks: list[SiteTask], state: State, job: str) -> RoundResult:
-        from fedpeft.types import ClientUpdate
+        from fedpeft.state import ClientUpdate
 
         ttl, record = self.dep.round_timeout_s + 60, state_to_record(state)
         msgs = [Message(RecordDict({C.RECORD_STATE: record,

@@ -15,13 +15,13 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from fedpeft.cli import main
 from fedpeft.config import validate_tree
 from fedpeft.data.federated import prepare_data
-from fedpeft.deploy import coordinator
-from fedpeft.deploy.grid import CountingGrid
+from fedpeft.deploy import server_command as coordinator
+from fedpeft.deploy.counting_grid import CountingGrid
 from fedpeft.deploy.launch import app_pyproject
 from fedpeft.deploy.records import content_nbytes, record_to_state, state_to_record
 from fedpeft.deploy.secagg import error_bound, expected_noise_std
 from fedpeft.deploy.settings import SecAggConfig, load_deploy_config
-from fedpeft.deploy.site_trainer import ERROR, TrainerServer, request_training
+from fedpeft.deploy.trainer_service import ERROR, TrainerServer, request_training
 from fedpeft.deploy.tls import fingerprint, make_node_keys, make_tls_files
 from fedpeft.deploy.wire import site_job_from_payload, site_job_payload, site_rows
 from fedpeft.errors import ConfigError
@@ -205,7 +205,7 @@ def test_coordinator_names_the_fingerprint_of_a_refused_key(tmp_path: Path, capl
 
 
 def test_a_site_gives_up_after_repeated_refusals_with_exit_code_3(sites_and_test, tmp_path, monkeypatch):
-    from fedpeft.deploy import site_runner
+    from fedpeft.deploy import client_command as site_runner
 
     calls = []
     monkeypatch.setattr(site_runner, "_RESTART_DELAY_S", 0.0)

@@ -1,7 +1,7 @@
 """The deployment's round loop with the sites in-process (no Flower): equality, retry, resume.
 
 :class:`InProcessSites` stands in for :class:`~fedpeft.deploy.transport.FlowerTransport`:
-each site is a real :class:`~fedpeft.deploy.site.SiteTrainer` on its own file, so these tests
+each site is a real :class:`~fedpeft.deploy.site_training.SiteTrainer` on its own file, so these tests
 check everything but the network in seconds.
 """
 
@@ -16,12 +16,12 @@ from fedpeft.config import validate_tree
 from fedpeft.deploy import constants as C
 from fedpeft.deploy.server import round_tasks, serve
 from fedpeft.deploy.settings import DeployConfig
-from fedpeft.deploy.site import SiteTrainer
+from fedpeft.deploy.site_training import SiteTrainer
 from fedpeft.deploy.transport import RoundResult, SiteReport
 from fedpeft.errors import RoundError
 from fedpeft.io_utils import read_jsonl
 from fedpeft.run_dir import RunDir
-from fedpeft.types import ClientUpdate
+from fedpeft.state import ClientUpdate
 from deploy_helpers import checkpoint, simulate, tiny_job, torch_threads
 
 

@@ -3,7 +3,7 @@
 A site trains exactly like client ``i`` of the simulation: same model and seeded adapter
 (``fedpeft.loop.build_worker``), same rows (:func:`fedpeft.deploy.wire.site_rows`), same seed
 (sent by the server: ``fedpeft.loop.client_seed(cfg, round, i)``). :class:`SiteTrainer` runs in
-``fedpeft client``'s process (behind :mod:`fedpeft.deploy.site_trainer`), so torch,
+``fedpeft client``'s process (behind :mod:`fedpeft.deploy.trainer_service`), so torch,
 transformers and the model are loaded once, not once per Flower message.
 """
 

@@ -2,7 +2,7 @@
 
 The site's data path stays on the machine (this process and the SuperNode's node config, a
 TOML file in the site's workspace). The command checks the file first, starts the site's
-trainer (:mod:`fedpeft.deploy.site_trainer`: the model stays loaded between rounds) and
+trainer (:mod:`fedpeft.deploy.trainer_service`: the model stays loaded between rounds) and
 ``flower-supernode`` (TLS with the coordinator's CA, the site's private key when the server
 authenticates sites), echoes the SuperNode's log, and restarts it (bounded) if it exits, e.g.
 when the coordinator restarts its server. A refused key ends it with a clear message instead.
@@ -27,7 +27,7 @@ from fedpeft.data.io import load_examples
 from fedpeft.deploy import constants as C
 from fedpeft.deploy.launch import flower_env, free_port, spawn, stop_group, supernode_argv
 from fedpeft.deploy.settings import SITE_NAME_PATTERN
-from fedpeft.deploy.site_trainer import TrainerServer
+from fedpeft.deploy.trainer_service import TrainerServer
 from fedpeft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def write_node_config(opts: SiteOptions, trainer_socket: Path) -> Path:
 
 
 class _LazyTrainer:
-    """The site's :class:`~fedpeft.deploy.site.SiteTrainer`, imported (torch...) in the background."""
+    """The site's :class:`~fedpeft.deploy.site_training.SiteTrainer`, imported (torch...) in the background."""
 
     def __init__(self, opts: SiteOptions) -> None:
         self.opts, self._trainer, self._lock = opts, None, threading.Lock()
@@ -99,7 +99,7 @@ class _LazyTrainer:
     def get(self) -> Any:
         with self._lock:
             if self._trainer is None:
-                from fedpeft.deploy.site import SiteTrainer
+                from fedpeft.deploy.site_training import SiteTrainer
 
                 self._trainer = SiteTrainer(self.opts.name, self.opts.data, self.opts.device)
             return self._trainer
