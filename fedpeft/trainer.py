@@ -33,6 +33,16 @@ def _batches(n: int, batch_size: int, epochs: int, generator: torch.Generator) -
     return out
 
 
+def _group_sizes(num_micro: int, grad_accum: int) -> list[int]:
+    """For each micro-batch, how many micro-batches its accumulation group holds.
+
+    Every group holds ``grad_accum`` micro-batches except perhaps the last (``num_micro`` need
+    not divide evenly); dividing each loss by its own group's size makes every optimizer step's
+    gradient the mean over the micro-batches it actually saw.
+    """
+    return [min(grad_accum, num_micro - i // grad_accum * grad_accum) for i in range(num_micro)]
+
+
 def _autocast(device: torch.device, bf16: bool):
     if not bf16:
         return nullcontext()
@@ -89,6 +99,7 @@ def fit(
     batches = _batches(len(examples), cfg.batch_size, cfg.local_epochs, generator)
     total_steps = num_optimizer_steps(len(examples), cfg)
     batches = batches[: total_steps * cfg.grad_accum]
+    group_sizes = _group_sizes(len(batches), cfg.grad_accum)
     losses: list[float] = []
     tokens = 0
     start = time.perf_counter()
@@ -105,7 +116,7 @@ def fit(
             tokens += int(batch["attention_mask"].sum())
             if cfg.fedprox_mu > 0:
                 loss = loss + cfg.fedprox_mu / 2 * _proximal_term(params, anchor)
-            (loss / cfg.grad_accum).backward()
+            (loss / group_sizes[i]).backward()
             if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(batches):
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
