@@ -1,6 +1,6 @@
 """Memory ceiling: peak resident memory of a whole federated run with 2, 8, 32 clients.
 
-Each run is a fresh Python process running ``fedpeft.loop.run_job`` end to end (model load,
+Each run is a fresh Python process running ``fedpeft.simulation.run_job`` end to end (model load,
 rounds, aggregation, checkpoints, final evaluation, adapter save); its peak RSS comes from the
 kernel (``os.wait4`` rusage ``ru_maxrss`` of that child; the child's own ``VmHWM`` is recorded
 beside it). A child that only loads and wraps the model gives the floor. One base model per
@@ -73,13 +73,13 @@ def child(args: argparse.Namespace) -> None:
     if args.clients == 0:  # the floor: import, load and wrap the model, nothing else
         import torch
 
-        from fedpeft.loop import build_worker
+        from fedpeft.worker import build_worker
 
         worker = build_worker(cfg, "cpu")
         with torch.no_grad():  # safetensors weights are mmap'd: read every page so they count
             sum(float(p.sum()) for p in worker.model.parameters())
     else:
-        from fedpeft.loop import run_job
+        from fedpeft.simulation import run_job
 
         run_job(cfg)
     print(MARK + json.dumps({"vm_hwm": _vm_hwm_bytes()}), flush=True)

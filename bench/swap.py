@@ -53,7 +53,7 @@ def measure(model_name: str, peft: dict, reps: int, swaps: int) -> dict:
     from fedpeft.adapters import load_adapter, save_adapter
     from fedpeft.adapters import get_trainable_state, set_trainable_state
     from fedpeft.config import JobConfig
-    from fedpeft.loop import build_worker
+    from fedpeft.worker import build_worker
 
     cfg = JobConfig.model_validate({"model": {"name": model_name, "devices": "cpu"}, "peft": peft})
     worker = build_worker(cfg, "cpu")

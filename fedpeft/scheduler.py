@@ -44,6 +44,12 @@ class Failure:
     device: str
     traceback: str
 
+    @property
+    def reason(self) -> str:
+        """The exception line of the traceback (``ValueError: ...``)."""
+        lines = self.traceback.strip().splitlines()
+        return lines[-1] if lines else "unknown error"
+
 
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number
 

@@ -1,4 +1,5 @@
-"""Plain data types shared by the core and every runtime (no Flower, no threads)."""
+"""Plain data types shared by the core and every runtime (no Flower, no threads): the adapter
+state, a client's update, and what one round of a client pool returns."""
 
 from __future__ import annotations
 
@@ -25,3 +26,34 @@ class ClientUpdate:
     state: State
     num_examples: int
     metrics: dict[str, float | int | str] = field(default_factory=dict)
+
+
+@dataclass
+class ClientReport:
+    """What the server learnt about one client that trained in a round (never its data)."""
+
+    client_id: str
+    num_examples: int
+    metrics: dict[str, float | int | str] = field(default_factory=dict)
+    bytes_down: int = 0  # bytes sent to the client this round
+    bytes_up: int = 0  # bytes received from it
+
+
+@dataclass
+class RoundResult:
+    """What a client pool returns for one round; ``updates`` (plain) or ``mean`` (secure
+    aggregation: only the sample-weighted mean of the updates is known), never both.
+
+    Attributes:
+        reports: The clients that trained, in sampled order.
+        updates: Their updates, in the same order (plain aggregation).
+        mean: Their sample-weighted mean (secure aggregation).
+        dropped: ``{"client": id, "reason": why}`` for every sampled client that did not train.
+        secure: Whether the mean came from secure aggregation.
+    """
+
+    reports: list[ClientReport]
+    updates: list[ClientUpdate] | None = None
+    mean: State | None = None
+    dropped: list[dict[str, str]] = field(default_factory=list)
+    secure: bool = False

@@ -12,6 +12,7 @@ import torch
 from fedpeft.aggregators import (
     AGGREGATORS,
     Aggregator,
+    aggregate,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -70,7 +71,7 @@ def test_fedavg_returns_weighted_mean() -> None:
     global_state = {"w": t(0.0, 0.0), "b": t(7.0)}
     updates = [upd("a", 1, w=t(1.0, 2.0), b=t(4.0)), upd("b", 3, w=t(5.0, 10.0), b=t(0.0))]
     # b: (1*4 + 3*0) / 4 = 1
-    assert_state(FedAvg().aggregate(global_state, updates), {"w": [4.0, 8.0], "b": [1.0]})
+    assert_state(aggregate(FedAvg(), global_state, updates), {"w": [4.0, 8.0], "b": [1.0]})
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)
@@ -79,8 +80,8 @@ def test_aggregate_does_not_mutate_inputs(name: str) -> None:
     updates = [upd("a", 2, w=t(3.0, 0.0)), upd("b", 1, w=t(-2.0, 5.0))]
     before = ({"w": global_state["w"].clone()}, [u.state["w"].clone() for u in updates])
     agg = build_aggregator(name, {})
-    new = agg.aggregate(global_state, updates)
-    agg.aggregate(new, updates)  # a second round exercises the optimizer state too
+    new = aggregate(agg, global_state, updates)
+    aggregate(agg, new, updates)  # a second round exercises the optimizer state too
     assert torch.equal(global_state["w"], before[0]["w"])
     assert all(torch.equal(u.state["w"], w) for u, w in zip(updates, before[1]))
     inputs = {global_state["w"].data_ptr(), updates[0].state["w"].data_ptr()}
@@ -95,19 +96,19 @@ def test_fedavgm_without_momentum_equals_fedavg() -> None:
     state_a = state_m = {"w": t(10.0, -4.0)}
     for means in ([6.0, -2.0], [4.0, 0.0]):
         updates = [upd("a", 1, w=t(*means)), upd("b", 1, w=t(*means))]
-        state_a = fedavg.aggregate(state_a, updates)
-        state_m = fedavgm.aggregate(state_m, updates)
+        state_a = aggregate(fedavg, state_a, updates)
+        state_m = aggregate(fedavgm, state_m, updates)
         assert torch.allclose(state_a["w"], state_m["w"])
 
 
 def test_fedavgm_momentum_changes_second_round() -> None:
     agg = FedAvgM(beta=0.5, server_lr=1.0)
     # Round 1: g = global - mean = [10, -4] - [6, -2] = [4, -2]; buf = g; new = [10, -4] - buf.
-    x1 = agg.aggregate({"w": t(10.0, -4.0)}, [upd("a", 1, w=t(6.0, -2.0))])
+    x1 = aggregate(agg, {"w": t(10.0, -4.0)}, [upd("a", 1, w=t(6.0, -2.0))])
     assert_state(x1, {"w": [6.0, -2.0]})
     # Round 2: g = [6, -2] - [4, 0] = [2, -2]; buf = 0.5 * [4, -2] + [2, -2] = [4, -3];
     # new = [6, -2] - [4, -3] = [2, 1]   (plain FedAvg would give the mean [4, 0]).
-    x2 = agg.aggregate(x1, [upd("a", 1, w=t(4.0, 0.0))])
+    x2 = aggregate(agg, x1, [upd("a", 1, w=t(4.0, 0.0))])
     assert_state(x2, {"w": [2.0, 1.0]})
     assert agg.state_dict()["step"] == 2
 
@@ -115,10 +116,10 @@ def test_fedavgm_momentum_changes_second_round() -> None:
 def test_fedavgm_server_lr_scales_the_step() -> None:
     agg = FedAvgM(beta=0.5, server_lr=0.5)
     # Round 1: g = 10 - 6 = 4, buf = 4, new = 10 - 0.5 * 4 = 8.
-    x1 = agg.aggregate({"w": t(10.0)}, [upd("a", 1, w=t(6.0))])
+    x1 = aggregate(agg, {"w": t(10.0)}, [upd("a", 1, w=t(6.0))])
     assert_state(x1, {"w": [8.0]})
     # Round 2: g = 8 - 6 = 2, buf = 0.5 * 4 + 2 = 4, new = 8 - 0.5 * 4 = 6.
-    assert_state(agg.aggregate(x1, [upd("a", 1, w=t(6.0))]), {"w": [6.0]})
+    assert_state(aggregate(agg, x1, [upd("a", 1, w=t(6.0))]), {"w": [6.0]})
 
 
 def test_fedavgm_round_one_reference_is_the_sent_global_state() -> None:
@@ -126,9 +127,9 @@ def test_fedavgm_round_one_reference_is_the_sent_global_state() -> None:
     updates = [upd("a", 2, w=t(6.0)), upd("b", 2, w=t(2.0))]  # mean 4
     # g = sent global - mean = 10 - 4 = 6; new = 10 - 0.5 * 6 = 7. Taking a client's result (6 or 2)
     # or the mean as the reference would give g = 0 and new = 6, 2 or 4.
-    assert_state(agg.aggregate({"w": t(10.0)}, updates), {"w": [7.0]})
+    assert_state(aggregate(agg, {"w": t(10.0)}, updates), {"w": [7.0]})
     # The same updates against another sent state move from that state: g = 0 - 4, new = 2.
-    assert_state(FedAvgM(beta=0.9, server_lr=0.5).aggregate({"w": t(0.0)}, updates), {"w": [2.0]})
+    assert_state(aggregate(FedAvgM(beta=0.9, server_lr=0.5), {"w": t(0.0)}, updates), {"w": [2.0]})
 
 
 # --- FedAdam / FedYogi / FedAdagrad ---------------------------------------------------------
@@ -139,8 +140,8 @@ def test_fedavgm_round_one_reference_is_the_sent_global_state() -> None:
 
 
 def _two_rounds(agg: Aggregator) -> tuple[State, State]:
-    x1 = agg.aggregate({"w": t(1.0, 1.0)}, [upd("a", 3, w=t(5.0, -1.0))])
-    x2 = agg.aggregate(x1, [upd("a", 3, w=t(5.0, -1.0))])
+    x1 = aggregate(agg, {"w": t(1.0, 1.0)}, [upd("a", 3, w=t(5.0, -1.0))])
+    x2 = aggregate(agg, x1, [upd("a", 3, w=t(5.0, -1.0))])
     return x1, x2
 
 
@@ -191,7 +192,7 @@ def test_adaptive_defaults_follow_reddi_et_al() -> None:
     assert defaults(FedAdagrad) == {"server_lr": 1e-2, "beta1": 0.9, "tau": 1e-3}
     # One default FedAdam step with delta = 1: m = 0.1, v = 0.99 * 1e-6 + 0.01 = 0.01000099,
     # x = 0.01 * 0.1 / (sqrt(v) + 1e-3) = 0.001 / 0.1010049 = 0.0099005
-    x1 = FedAdam().aggregate({"w": t(0.0)}, [upd("a", 1, w=t(1.0))])
+    x1 = aggregate(FedAdam(), {"w": t(0.0)}, [upd("a", 1, w=t(1.0))])
     assert_state(x1, {"w": [0.01 * 0.1 / (math.sqrt(0.99e-6 + 0.01) + 1e-3)]}, rel=1e-5)
 
 
@@ -212,7 +213,7 @@ def test_state_dict_round_trip_gives_identical_next_step(
 ) -> None:
     first = build_aggregator(name, params)
     updates = [upd("a", 1, w=t(5.0, -1.0)), upd("b", 2, w=t(2.0, 3.0))]
-    x1 = first.aggregate({"w": t(1.0, 1.0)}, updates)
+    x1 = aggregate(first, {"w": t(1.0, 1.0)}, updates)
     saved = first.state_dict()
     torch.save(saved, tmp_path / "server_optimizer.pt")
     for value in saved.values():  # the returned tensors are copies: changing them is harmless
@@ -227,13 +228,13 @@ def test_state_dict_round_trip_gives_identical_next_step(
             for tensor in value.values():
                 tensor.mul_(-3.0)
     assert second.state_dict().keys() == first.state_dict().keys()
-    x2_first, x2_second = first.aggregate(x1, updates), second.aggregate(x1, updates)
+    x2_first, x2_second = aggregate(first, x1, updates), aggregate(second, x1, updates)
     assert torch.equal(x2_first["w"], x2_second["w"])
 
 
 def test_load_state_dict_from_another_aggregator_fails() -> None:
     fedavgm = FedAvgM()
-    fedavgm.aggregate({"w": t(1.0)}, [upd("a", 1, w=t(2.0))])
+    aggregate(fedavgm, {"w": t(1.0)}, [upd("a", 1, w=t(2.0))])
     with pytest.raises(AggregationError, match=r"FedAdam optimizer state is missing \['m', 'v'\]"):
         FedAdam().load_state_dict(fedavgm.state_dict())
 
@@ -265,7 +266,7 @@ BAD_UPDATES = [
 @pytest.mark.parametrize(("updates", "message"), BAD_UPDATES)
 def test_bad_updates_raise_aggregation_error(name: str, updates: list, message: str) -> None:
     with pytest.raises(AggregationError, match=message):
-        build_aggregator(name, {}).aggregate(GLOBAL, updates)
+        aggregate(build_aggregator(name, {}), GLOBAL, updates)
 
 
 def test_weighted_mean_checks_clients_against_each_other() -> None:
@@ -284,9 +285,9 @@ def test_step_checks_the_mean_state(name: str) -> None:
 )
 def test_state_keys_changing_between_rounds_fail(name: str, buffer: str) -> None:
     agg = build_aggregator(name, {})
-    agg.aggregate({"w": t(1.0)}, [upd("a", 1, w=t(2.0))])
+    aggregate(agg, {"w": t(1.0)}, [upd("a", 1, w=t(2.0))])
     with pytest.raises(AggregationError, match=buffer):
-        agg.aggregate({"v": t(1.0)}, [upd("a", 1, v=t(2.0))])
+        aggregate(agg, {"v": t(1.0)}, [upd("a", 1, v=t(2.0))])
 
 
 @pytest.mark.parametrize(
@@ -344,16 +345,11 @@ def test_param_errors_catches_bad_hyperparameter_types() -> None:
 
 PLUGIN = '''
 """A user aggregator: move a fixed fraction of the way to the weighted mean."""
-from fedpeft.aggregators import check_updates, weighted_mean
 
 
 class MyAgg:
     def __init__(self, mix: float = 0.5) -> None:
         self.mix = mix
-
-    def aggregate(self, global_state, updates):
-        check_updates(global_state, updates)
-        return self.step(global_state, weighted_mean(updates))
 
     def step(self, global_state, mean_state):
         return {k: (1 - self.mix) * v + self.mix * mean_state[k] for k, v in global_state.items()}
@@ -374,7 +370,7 @@ def test_plugin_aggregator_from_python_file(tmp_path: Path) -> None:
     agg = build_aggregator(f"{path}:MyAgg", {"mix": 0.25})
     assert isinstance(agg, Aggregator)
     # 0.75 * 8 + 0.25 * 4 = 7
-    assert_state(agg.aggregate({"w": t(8.0)}, [upd("a", 1, w=t(4.0))]), {"w": [7.0]})
+    assert_state(aggregate(agg, {"w": t(8.0)}, [upd("a", 1, w=t(4.0))]), {"w": [7.0]})
     assert param_errors(cls, {"mix": "lots"})[0][0] == ("mix",)
     with pytest.raises(RegistryError, match="has no object 'Nope'"):
         AGGREGATORS.get(f"{path}:Nope")

@@ -1,8 +1,8 @@
 """Server aggregation rules, one file each, registered by name in :data:`AGGREGATORS`.
 
-Every aggregator implements :class:`Aggregator`: ``aggregate(global_state, updates)`` is
-``step(global_state, weighted_mean(updates))``, so it sees the clients only through their
-sample-weighted mean (what secure aggregation reveals). A config names one with
+Every aggregator implements :class:`Aggregator`, a server step ``step(global_state, mean_state)``;
+:func:`aggregate` (the only caller) feeds it the clients' sample-weighted mean, which is what
+secure aggregation reveals. A config names one with
 ``federation.aggregation.name`` and gives its ``__init__`` keyword arguments as hyperparameters.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 # Importing each module registers its class in AGGREGATORS.
 from fedpeft.aggregators import fedadagrad, fedadam, fedavg, fedavgm, fedyogi  # noqa: F401
-from fedpeft.aggregators.base import AGGREGATORS, Aggregator, check_updates, weighted_mean
+from fedpeft.aggregators.base import AGGREGATORS, Aggregator, aggregate, check_updates, weighted_mean
 from fedpeft.aggregators.fedadagrad import FedAdagrad
 from fedpeft.aggregators.fedadam import FedAdam
 from fedpeft.aggregators.fedavg import FedAvg
@@ -28,6 +28,7 @@ __all__ = [
     "FedAvg",
     "FedAvgM",
     "FedYogi",
+    "aggregate",
     "build_aggregator",
     "check_updates",
     "weighted_mean",

@@ -1,8 +1,10 @@
-"""Shared pieces of every aggregator: the registry, the interface and plain-tensor helpers.
+"""Shared pieces of every aggregator: the registry, the interface, :func:`aggregate`, tensor helpers.
 
-Aggregators compose these functions rather than inherit from a base class. Every aggregator
-depends on the client updates only through their sample-weighted mean (:func:`weighted_mean`),
-which is exactly what secure aggregation reveals to the server.
+Aggregators compose these functions rather than inherit from a base class. An aggregator is a
+server optimizer: ``step(global_state, mean_state)``. Every aggregator depends on the client
+updates only through their sample-weighted mean (:func:`weighted_mean`), which is exactly what
+secure aggregation reveals to the server; :func:`aggregate` is the one place that forms that
+mean (or takes it from secure aggregation) and calls ``step``.
 """
 
 from __future__ import annotations
@@ -24,10 +26,6 @@ AGGREGATORS: Registry[type] = Registry("aggregators")
 class Aggregator(Protocol):
     """What the round loop and the Flower server need from a server aggregation rule."""
 
-    def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
-        """New global state from the state that was sent and the clients' updates."""
-        ...
-
     def step(self, global_state: State, mean_state: State) -> State:
         """New global state from the sent state and the clients' sample-weighted mean."""
         ...
@@ -39,6 +37,27 @@ class Aggregator(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         ...
+
+
+def aggregate(aggregator: Aggregator, global_state: State, updates: list[ClientUpdate] | None = None,
+              *, mean: State | None = None) -> State:
+    """The new global state: ``aggregator.step`` on the clients' sample-weighted mean.
+
+    Args:
+        aggregator: The server rule.
+        global_state: The state that was sent to the clients this round.
+        updates: The clients' updates (plain aggregation); checked against ``global_state``.
+        mean: Their weighted mean instead, when only the mean is known (secure aggregation).
+
+    Raises:
+        AggregationError: if the updates are empty, weigh nothing, or mismatch the global state.
+    """
+    if mean is None:
+        check_updates(global_state, updates or [])
+        mean = weighted_mean(updates or [])
+    else:
+        check_state(global_state, mean, "the securely aggregated mean of the client updates")
+    return aggregator.step(global_state, mean)
 
 
 def check_state(reference: State, state: State, who: str) -> None:

@@ -11,25 +11,14 @@ from typing import Any
 from fedpeft.aggregators.base import (
     AGGREGATORS,
     check_state,
-    check_updates,
     clone_state,
-    weighted_mean,
 )
-from fedpeft.state import ClientUpdate, State
+from fedpeft.state import State
 
 
 @AGGREGATORS.register("fedavg")
 class FedAvg:
     """Federated averaging; has no hyperparameters and no server optimizer state."""
-
-    def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
-        """Weighted mean of ``updates``, checked against ``global_state``.
-
-        Raises:
-            AggregationError: if the updates are empty, weigh nothing, or mismatch the global state.
-        """
-        check_updates(global_state, updates)
-        return self.step(global_state, weighted_mean(updates))
 
     def step(self, global_state: State, mean_state: State) -> State:
         """Return a copy of ``mean_state`` (the weighted mean is the new global state)."""

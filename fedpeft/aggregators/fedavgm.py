@@ -16,13 +16,11 @@ from fedpeft.aggregators.base import (
     AGGREGATORS,
     as_float32,
     check_state,
-    check_updates,
     clone_state,
     require_in_range,
     require_state_keys,
-    weighted_mean,
 )
-from fedpeft.state import ClientUpdate, State
+from fedpeft.state import State
 
 
 @AGGREGATORS.register("fedavgm")
@@ -44,15 +42,6 @@ class FedAvgM:
         self.server_lr = float(server_lr)
         self._momentum: State | None = None
         self._steps = 0
-
-    def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
-        """One server step on the weighted mean of ``updates``.
-
-        Raises:
-            AggregationError: if the updates are empty, weigh nothing, or mismatch the global state.
-        """
-        check_updates(global_state, updates)
-        return self.step(global_state, weighted_mean(updates))
 
     def step(self, global_state: State, mean_state: State) -> State:
         """One SGD-with-momentum step from the sent ``global_state`` towards ``mean_state``.

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from fedpeft.aggregators.base import AGGREGATORS, check_updates, require_in_range, weighted_mean
+from fedpeft.aggregators.base import AGGREGATORS, require_in_range
 from fedpeft.aggregators.fedopt import AdaptiveServerOptimizer
-from fedpeft.state import ClientUpdate, State
+from fedpeft.state import State
 
 
 @AGGREGATORS.register("fedyogi")
@@ -47,15 +47,6 @@ class FedYogi:
 
     def _second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
         return v - (1.0 - self.beta2) * delta_sq * torch.sign(v - delta_sq)
-
-    def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
-        """One server step on the weighted mean of ``updates``.
-
-        Raises:
-            AggregationError: if the updates are empty, weigh nothing, or mismatch the global state.
-        """
-        check_updates(global_state, updates)
-        return self.step(global_state, weighted_mean(updates))
 
     def step(self, global_state: State, mean_state: State) -> State:
         """One FedYogi step from the sent ``global_state`` towards the clients' ``mean_state``.

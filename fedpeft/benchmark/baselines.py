@@ -25,9 +25,7 @@ import json
 import math
 from typing import Any
 
-from fedpeft.benchmark.constants import PREDICTIONS_ZERO_SHOT_FILE
 from fedpeft.config import JobConfig, validate_tree
-from fedpeft.constants import EVENT_EVAL, KEY_EVAL
 from fedpeft.data.federated import FederatedData
 from fedpeft.data.partitioners import partition_summary
 from fedpeft.run_dir import RunDir
@@ -83,7 +81,7 @@ def local_only(cfg: JobConfig, data: FederatedData) -> list[tuple[str, JobConfig
 
 def federated_steps(cfg: JobConfig, data: FederatedData) -> int:
     """Optimizer steps the federated run takes over every sampled client and round."""
-    from fedpeft.loop import sample_clients
+    from fedpeft.rounds import sample_clients
 
     sizes = dict(zip(data.client_ids, map(len, data.client_rows)))
     return sum(num_optimizer_steps(sizes[c], cfg.train)
@@ -114,17 +112,12 @@ def run_zero_shot(cfg: JobConfig, data: FederatedData) -> RunDir:
     The folder holds ``config.yaml``, ``metrics.jsonl`` (one round-0 evaluation record),
     ``predictions_zero_shot.jsonl`` and ``summary.json`` (0 rounds, 0 trainable parameters).
     """
-    from fedpeft.evaluation import evaluate
-    from fedpeft.models import load_base_model, resolve_devices
+    from fedpeft.models import resolve_devices
+    from fedpeft.rounds import write_summary, zero_shot
+    from fedpeft.worker import LocalHost, build_worker
 
     run = RunDir.create(cfg)
-    model, tok = load_base_model(cfg.model, resolve_devices(cfg.model.devices)[0])
-    eval_cfg = cfg.eval.model_copy(update={"merge_lora": False})
-    metrics, preds = evaluate(model, tok, data.test_rows, eval_cfg,
-                              system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len)
-    run.log_metrics({"round": 0, "event": EVENT_EVAL, KEY_EVAL: metrics, "zero_shot": True})
-    run.write_predictions(preds, PREDICTIONS_ZERO_SHOT_FILE)
-    run.write_summary({"job": cfg.job, "run_dir": str(run.path), "rounds": 0, "num_clients": 0,
-                       "peft": None, "aggregation": None, "trainable_parameters": 0, "update_bytes": 0,
-                       "final": copy.deepcopy(metrics)})
+    host = LocalHost(build_worker(cfg, resolve_devices(cfg.model.devices)[0]))
+    metrics = zero_shot(cfg, run, host, data.test_rows)
+    write_summary(cfg, run, None, copy.deepcopy(metrics), rounds=0, num_clients=0, peft=None, aggregation=None)
     return run

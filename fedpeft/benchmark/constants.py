@@ -14,7 +14,6 @@ RANK_DIR = "rank"
 ALL_RANK = "all_rank"  # + .csv / .md
 SELECTED_RANK = "selected_rank"
 REPORT_FILE = "report.html"
-PREDICTIONS_ZERO_SHOT_FILE = "predictions_zero_shot.jsonl"
 
 PARADIGM_FEDERATED = "federatedlearning"
 PARADIGM_BASELINE = "baseline"

@@ -133,7 +133,7 @@ def _baseline_meta(case: TestCase, keep: Callable[[Setting], bool], group: str, 
 
 def plan_jobs(plan: BenchmarkPlan) -> list[Job]:
     """Every run of the plan in order: zero-shot, the test cases, local-only, centralised."""
-    from fedpeft.loop import run_job
+    from fedpeft.simulation import run_job
 
     cases = plan.cases
     if ZERO_SHOT in plan.baselines:  # computed once by the baseline instead of in every case

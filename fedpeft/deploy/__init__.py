@@ -7,8 +7,8 @@ as a simulation (``fedpeft run``) and gives the same global adapter.
 Server side:
 
 - :mod:`~fedpeft.deploy.server_command`: ``fedpeft server`` (SuperLink, key registration, ``flwr run``).
-- :mod:`~fedpeft.deploy.server_app`: the ``ServerApp``; :mod:`~fedpeft.deploy.server`: its round
-  loop (the core's sampling, seeds, aggregators, checkpoints); :mod:`~fedpeft.deploy.transport`:
+- :mod:`~fedpeft.deploy.server_app`: the ``ServerApp``; :mod:`~fedpeft.deploy.flower_pool`: the sites as the client pool
+  of the one round loop (:mod:`fedpeft.rounds`, shared with the simulation); :mod:`~fedpeft.deploy.transport`:
   Flower messages; :mod:`~fedpeft.deploy.secagg`: SecAgg+; :mod:`~fedpeft.deploy.counting_grid`: polling
   and byte counts.
 - :mod:`~fedpeft.deploy.settings`: ``deploy.yaml`` (sites, TLS, authentication, SecAgg+, timeouts).

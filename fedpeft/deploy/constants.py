@@ -12,7 +12,7 @@ RECORD_CONFIG = "config"  # ConfigRecord: what the site needs for this round / i
 # ConfigRecord keys of a training message (server -> site). Also FitIns config keys (SecAgg+).
 KEY_SERVER_ROUND = "server_round"
 KEY_SITE = "site"  # the site name the server expects (a site refuses a message for another)
-KEY_SEED = "seed"  # fedpeft.loop.client_seed(cfg, round, site index)
+KEY_SEED = "seed"  # fedpeft.rounds.client_seed(cfg, round, site index)
 KEY_JOB = "job"  # JSON: the parts of the job config a site needs (see fedpeft.deploy.wire)
 KEY_TIMEOUT = "timeout_s"  # the round timeout: a site gives up training after this long
 KEY_STATE_KEYS = "state_keys"  # SecAgg+ only: State keys, "\n"-joined (legacy arrays are unnamed)
@@ -30,6 +30,7 @@ NODE_SITE_NAME = "site-name"
 NODE_DATA_PATH = "data-path"
 NODE_DEVICE = "device"  # "" (job's model.devices) or e.g. "cuda:0"
 NODE_TRAINER_SOCKET = "trainer-socket"  # Unix socket of the site's trainer (fedpeft client)
+NODE_TRAINER_KEY = "trainer-key"  # file (0600) holding that socket's authentication key
 
 # Files of a deployment inside the run folder (besides the simulation's files).
 DEPLOY_CONFIG_FILE = "deploy.yaml"  # resolved deployment config (sites, TLS, SecAgg+, timeouts)

@@ -24,7 +24,7 @@ from fedpeft.config import validate_tree
 from fedpeft.data.io import SAMPLE_PATH, load_examples
 from fedpeft.deploy.loopback import Loopback
 from fedpeft.io_utils import read_jsonl, write_json
-from fedpeft.loop import run_job
+from fedpeft.simulation import run_job
 from fedpeft.models import SMOLLM2
 
 SITES = ("site-a", "site-b", "site-c")

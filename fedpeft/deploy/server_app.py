@@ -42,7 +42,7 @@ def main(grid: Grid, context: Context) -> None:
         transport = FlowerTransport(grid, context, dep, registered)
         # Ask the sites who they are while torch, transformers and the model load.
         threading.Thread(target=transport.connected, daemon=True).start()
-        from fedpeft.deploy.server import serve
+        from fedpeft.deploy.flower_pool import serve
 
         serve(cfg, dep, RunDir(run_dir), transport)
     except (SystemExit, KeyboardInterrupt):  # Flower's SIGTERM handler: the SuperLink stops

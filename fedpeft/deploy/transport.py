@@ -4,7 +4,7 @@
 node ids to site names (from key registration with authentication, else by asking each new
 node its name), sends each sampled site its task, and returns the round's updates in site-index
 order (plain) or only their weighted mean (SecAgg+), with the bytes each site sent and received.
-The round loop (:mod:`fedpeft.deploy.server`) sees only :class:`RoundResult`.
+The client pool (:mod:`fedpeft.deploy.flower_pool`) sees only a :class:`~fedpeft.state.RoundResult`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -27,7 +27,7 @@ from fedpeft.deploy.records import record_to_state, state_to_record
 from fedpeft.deploy.settings import DeployConfig
 
 if TYPE_CHECKING:  # torch: imported when the first round starts, not before sites are asked
-    from fedpeft.state import ClientUpdate, State
+    from fedpeft.state import RoundResult, State
 
 log = logging.getLogger(__name__)
 
@@ -42,27 +42,6 @@ class SiteTask:
     name: str
     index: int
     seed: int
-
-
-@dataclass
-class SiteReport:
-    """What the server learnt from one site in one round."""
-
-    name: str
-    num_examples: int
-    metrics: dict[str, float | int | str]
-    bytes_down: int = 0
-    bytes_up: int = 0
-
-
-@dataclass
-class RoundResult:
-    """A round's outcome. ``updates`` (plain) or ``mean`` (SecAgg+) is set, never both."""
-
-    reports: list[SiteReport]  # sites that trained, in index order
-    updates: list[ClientUpdate] | None = None
-    mean: State | None = None
-    failed: dict[str, str] = field(default_factory=dict)  # site -> why it dropped out
 
 
 class Transport(Protocol):
@@ -171,7 +150,7 @@ class FlowerTransport:
             result = self._train_plain(rnd, tasks, state, job)
         down, up = self.grid.take_traffic()
         for report in result.reports:
-            nid = self.node_of[report.name]
+            nid = self.node_of[report.client_id]
             report.bytes_down, report.bytes_up = down.get(nid, 0), up.get(nid, 0)
         return result
 
@@ -180,7 +159,7 @@ class FlowerTransport:
                 C.KEY_TIMEOUT: self.dep.round_timeout_s}
 
     def _train_plain(self, rnd: int, tasks: list[SiteTask], state: State, job: str) -> RoundResult:
-        from fedpeft.state import ClientUpdate
+        from fedpeft.state import ClientReport, ClientUpdate, RoundResult
 
         ttl, record = self.dep.round_timeout_s + 60, state_to_record(state)
         msgs = [Message(RecordDict({C.RECORD_STATE: record,
@@ -189,12 +168,12 @@ class FlowerTransport:
                 for t in tasks]
         replies = self.grid.send_and_receive(msgs, timeout=self.dep.round_timeout_s)
         by_node = {r.metadata.src_node_id: r for r in replies}
-        updates, reports, failed = [], [], {}
-        for task in tasks:  # index order: the simulation sums in this order
+        updates, reports, dropped = [], [], []
+        for task in tasks:  # sampled order: the simulation sums in this order
             reply = by_node.get(self.node_of[task.name])
             if reply is None or reply.has_error():
-                failed[task.name] = (f"no reply within {self.dep.round_timeout_s:.0f}s" if reply is None
-                                     else _reason(reply))
+                dropped.append({"client": task.name, "reason": f"no reply within {self.dep.round_timeout_s:.0f}s"
+                                if reply is None else _reason(reply)})
                 continue
             m = dict(reply.content.metric_records[C.RECORD_METRICS])
             text = dict(reply.content.config_records[C.RECORD_CONFIG])
@@ -202,11 +181,12 @@ class FlowerTransport:
             metrics = {**m, **{k: v for k, v in text.items() if k != KEY_CLIENT_ID}}
             updates.append(ClientUpdate(task.name, record_to_state(
                 reply.content.array_records[C.RECORD_STATE]), n, metrics))
-            reports.append(SiteReport(task.name, n, metrics))
-        return RoundResult(reports, updates=updates, failed=failed)
+            reports.append(ClientReport(task.name, n, metrics))
+        return RoundResult(reports, updates=updates, dropped=dropped)
 
     def _train_secure(self, rnd: int, tasks: list[SiteTask], state: State, job: str) -> RoundResult:
         from fedpeft.deploy.secagg import secure_mean
+        from fedpeft.state import ClientReport, RoundResult
 
         sa = self.dep.secure_aggregation
         extra = {C.KEY_STATE_KEYS: "\n".join(state), C.KEY_CLIP: sa.clipping_range,
@@ -216,11 +196,11 @@ class FlowerTransport:
                                     self.dep.round_timeout_s)
         name_of = {nid: name for name, nid in self.node_of.items()}
         by_name = {name_of[r.node_id]: r for r in results}
-        reports = [SiteReport(t.name, by_name[t.name].num_examples,
-                              {k: v for k, v in by_name[t.name].metrics.items() if k != KEY_CLIENT_ID})
+        reports = [ClientReport(t.name, by_name[t.name].num_examples,
+                                {k: v for k, v in by_name[t.name].metrics.items() if k != KEY_CLIENT_ID})
                    for t in tasks if t.name in by_name]
-        failed = {t.name: "dropped out of SecAgg+" for t in tasks if t.name not in by_name}
-        return RoundResult(reports, mean=mean, failed=failed)
+        dropped = [{"client": t.name, "reason": "dropped out of SecAgg+"} for t in tasks if t.name not in by_name]
+        return RoundResult(reports, mean=mean, dropped=dropped, secure=True)
 
 
 def _reason(reply: Message) -> str:

@@ -146,10 +146,8 @@ def test_metric_and_aggregation_urls_load_user_plugins(tmp_path, ianvs_files):
         "    return sum(p == r for p, r in zip(predictions, references)) / len(references)\n")
     (tmp_path / "algorithm").mkdir()
     (tmp_path / "algorithm/half_avg.py").write_text(
-        "from fedpeft.aggregators import weighted_mean\n"
         "class HalfAvg:\n"
         "    def __init__(self, scale: float = 0.5):\n        self.scale = scale\n"
-        "    def aggregate(self, g, updates):\n        return self.step(g, weighted_mean(updates))\n"
         "    def step(self, g, mean):\n        return {k: g[k] + self.scale * (mean[k] - g[k]) for k in g}\n"
         "    def state_dict(self):\n        return {}\n"
         "    def load_state_dict(self, state):\n        pass\n")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from fedpeft.config import validate_tree
 from fedpeft.data.io import SAMPLE_PATH
-from fedpeft.loop import run_job
+from fedpeft.simulation import run_job
 from fedpeft.run_dir import RunDir
 
 SITE_SIZES = {"site-a": 4, "site-b": 6, "site-c": 3}  # unequal: weighting by num_examples matters

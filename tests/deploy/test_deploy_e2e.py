@@ -25,7 +25,7 @@ from fedpeft.deploy.secagg import error_bound
 from fedpeft.deploy.settings import SecAggConfig
 from fedpeft.deploy.tls import fingerprint, make_node_keys
 from fedpeft.io_utils import read_jsonl
-from fedpeft.loop import run_job
+from fedpeft.simulation import run_job
 
 RUN_TIMEOUT_S = 300  # bound on one deployment, on a loaded 2-core machine
 SECAGG_FINAL_TOLERANCE = 1e-4  # docs/deploy-notes.md, section 5: two rounds of this job

@@ -14,14 +14,13 @@ import torch
 
 from fedpeft.config import validate_tree
 from fedpeft.deploy import constants as C
-from fedpeft.deploy.server import round_tasks, serve
+from fedpeft.deploy.flower_pool import FlowerPool, serve
 from fedpeft.deploy.settings import DeployConfig
 from fedpeft.deploy.site_training import SiteTrainer
-from fedpeft.deploy.transport import RoundResult, SiteReport
 from fedpeft.errors import RoundError
 from fedpeft.io_utils import read_jsonl
 from fedpeft.run_dir import RunDir
-from fedpeft.state import ClientUpdate
+from fedpeft.state import ClientReport, ClientUpdate, RoundResult
 from deploy_helpers import checkpoint, simulate, tiny_job, torch_threads
 
 
@@ -38,16 +37,16 @@ class InProcessSites:
 
     def train(self, rnd, tasks, state, job) -> RoundResult:
         self.jobs.append(job)
-        updates, reports, failed = [], [], {}
+        updates, reports, dropped = [], [], []
         for task in tasks:
             if task.name in self.down.get(rnd, set()):
-                failed[task.name] = "crashed"
+                dropped.append({"client": task.name, "reason": "crashed"})
                 continue
             config = {C.KEY_SITE: task.name, C.KEY_SEED: task.seed, C.KEY_JOB: job, C.KEY_SERVER_ROUND: rnd}
             n, metrics, _, new = self.trainers[task.name].train(config, {k: v.numpy() for k, v in state.items()})
             updates.append(ClientUpdate(task.name, {k: torch.from_numpy(v) for k, v in new.items()}, n, metrics))
-            reports.append(SiteReport(task.name, n, metrics, bytes_down=1, bytes_up=2))
-        return RoundResult(reports, updates=updates, failed=failed)
+            reports.append(ClientReport(task.name, n, metrics, bytes_down=1, bytes_up=2))
+        return RoundResult(reports, updates=updates, dropped=dropped)
 
 
 def _deploy(sites: dict, **extra) -> DeployConfig:
@@ -111,14 +110,24 @@ def test_a_site_that_drops_out_is_recorded_and_the_round_goes_on(sites_and_test,
                  _deploy(sites))
     last = read_jsonl(run.metrics_file)[-1]
     assert [c["client_id"] for c in last["clients"]] == ["site-a", "site-c"]
-    assert last["dropped"] == 1 and last["failed"] == {"site-b": "crashed"}
+    assert last["dropped"] == [{"client": "site-b", "reason": "crashed"}]
 
 
-def test_round_tasks_give_each_site_its_simulation_index_and_seed(sites_and_test):
-    from fedpeft.loop import client_seed
+def test_round_tasks_give_each_site_its_simulation_index_and_seed(sites_and_test, tmp_path):
+    from fedpeft.rounds import client_seed
 
     sites, test = sites_and_test
-    cfg = validate_tree(tiny_job(sites, test))
-    tasks = round_tasks(cfg, _deploy(sites), 2)
-    assert [(t.name, t.index, t.seed) for t in tasks] == [
+    cfg = validate_tree({**tiny_job(sites, test), "workspace": str(tmp_path)})
+    seen = []
+
+    class Recorder:
+        def connected(self):
+            return list(sites)
+
+        def train(self, rnd, tasks, state, job):
+            seen.extend(tasks)
+            return RoundResult([ClientReport(t.name, 1) for t in tasks], updates=[])
+
+    FlowerPool(cfg, _deploy(sites), RunDir.create(cfg), Recorder()).train(2, list(sites), {})
+    assert [(t.name, t.index, t.seed) for t in seen] == [
         (name, i, client_seed(cfg, 2, i)) for i, name in enumerate(sites)]

@@ -1,0 +1,176 @@
+"""The round loop, written once: sample -> train -> aggregate -> evaluate -> checkpoint.
+
+``fedpeft run`` (:mod:`fedpeft.simulation`), ``fedpeft server`` (:mod:`fedpeft.deploy.flower_pool`)
+and the benchmark's baselines all call :func:`run_rounds`. They differ only in the
+:class:`ClientPool` passed in (where clients train) and the :class:`~fedpeft.worker.Host` that
+evaluates and saves the global adapter, as Flower's ``Strategy.start`` runs unchanged over a
+simulation or a deployment ``Grid``. A feature that changes the round is written here once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Protocol
+
+import numpy as np
+
+from fedpeft.adapters import get_trainable_state, num_parameters, save_adapter, state_nbytes
+from fedpeft.aggregators import Aggregator, aggregate, build_aggregator
+from fedpeft.checkpoint import load_latest_checkpoint, save_checkpoint
+from fedpeft.config import JobConfig
+from fedpeft.constants import (
+    EVENT_EVAL, EVENT_ROUND, KEY_BYTES_DOWN, KEY_BYTES_UP, KEY_EVAL, KEY_TRAIN_LOSS, PREDICTIONS_ZERO_SHOT_FILE,
+)
+from fedpeft.run_dir import RunDir
+from fedpeft.state import RoundResult, State
+from fedpeft.worker import Host, evaluate_global
+
+log = logging.getLogger(__name__)
+
+Evaluation = tuple[dict, list[dict]]  # (metrics, predictions)
+
+
+class ClientPool(Protocol):
+    """Where the clients of a round train: the in-process scheduler, or sites over Flower.
+
+    Attributes:
+        client_ids: Every client, in index order (a client's index seeds its training).
+        runtime: What ``summary.json`` says about the runtime (``{"runtime": "simulation"}``).
+    """
+
+    client_ids: list[str]
+    runtime: dict
+
+    def train(self, rnd: int, sampled: list[str], global_state: State) -> RoundResult:
+        """Have each sampled client train from ``global_state``; what came back.
+
+        Raises:
+            RoundError: if fewer than ``federation.min_clients`` clients trained.
+        """
+        ...
+
+    def partitions(self) -> list[dict]:
+        """``partitions.json``: each client's training-set size (and how it was made)."""
+        ...
+
+
+def sample_clients(cfg: JobConfig, rnd: int, client_ids: list[str]) -> list[str]:
+    """The clients of round ``rnd``: a seeded sample, derived from (seed, round) alone."""
+    k = cfg.sampled_per_round()
+    if k >= len(client_ids):
+        return list(client_ids)
+    picked = random.Random(f"{cfg.seed}-{rnd}").sample(range(len(client_ids)), k)
+    return [client_ids[i] for i in sorted(picked)]
+
+
+def client_seed(cfg: JobConfig, rnd: int, index: int) -> int:
+    """Seed of client ``index``'s local training in round ``rnd``: distinct for every
+    (seed, round, client), however many clients (``numpy.random.SeedSequence``)."""
+    return int(np.random.SeedSequence([cfg.seed, rnd, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def run_rounds(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, test: list[dict]) -> State:
+    """Run every round of ``cfg`` not yet checkpointed in ``run``; write the run's outputs.
+
+    A folder with a checkpoint continues after it (``--resume``); records of rounds after the
+    checkpoint, left by a run that died, are dropped first, so the metrics equal an
+    uninterrupted run's line for line.
+
+    Args:
+        cfg: The job.
+        run: Its run folder.
+        pool: Where clients train.
+        host: Holds the server's model: evaluates and saves the global adapter.
+        test: Test rows; empty: no evaluation (a deployment without ``data.test``).
+
+    Returns:
+        The final global adapter state.
+    """
+    aggregator = build_aggregator(cfg.federation.aggregation.name, cfg.federation.aggregation.params)
+    state, start = _start(cfg, run, host, aggregator, test)
+    total, last_eval = cfg.federation.rounds, None
+    for rnd in range(start, total + 1):
+        t0 = time.perf_counter()
+        sampled = sample_clients(cfg, rnd, pool.client_ids)
+        result = pool.train(rnd, sampled, state)
+        new_state = aggregate(aggregator, state, result.updates, mean=result.mean)
+        record = round_record(rnd, result, time.perf_counter() - t0)
+        state = new_state
+        if test and (rnd == total or (cfg.eval.every and rnd % cfg.eval.every == 0)):
+            last_eval = host.call(lambda w: evaluate_global(w, state, cfg, test))
+            record[KEY_EVAL] = last_eval[0]
+        run.log_metrics(record)
+        log_round(rnd, total, record)
+        save_checkpoint(run.path, rnd, state, aggregator.state_dict())
+        run.write_partitions(pool.partitions())
+    _finish(cfg, run, pool, host, state, last_eval, test)
+    return state
+
+
+def _start(cfg: JobConfig, run: RunDir, host: Host, aggregator: Aggregator, test: list[dict]) -> tuple[State, int]:
+    """The latest checkpoint's state and next round, or the seeded initial adapter (after zero-shot)."""
+    ckpt = load_latest_checkpoint(run.path)
+    run.truncate_metrics_after(ckpt.round if ckpt else -1)
+    if ckpt is not None:
+        aggregator.load_state_dict(ckpt.server_state)
+        log.info("resuming %s after round %d", run.path, ckpt.round)
+        return ckpt.global_state, ckpt.round + 1
+    if test and cfg.eval.zero_shot:
+        zero_shot(cfg, run, host, test)
+    return host.call(lambda w: get_trainable_state(w.model)), 1
+
+
+def zero_shot(cfg: JobConfig, run: RunDir, host: Host, test: list[dict]) -> dict:
+    """Score the base model alone (round 0); write its record and predictions; return its metrics."""
+    metrics, preds = host.call(lambda w: evaluate_global(w, None, cfg, test))
+    run.log_metrics({"round": 0, "event": EVENT_EVAL, KEY_EVAL: metrics, "zero_shot": True})
+    run.write_predictions(preds, PREDICTIONS_ZERO_SHOT_FILE)
+    log.info("[round 0/%d] zero-shot %s", cfg.federation.rounds, metrics)
+    return metrics
+
+
+def _finish(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, state: State,
+            last_eval: Evaluation | None, test: list[dict]) -> None:
+    """Final predictions, the adapter folder and ``summary.json``."""
+    if test and last_eval is None:  # resumed after the last round had already been evaluated
+        last_eval = host.call(lambda w: evaluate_global(w, state, cfg, test))
+    if last_eval is not None:
+        run.write_predictions(last_eval[1])
+    host.call(lambda w: save_adapter(w.model, state, run.adapter_dir, cfg))
+    write_summary(cfg, run, state, last_eval[0] if last_eval else {}, **pool.runtime)
+
+
+def write_summary(cfg: JobConfig, run: RunDir, state: State | None, final: dict, **fields: object) -> None:
+    """``summary.json``: the job, its adapter's size, the final scores; ``fields`` add or override."""
+    run.write_summary({
+        "job": cfg.job, "run_dir": str(run.path), "rounds": cfg.federation.rounds,
+        "num_clients": cfg.federation.num_clients, "peft": cfg.peft.method,
+        "aggregation": cfg.federation.aggregation.name, "trainable_parameters": num_parameters(state or {}),
+        "update_bytes": state_nbytes(state or {}), "final": final, **fields,
+    })
+
+
+def round_record(rnd: int, result: RoundResult, seconds: float) -> dict:
+    """The ``metrics.jsonl`` record of one round: each client's metrics and bytes, who dropped and why."""
+    reports = result.reports
+    weight = sum(r.num_examples for r in reports)
+    return {
+        "round": rnd, "event": EVENT_ROUND, "seconds": round(seconds, 3),
+        "clients": [{"client_id": r.client_id, "num_examples": r.num_examples, **r.metrics,
+                     KEY_BYTES_DOWN: r.bytes_down, KEY_BYTES_UP: r.bytes_up} for r in reports],
+        "dropped": result.dropped,
+        KEY_BYTES_DOWN: sum(r.bytes_down for r in reports), KEY_BYTES_UP: sum(r.bytes_up for r in reports),
+        KEY_TRAIN_LOSS: sum(r.metrics[KEY_TRAIN_LOSS] * r.num_examples for r in reports) / max(weight, 1),
+        "secure_aggregation": result.secure,
+    }
+
+
+def log_round(rnd: int, total: int, record: dict) -> None:
+    """One ``[round r/R]`` line: clients, train loss, evaluation metrics, seconds."""
+    ev = record.get(KEY_EVAL) or {}
+    shown = " ".join(f"{k}={v:.4f}" for k, v in ev.items() if isinstance(v, float))
+    dropped = f" dropped={[d['client'] for d in record['dropped']]}" if record["dropped"] else ""
+    log.info("[round %d/%d] clients=%d%s train_loss=%.4f %s (%.1fs)", rnd, total, len(record["clients"]),
+             dropped, record[KEY_TRAIN_LOSS], shown, record["seconds"])

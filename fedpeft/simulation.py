@@ -1,0 +1,104 @@
+"""``fedpeft run``: the round loop with every client in this process, on the device scheduler.
+
+:class:`SchedulerPool` is the simulation's :class:`~fedpeft.rounds.ClientPool`: each sampled
+client is a task on the :class:`~fedpeft.scheduler.DeviceScheduler` (one base model per device,
+the client's adapter swapped in and out), trained by the core's ``fit``. The Flower deployment
+runs the same loop with its own pool (:mod:`fedpeft.deploy.flower_pool`).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+from fedpeft.adapters import get_trainable_state, num_parameters, state_nbytes
+from fedpeft.config import JobConfig, load_config
+from fedpeft.constants import CONFIG_FILE
+from fedpeft.data.federated import FederatedData, prepare_data
+from fedpeft.data.prompts import TokenizedExample, tokenize_examples
+from fedpeft.models import resolve_devices
+from fedpeft.rounds import client_seed, run_rounds
+from fedpeft.run_dir import RunDir
+from fedpeft.scheduler import DeviceScheduler, Task
+from fedpeft.state import ClientReport, ClientUpdate, RoundResult, State
+from fedpeft.trainer import fit
+from fedpeft.worker import Worker, build_worker
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerPool:
+    """Clients in this process: one task each on the device scheduler.
+
+    Args:
+        cfg: The job (training hyperparameters, ``min_clients``).
+        sched: The scheduler holding one worker (base model) per device.
+        data: The clients' rows (for ``partitions.json``).
+        tokenized: Each client's tokenized examples, in ``data.client_ids`` order.
+    """
+
+    runtime = {"runtime": "simulation"}
+
+    def __init__(self, cfg: JobConfig, sched: DeviceScheduler[Worker], data: FederatedData,
+                 tokenized: list[list[TokenizedExample]]) -> None:
+        self.cfg, self.sched, self.data, self.tokenized = cfg, sched, data, tokenized
+        self.client_ids = list(data.client_ids)
+
+    def train(self, rnd: int, sampled: list[str], global_state: State) -> RoundResult:
+        """Train ``sampled`` from ``global_state``; updates in sampled order (deterministic sums)."""
+        tasks = [Task(cid, partial(self._fit, index=self.client_ids.index(cid), rnd=rnd, state=global_state))
+                 for cid in sampled]
+        results, failures = self.sched.run(tasks, min_success=self.cfg.federation.min_clients)
+        updates = [results[c] for c in sampled if c in results]
+        down = state_nbytes(global_state)
+        reports = [ClientReport(u.client_id, u.num_examples, u.metrics, down, state_nbytes(u.state)) for u in updates]
+        dropped = [{"client": f.client_id, "reason": f.reason} for f in failures]
+        return RoundResult(reports, updates=updates, dropped=dropped)
+
+    def _fit(self, worker: Worker, index: int, rnd: int, state: State) -> ClientUpdate:
+        return fit(worker.model, self.tokenized[index], self.cfg.train, state, seed=client_seed(self.cfg, rnd, index),
+                   pad_token_id=worker.tokenizer.pad_token_id, client_id=self.client_ids[index])
+
+    def partitions(self) -> list[dict]:
+        return self.data.summary
+
+
+def build_pool(cfg: JobConfig, data: FederatedData) -> SchedulerPool:
+    """Load one model per device and tokenize every client's rows once."""
+    sched = DeviceScheduler(resolve_devices(cfg.model.devices), partial(build_worker, cfg))
+    tok = sched.call(lambda w: w.tokenizer)
+    tokenized = [tokenize_examples(tok, rows, cfg.data.max_seq_len, cfg.data.system_prompt) for rows in data.client_rows]
+    return SchedulerPool(cfg, sched, data, tokenized)
+
+
+def run_job(cfg: JobConfig | None, resume: str | Path | None = None, data: FederatedData | None = None) -> RunDir:
+    """Run (or resume) a federated job in-process; return its run directory.
+
+    Args:
+        cfg: The validated job config. On resume it is read from the run directory instead.
+        resume: A run directory to continue from its latest checkpoint.
+        data: Client partitions and test rows to use instead of those the config describes
+            (baselines: one client alone, or all data centralised).
+    """
+    if resume:
+        run = RunDir(Path(resume))
+        cfg = load_config(run.path / CONFIG_FILE)
+    else:
+        run = RunDir.create(cfg)
+    log.info("run directory: %s", run.path)
+    data = data or prepare_data(cfg)
+    run.write_partitions(data.summary)
+    pool = build_pool(cfg, data)
+    _log_setup(cfg, pool)
+    run_rounds(cfg, run, pool, pool.sched, data.test_rows)
+    return run
+
+
+def _log_setup(cfg: JobConfig, pool: SchedulerPool) -> None:
+    data = pool.data
+    sizes = ", ".join(f"{cid}={len(rows)}" for cid, rows in zip(data.client_ids, data.client_rows))
+    log.info("clients: %s; test questions: %d", sizes, len(data.test_rows))
+    state = pool.sched.call(lambda w: get_trainable_state(w.model))
+    log.info("%s: %s trainable parameters, %.2f MB per update (fp32)", cfg.peft.method,
+             f"{num_parameters(state):,}", state_nbytes(state) / 1e6)
