@@ -27,6 +27,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from fedpeft import tables
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
 MEDQUAD_DIR = REPO.parent / "shared" / "datasets" / "medquad"
@@ -153,11 +155,9 @@ class Column:
 
 
 def markdown_table(columns: Sequence[Column], rows: Sequence[dict[str, Any]]) -> str:
-    """A GitHub Markdown table (numbers right-aligned)."""
-    lines = ["| " + " | ".join(c.header for c in columns) + " |",
-             "| " + " | ".join("---" if i == 0 else "---:" for i in range(len(columns))) + " |"]
-    lines += ["| " + " | ".join(c.render(r) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    """A GitHub Markdown table of ``rows`` (first column left-aligned, the others right-aligned)."""
+    align = ["left"] + ["right"] * (len(columns) - 1)
+    return tables.markdown_table([c.header for c in columns], [[c.render(r) for c in columns] for r in rows], align)
 
 
 def fmt_bytes(n: float) -> str:

@@ -16,7 +16,8 @@ takes that many too (the runner matches them; asserted here). Its rows are the s
 partitions, so one centralised run is the reference for IID and non-IID alike.
 
 Metrics: ROUGE-1/2/L and BLEU-4 of greedy answers to the test questions, held-out loss on the
-same questions, 95% bootstrap intervals over questions, and federated ÷ centralised ROUGE-L.
+same questions, 95% bootstrap intervals over questions (and, in the JSON rows, the paired interval
+of the ROUGE-L gain over zero-shot), and federated ÷ centralised ROUGE-L.
 
     python bench/quality.py                      # the size in BENCHMARKS.md (1 torch thread)
     python bench/quality.py --parallel 3         # plans in 3 processes at once (needs ~3 × 3.5 GB)
@@ -198,7 +199,7 @@ def collect(workspace: Path, seeds: list[int]) -> list[dict]:
 
     from fedpeft.metrics import bootstrap_ci
 
-    rows = []
+    rows, answers = [], {}
     for seed in seeds:
         for tc in sorted(workspace.glob(f"quality-seed{seed}-*/*/*/testcase.json")):
             row = json.loads(tc.read_text())
@@ -215,7 +216,29 @@ def collect(workspace: Path, seeds: list[int]) -> list[dict]:
                 out[m] = summary["final"][m]
                 out[f"{m}_ci"] = bootstrap_ci(m, predictions=p, references=r, n_resamples=1000, seed=0)
             rows.append(out)
+            answers[out["run_dir"]] = (p, r)
+    add_gain_cis(rows, answers)
     return rows
+
+
+def add_gain_cis(rows: list[dict], answers: dict[str, tuple[list[str], list[str]]]) -> None:
+    """``rougeL_gain_ci``: paired 95% bootstrap interval of each run's ROUGE-L gain over the
+    zero-shot run of its seed (``None`` where there is none, or it answered other questions).
+
+    Args:
+        rows: Rows of :func:`collect` (``seed``, ``kind``, ``run_dir``).
+        answers: ``{run_dir: (predictions, references)}``.
+    """
+    from fedpeft.metrics import paired_bootstrap_ci
+
+    zero = {r["seed"]: answers[r["run_dir"]] for r in rows if r["kind"] == "zero_shot"}
+    for r in rows:
+        predictions, references = answers[r["run_dir"]]
+        baseline, base_refs = zero.get(r["seed"], (None, None))
+        paired = baseline is not None and base_refs == references and r["kind"] != "zero_shot"
+        r["rougeL_gain_ci"] = paired_bootstrap_ci(
+            "rougeL", predictions=predictions, baseline=baseline, references=references, n_resamples=1000,
+            seed=0) if paired else None
 
 
 ORDER = ["zero-shot", "centralised LoRA", "FedAvg-LoRA", "FedAvgM-LoRA", "FedAvg-P-Tuning"]  # then the rest

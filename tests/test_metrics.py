@@ -10,7 +10,7 @@ import pytest
 import sacrebleu
 
 from fedpeft.errors import RegistryError
-from fedpeft.metrics import METRICS, bootstrap_ci, compute_metrics
+from fedpeft.metrics import METRICS, bootstrap_ci, compute_metrics, paired_bootstrap_ci
 from fedpeft.metrics.rouge import rouge_scores
 
 BUILTIN = ["rouge1", "rouge2", "rougeL", "bleu4"]
@@ -114,3 +114,31 @@ def test_bleu_bootstrap_recomputes_corpus_bleu_on_each_resample():
     expected = tuple(np.quantile(values, [0.025, 0.975]))
     got = bootstrap_ci("bleu4", predictions=predictions, references=references, n_resamples=n, seed=seed)
     assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_paired_interval_of_a_constant_gain_has_zero_width_at_that_gain():
+    # Every question: ROUGE-1 2/3 (SHORT against LONG, hand value above) against 0 for the baseline.
+    references = [LONG] * 12
+    low, high = paired_bootstrap_ci("rouge1", predictions=[SHORT] * 12, baseline=["unrelated"] * 12,
+                                    references=references)
+    assert (low, high) == pytest.approx((2 / 3, 2 / 3))
+    one = paired_bootstrap_ci("rouge1", predictions=[SHORT], baseline=["unrelated"], references=[LONG])
+    assert one == pytest.approx((2 / 3, 2 / 3))  # one question: its own gain
+    predictions, references = _corpus()  # a corpus statistic (BLEU) compared with itself gains nothing
+    assert paired_bootstrap_ci("bleu4", predictions=predictions, baseline=predictions,
+                               references=references) == pytest.approx((0.0, 0.0))
+
+
+def test_paired_interval_of_a_clear_gain_lies_above_zero_and_swapping_the_runs_negates_it():
+    references = [f"answer number {i}" for i in range(20)]
+    better = references[:16] + ["no"] * 4  # right on 16 of 20 questions
+    worse = references[:2] + ["no"] * 18  # right on 2 of 20
+    low, high = paired_bootstrap_ci("rougeL", predictions=better, baseline=worse, references=references, seed=1)
+    assert 0.0 < low < 14 / 20 < high <= 1.0
+    swapped = paired_bootstrap_ci("rougeL", predictions=worse, baseline=better, references=references, seed=1)
+    assert swapped == pytest.approx((-high, -low))
+
+
+def test_paired_interval_needs_one_baseline_answer_per_question():
+    with pytest.raises(ValueError, match="2 predictions but 3 references"):
+        paired_bootstrap_ci("rouge1", predictions=["a", "b", "c"], baseline=["a", "b"], references=["a", "b", "c"])

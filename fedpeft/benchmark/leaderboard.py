@@ -45,6 +45,7 @@ from fedpeft.benchmark.plan import BenchmarkPlan
 from fedpeft.benchmark.schema import RankSpec
 from fedpeft.errors import ConfigError
 from fedpeft.io_utils import write_json, write_text
+from fedpeft.tables import markdown_table
 
 HIDDEN = ("_kind", "_group", "_session", "_dir", "_zs")  # row keys for grouping and the report, never shown
 ONE_DECIMAL = frozenset({COL_WALL_SECONDS, COL_PEAK_MEMORY, COL_PEAK_GPU_MEMORY, COL_PCT_CENTRALIZED})
@@ -279,11 +280,9 @@ def to_csv(board: Board) -> str:
 
 
 def to_markdown(board: Board) -> str:
-    lines = ["| " + " | ".join(board.columns) + " |", "|" + "---|" * len(board.columns)]
-    for r in board.rows:
-        cells = [board.cell(r, c).replace("|", "\\|") for c in board.columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    """The leaderboard as a Markdown table, cells as :meth:`Board.cell` writes them for people."""
+    rows = [[board.cell(r, c) for c in board.columns] for r in board.rows]
+    return markdown_table(board.columns, rows) + "\n"
 
 
 def write_board(job_dir: Path) -> tuple[Board, Board, dict]:

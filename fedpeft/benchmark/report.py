@@ -5,18 +5,22 @@ metric-vs-round curves of every test case (centralised dashed, zero-shot dotted)
 train loss curves of every federated test case, and the data partition sizes per client
 (stacked by the partition field when there is one). Figures are matplotlib PNGs (Agg backend)
 embedded as base64; the page loads nothing from anywhere.
+
+The page is the Jinja2 template ``templates/report.html.j2`` (package data), rendered with
+autoescape on: algorithm names, hyperparameter values and paths from the job are text, never
+markup. The figure functions here return base64 PNG text (``None``: nothing to draw).
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
-import html
 import io
 import json
 import logging
 from pathlib import Path
 
+import jinja2
 import matplotlib
 
 matplotlib.use("Agg")  # no display; must precede pyplot
@@ -26,29 +30,23 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from fedpeft.benchmark.constants import (  # noqa: E402
     CENTRALIZED, COL_HELDOUT_LOSS, KIND_FEDERATED, LOCAL_ONLY, REPORT_FILE, ZERO_SHOT,
 )
-from fedpeft.benchmark.leaderboard import (  # noqa: E402
-    Board, build_board, hyperparameter_columns, select,
-)
+from fedpeft.benchmark.leaderboard import build_board, hyperparameter_columns, select  # noqa: E402
 from fedpeft.constants import EVENT_ROUND, KEY_EVAL, KEY_EVENT, METRICS_FILE, PARTITIONS_FILE  # noqa: E402
 from fedpeft.io_utils import read_jsonl, write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1280px;color:#222}
-h1{font-size:1.6em;margin-bottom:0}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
-.meta{color:#666;font-size:.9em}.scroll{overflow-x:auto}
-table{border-collapse:collapse;font-size:.82em}th,td{border:1px solid #ddd;padding:3px 6px;white-space:nowrap}
-th{background:#f3f3f3;position:sticky;top:0}tr:nth-child(even){background:#fafafa}
-tr.baseline{color:#555;font-style:italic}img{max-width:100%;border:1px solid #eee;margin:6px 0}
-"""
+TEMPLATE = "report.html.j2"
+_TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("fedpeft.benchmark", "templates"),
+                                autoescape=True, undefined=jinja2.StrictUndefined)
 
 
 def _png(fig: plt.Figure) -> str:
+    """``fig`` as base64 PNG text (the figure is closed)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _labels(rows: list[dict], hyper: list[str]) -> dict[int, str]:
@@ -135,11 +133,11 @@ def _round_axis(ax: plt.Axes) -> None:
     ax.grid(alpha=0.3)
 
 
-def train_loss_figure(rows: list[dict], labels: dict[int, str]) -> str:
-    """Per-client train loss over rounds, one panel per federated test case."""
+def train_loss_figure(rows: list[dict], labels: dict[int, str]) -> str | None:
+    """Per-client train loss over rounds, one panel per federated test case (``None``: no such case)."""
     fed = [i for i, r in enumerate(rows) if r["_kind"] == KIND_FEDERATED and r["_dir"]]
     if not fed:
-        return "<p>No federated test case.</p>"
+        return None
     fig, axes = _grid(len(fed))
     for ax, i in zip(axes, fed):
         per_client: dict[str, list[tuple[int, float]]] = {}
@@ -156,8 +154,9 @@ def train_loss_figure(rows: list[dict], labels: dict[int, str]) -> str:
     return _png(fig)
 
 
-def partitions_figure(rows: list[dict]) -> str:
-    """Rows per client of each distinct partition (stacked by field value where counted)."""
+def partitions_figure(rows: list[dict]) -> str | None:
+    """Rows per client of each distinct partition (stacked by field value where counted);
+    ``None`` when no run recorded one."""
     seen: dict[str, list[dict]] = {}
     for r in rows:
         path = Path(r["_dir"]) / PARTITIONS_FILE if r["_dir"] and r["_kind"] == KIND_FEDERATED else None
@@ -165,7 +164,7 @@ def partitions_figure(rows: list[dict]) -> str:
             parts = json.loads(path.read_text())
             seen.setdefault(json.dumps(parts, sort_keys=True), parts)
     if not seen:
-        return "<p>No partition recorded.</p>"
+        return None
     fig, axes = _grid(len(seen), width=6.0, height=3.6)
     for ax, parts in zip(axes, seen.values()):
         names = [f"client-{p['client']}" for p in parts]
@@ -186,41 +185,24 @@ def partitions_figure(rows: list[dict]) -> str:
     return _png(fig)
 
 
-def table_html(board: Board) -> str:
-    """The leaderboard as an HTML table (baseline rows in italics)."""
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in board.columns)
-    body = []
-    for r in board.rows:
-        cls = ' class="baseline"' if r.get("paradigm") == "baseline" else ""
-        cells = "".join(f"<td>{html.escape(board.cell(r, c))}</td>" for c in board.columns)
-        body.append(f"<tr{cls}>{cells}</tr>")
-    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
-
-
 def render_report(job_dir: Path) -> str:
     """The report page of ``job_dir`` as HTML text."""
     board, meta = build_board(job_dir)
-    selected = select(board, meta)
     rows = board.rows
     labels = _labels(rows, hyperparameter_columns(board.columns, meta))
     metric_keys = {m["column"]: m["key"] for m in meta["metrics"]}
     metric_keys[COL_HELDOUT_LOSS] = COL_HELDOUT_LOSS
-    sections = [
-        ("Leaderboard", table_html(selected) + "<details><summary>Every column (rank/all_rank.csv)</summary>"
-         + table_html(board) + "</details>"),
-        ("Final metrics", bars_figure(rows, labels, list(metric_keys))),
-        ("Metrics per round", curves_figure(rows, labels, metric_keys)),
-        ("Train loss per client", train_loss_figure(rows, labels)),
-        ("Data partition sizes per client", partitions_figure(rows)),
-    ]
-    now = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(meta['name'])} - fedpeft report"
-             f"</title><style>{CSS}</style></head><body>",
-             f"<h1>{html.escape(meta['name'])}</h1><p class='meta'>fedpeft benchmark report, generated {now} from "
-             f"{html.escape(meta.get('source', ''))}; {len(rows)} rows in {html.escape(str(job_dir))}</p>"]
-    parts += [f"<h2>{title}</h2>{content}" for title, content in sections]
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    figures = {
+        "bars": bars_figure(rows, labels, list(metric_keys)),
+        "curves": curves_figure(rows, labels, metric_keys),
+        "train_loss": train_loss_figure(rows, labels),
+        "partitions": partitions_figure(rows),
+    }
+    return _TEMPLATES.get_template(TEMPLATE).render(
+        name=meta["name"], source=meta.get("source", ""), job_dir=str(job_dir), n_rows=len(rows),
+        generated=dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+        board=board, selected=select(board, meta), figures=figures,
+    )
 
 
 def write_report(job_dir: Path) -> Path:

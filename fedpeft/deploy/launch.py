@@ -25,6 +25,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from fedpeft.deploy import constants as C
 from fedpeft.deploy.settings import TlsConfig
 from fedpeft.errors import FedPeftError
@@ -121,17 +123,19 @@ def read_status(flower_dir: Path, run_id: int) -> dict[str, Any]:
 
 def app_pyproject(run_config: dict[str, Any]) -> str:
     """The Flower app's ``pyproject.toml``: fedpeft's ServerApp and ClientApp plus the run config."""
-    lines = [
-        "[project]", f'name = "{APP_NAME}"', 'version = "0.1.0"',
-        'description = "fedpeft on the Flower deployment runtime"', 'license = "Apache-2.0"',
-        'dependencies = ["flwr>=1.42.0"]', "",
-        "[tool.flwr.app]", 'publisher = "fedpeft"', "",
-        "[tool.flwr.app.components]", 'serverapp = "fedpeft.deploy.server_app:app"',
-        'clientapp = "fedpeft.deploy.client_app:app"', "",
-        "[tool.flwr.app.config]",
-    ]
-    lines += [f"{key} = {json.dumps(value)}" for key, value in run_config.items()]
-    return "\n".join(lines) + "\n"
+    components = {"serverapp": "fedpeft.deploy.server_app:app", "clientapp": "fedpeft.deploy.client_app:app"}
+    return tomli_w.dumps({
+        "project": {"name": APP_NAME, "version": "0.1.0", "description": "fedpeft on the Flower deployment runtime",
+                    "license": "Apache-2.0", "dependencies": ["flwr>=1.42.0"]},
+        "tool": {"flwr": {"app": {"publisher": "fedpeft", "components": components, "config": run_config}}},
+    })
+
+
+def cli_config(address: str, ca_cert: Path | None) -> str:
+    """The ``flwr`` CLI's ``config.toml``: one SuperLink connection, TLS unless ``ca_cert`` is ``None``."""
+    conn: dict[str, Any] = {"address": address}
+    conn.update({"insecure": True} if ca_cert is None else {"root-certificates": str(Path(ca_cert).resolve())})
+    return tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}})
 
 
 class SuperLink:
@@ -210,12 +214,9 @@ class SuperLink:
         raise DeployError(f"the SuperLink did not answer {url} within {self.startup_timeout_s:.0f}s")
 
     def _write_cli_config(self) -> None:
-        conn = [f"[superlink.{CONNECTION}]", f'address = "{self.local_address}"']
-        conn += ["insecure = true"] if self.tls is None else [
-            f"root-certificates = {json.dumps(str(Path(self.tls.ca_cert).resolve()))}"]
         path = self.dir / "flwr-home" / "cli" / "config.toml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(["[superlink]", f'default = "{CONNECTION}"', "", *conn]) + "\n",
+        path.write_text(cli_config(self.local_address, None if self.tls is None else self.tls.ca_cert),
                         encoding="utf-8")
 
     def flwr(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess:

@@ -5,8 +5,10 @@ keyword-only on purpose: several metrics are not symmetric (BLEU's brevity penal
 precision and recall), and keywords make swapping what the model wrote with what it should
 have written impossible at every call site.
 
-:func:`bootstrap_ci` resamples questions and recomputes the metric on each resample. Two
-optional attributes make that fast without changing the result:
+:func:`bootstrap_ci` resamples questions and recomputes the metric on each resample
+(``scipy.stats.bootstrap``, percentile method, seeded); :func:`paired_bootstrap_ci` does the same
+for the difference between two runs on the same questions. Two optional attributes make that
+fast without changing the result:
 
 * a mean of per-example scores carries ``metric.per_example(*, predictions, references) ->
   list[float]`` (see :func:`mean_metric`): the resampled scores are averaged;
@@ -17,7 +19,8 @@ optional attributes make that fast without changing the result:
 Any other metric (a plugin, say) is simply called on each resample.
 
 Evaluation on a few dozen questions is noisy, so a difference between two runs means little
-without an interval: :func:`bootstrap_ci` gives the percentile bootstrap over questions.
+without an interval: :func:`bootstrap_ci` gives the percentile bootstrap over questions, and
+:func:`paired_bootstrap_ci` the interval of a gain (fine-tuned minus zero-shot, say).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
+import scipy.stats
 
 from fedpeft.registry import Registry
 
@@ -129,32 +133,86 @@ def bootstrap_ci(
         RegistryError: if ``name`` is unknown.
         ValueError: if the lists differ in length or are empty, or ``confidence`` is not in (0, 1).
     """
+    check_pairs(predictions, references)
+    on_resamples = _on_resamples(METRICS.get(name), predictions, references)
+    return _percentile_ci(on_resamples, len(predictions), n_resamples, seed, confidence)
+
+
+def paired_bootstrap_ci(
+    name: str,
+    *,
+    predictions: list[str],
+    baseline: list[str],
+    references: list[str],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
+    """Paired percentile bootstrap interval of ``metric(predictions) - metric(baseline)``.
+
+    Both runs answered the same questions; each resample draws questions once and scores both
+    runs' answers to them, so the interval is of the gain itself, not of two noisy scores.
+
+    Args:
+        name: A registered metric name or plugin.
+        predictions: The run of interest's answers, one string per question.
+        baseline: The other run's answers (zero-shot, say) to the same questions, same order.
+        references: The reference answers, in the same order.
+        n_resamples: Number of resamples (with replacement, same size as the data).
+        seed: Seed of the resampling; the same seed gives the same interval.
+        confidence: Coverage of the interval, in (0, 1).
+
+    Returns:
+        ``(low, high)`` of the difference; above 0 means ``predictions`` scored higher.
+
+    Raises:
+        RegistryError: if ``name`` is unknown.
+        ValueError: if the lists differ in length or are empty, or ``confidence`` is not in (0, 1).
+    """
+    check_pairs(predictions, references)
+    check_pairs(baseline, references)
+    metric = METRICS.get(name)
+    new, old = _on_resamples(metric, predictions, references), _on_resamples(metric, baseline, references)
+    return _percentile_ci(lambda idx: new(idx) - old(idx), len(references), n_resamples, seed, confidence)
+
+
+Resampled = Callable[[np.ndarray], np.ndarray]
+
+
+def _percentile_ci(statistic: Resampled, n: int, n_resamples: int, seed: int,
+                   confidence: float) -> tuple[float, float]:
+    """``scipy.stats.bootstrap`` (percentile method) of ``statistic`` over ``n`` question indices.
+
+    Resampling indices rather than scores is what scipy's ``paired=True`` does too: it keeps a
+    question's answers together, and corpus metrics (BLEU) are not a mean of per-question scores.
+    """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    check_pairs(predictions, references)
-    metric = METRICS.get(name)
-    rng = np.random.default_rng(seed)
-    samples = rng.integers(0, len(predictions), size=(n_resamples, len(predictions)))
-    stats = _resampled_values(metric, predictions, references, samples)
-    alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(stats, [alpha, 1.0 - alpha])
-    return float(low), float(high)
+    if n == 1:  # scipy needs two observations; the only resample of one question is itself
+        value = float(statistic(np.zeros((1, 1), dtype=np.int64))[0])
+        return value, value
+    result = scipy.stats.bootstrap(
+        (np.arange(n),), lambda idx, axis: statistic(idx), vectorized=True, n_resamples=n_resamples,
+        confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
-def _resampled_values(
-    metric: Metric, predictions: list[str], references: list[str], samples: np.ndarray
-) -> np.ndarray:
-    """The metric on each resample; ``samples`` is ``(resamples, questions)`` of indices."""
+def _on_resamples(metric: Metric, predictions: list[str], references: list[str]) -> Resampled:
+    """``f(samples) -> values``: the metric on each resample; ``samples`` is ``(resamples, questions)``
+    of indices. Per-question scores or statistics are computed once, here."""
     if hasattr(metric, "per_example"):
         scores = np.asarray(metric.per_example(predictions=predictions, references=references), dtype=float)
-        return scores[samples].mean(axis=1)
+        return lambda samples: scores[samples].mean(axis=-1)
     if hasattr(metric, "statistics") and hasattr(metric, "from_statistics"):
         rows = np.asarray(metric.statistics(predictions=predictions, references=references))
-        return np.array([metric.from_statistics(totals) for totals in rows[samples].sum(axis=1)])
-    return np.array([
+        return lambda samples: np.array([metric.from_statistics(totals) for totals in rows[samples].sum(axis=1)])
+    return lambda samples: np.array([
         metric(predictions=[predictions[i] for i in idx], references=[references[i] for i in idx])
         for idx in samples
     ])
 
 
-__all__ = ["METRICS", "Metric", "bootstrap_ci", "check_pairs", "compute_metrics", "mean_metric"]
+__all__ = [
+    "METRICS", "Metric", "bootstrap_ci", "check_pairs", "compute_metrics", "mean_metric", "paired_bootstrap_ci",
+]

@@ -135,6 +135,18 @@ def test_quality_spread_groups_seeds_and_gives_their_range():
     assert zero["seeds"] == "0" and zero["ratio_range"] is None
 
 
+def test_quality_gain_interval_pairs_each_run_with_the_zero_shot_run_of_its_seed():
+    refs = [f"answer number {i}" for i in range(10)]
+    answers = {"zero": (["no"] * 10, refs), "fed": (refs, refs), "other-questions": (refs[::-1], refs[::-1]),
+               "seed1": (refs, refs)}
+    rows = [{"seed": 0, "kind": "zero_shot", "run_dir": "zero"}, {"seed": 0, "kind": "federated", "run_dir": "fed"},
+            {"seed": 0, "kind": "federated", "run_dir": "other-questions"},
+            {"seed": 1, "kind": "federated", "run_dir": "seed1"}]  # seed 1 has no zero-shot run
+    quality.add_gain_cis(rows, answers)
+    assert rows[1]["rougeL_gain_ci"] == pytest.approx((1.0, 1.0))  # every answer right against every one wrong
+    assert [r["rougeL_gain_ci"] for r in (rows[0], rows[2], rows[3])] == [None, None, None]
+
+
 def test_run_all_rewrites_only_between_markers(tmp_path):
     (tmp_path / "swap.json").write_text(json.dumps({
         "name": "swap", "title": "t", "command": "python bench/swap.py", "date": "2026-01-01 00:00 UTC",

@@ -17,7 +17,7 @@ from fedpeft.config import validate_tree
 from fedpeft.data.federated import prepare_data
 from fedpeft.deploy import server_command as coordinator
 from fedpeft.deploy.counting_grid import CountingGrid
-from fedpeft.deploy.launch import app_pyproject
+from fedpeft.deploy.launch import CONNECTION, app_pyproject, cli_config
 from fedpeft.deploy.records import content_nbytes, record_to_state, state_to_record
 from fedpeft.deploy.secagg import error_bound, expected_noise_std
 from fedpeft.deploy.settings import SecAggConfig, load_deploy_config
@@ -52,6 +52,15 @@ def test_app_pyproject_is_a_valid_flower_app() -> None:
     assert ok, errors
     assert config["tool"]["flwr"]["app"]["components"]["clientapp"] == "fedpeft.deploy.client_app:app"
     assert config["tool"]["flwr"]["app"]["config"] == {"run-dir": "/x/run"}
+
+
+def test_cli_config_names_one_connection_and_keeps_any_certificate_path(tmp_path) -> None:
+    plain = tomllib.loads(cli_config("127.0.0.1:9093", None))
+    assert plain == {"superlink": {"default": CONNECTION,
+                                   CONNECTION: {"address": "127.0.0.1:9093", "insecure": True}}}
+    ca = tmp_path / 'odd "dir" \\ ca.pem'  # quotes and a backslash must survive TOML quoting
+    tls = tomllib.loads(cli_config("hub:9093", ca))["superlink"][CONNECTION]
+    assert tls == {"address": "hub:9093", "root-certificates": str(ca.resolve())}
 
 
 def _secaggplus_mean(deltas, weights, settings: SecAggConfig, rng) -> np.ndarray:
