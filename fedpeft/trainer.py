@@ -90,10 +90,36 @@ def fit(
     Returns:
         The client's update: its new adapter state, example count and training metrics.
     """
+    set_trainable_state(model, global_state)  # swap the global adapter in
+    anchor = global_state if cfg.fedprox_mu > 0 else None
+    metrics = local_steps(model, examples, cfg, seed=seed, pad_token_id=pad_token_id, anchor=anchor,
+                          client_id=client_id, progress=progress)
+    return ClientUpdate(client_id, get_trainable_state(model), len(examples), metrics)  # and out
+
+
+def local_steps(
+    model: nn.Module,
+    examples: list[TokenizedExample],
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    pad_token_id: int,
+    anchor: State | None = None,
+    client_id: str = "client",
+    progress: bool = True,
+) -> dict[str, float | int | str]:
+    """The optimizer steps of one client's round on the adapter the model holds now.
+
+    Args:
+        anchor: The global state FedProx pulls towards (``cfg.fedprox_mu > 0``).
+        Others: as in :func:`fit`.
+
+    Returns:
+        Training metrics: mean loss, steps, seconds, tokens/s, device.
+    """
     device = next(model.parameters()).device
-    set_trainable_state(model, global_state)
     params = trainable_parameters(model)
-    anchor = {n: t.to(device) for n, t in global_state.items()} if cfg.fedprox_mu > 0 else {}
+    anchor = {n: t.to(device) for n, t in anchor.items()} if anchor is not None else {}
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     batches = _batches(len(examples), cfg.batch_size, cfg.local_epochs, generator)
@@ -126,11 +152,10 @@ def fit(
         bar.close()
     model.eval()
     seconds = time.perf_counter() - start
-    metrics = {
+    return {
         KEY_TRAIN_LOSS: sum(losses) / max(len(losses), 1),
         KEY_STEPS: total_steps,
         KEY_SECONDS: round(seconds, 4),
         "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else 0.0,
         KEY_DEVICE: str(device),
     }
-    return ClientUpdate(client_id, get_trainable_state(model), len(examples), metrics)

@@ -84,13 +84,19 @@ def test_memory_measures_fresh_processes(tmp_path):
     assert run["vm_hwm"] > 0 and run["growth"] == 0.0
 
 
-def test_overhead_times_a_real_round(tmp_path):
+def test_overhead_times_the_loop_against_its_own_steps(tmp_path, monkeypatch):
+    import fedpeft.adapters as adapters
+    import fedpeft.trainer as trainer
+
+    swaps = []
+    monkeypatch.setattr(trainer, "set_trainable_state", lambda m, s: swaps.append(1) or adapters.set_trainable_state(m, s))
     res = overhead.main(["--configs", "tiny:2", "--reps", "1", "--steps", "1", "--results-dir", str(tmp_path)])
     (row,) = res["rows"]
-    assert row["clients"] == 2 and row["pure_s"] > 0 and row["checkpoint_s"] > 0
-    assert row["federation_only_s"] > 0
-    raw = row["raw"]["rounds"][0]
-    assert raw["fit_calls"] <= raw["wall"]  # the fit calls are inside the round
+    assert row["clients"] == 2 and row["rounds"] == 1 and row["pure_s"] > 0
+    assert row["outside_steps_s"] > 0
+    raw = row["raw"]["federated"][0]
+    assert 0 < raw["steps_wall"] < raw["wall"]  # the optimizer steps are inside the run
+    assert len(swaps) == 2 * 2  # warm-up and one repetition, 2 clients each: the swap is in the federated run only
 
 
 def test_scaling_counts_the_7b_adapter_exactly(tmp_path):

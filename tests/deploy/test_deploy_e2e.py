@@ -113,7 +113,8 @@ def test_a_site_crashing_mid_round_leaves_the_round_to_the_other_two(sites_and_t
         _run(lb)
     (record,) = read_jsonl(lb.run_dir / "metrics.jsonl")
     assert [c["client_id"] for c in record["clients"]] == ["site-a", "site-b"]
-    assert record["dropped"] == 1 and "no reply within 45s" in record["failed"]["site-c"]
+    (dropped,) = record["dropped"]
+    assert dropped["client"] == "site-c" and "no reply within 45s" in dropped["reason"]
     assert (lb.run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
