@@ -12,7 +12,10 @@ against a slow reference in ``tests/test_generation.py``:
   ``PeftModel.generate`` (peft 0.21.2) the KV cache is reused too, but peft drops the
   ``position_ids`` that transformers derives from the attention mask
   (``PeftModel._adjust_prompt_learning_kwargs``), so left-padded rows get shifted positions and
-  batched answers differ from one-at-a-time answers. The direct path keeps them equal.
+  batched answers differ from one-at-a-time answers; with transformers 5.24 it also prepends
+  the virtual tokens again before every new token (the cache reaches peft's
+  ``prepare_inputs_for_generation`` as ``cache``, not ``past_key_values``). The direct path
+  keeps them equal.
 * **LoRA merged into the weights** while generating (:func:`merged_lora`): one matmul per
   layer instead of three. On exit the original base weights are copied back from a CPU copy,
   because unmerging (subtracting ``B @ A`` again) is not bit-exact in floating point.
