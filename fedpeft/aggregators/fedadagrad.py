@@ -14,17 +14,14 @@ included, so FedAdagrad takes ``beta1`` (``beta1 = 0`` gives plain Adagrad) but 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from fedpeft.aggregators.base import AGGREGATORS
 from fedpeft.aggregators.fedopt import AdaptiveServerOptimizer
-from fedpeft.state import State
 
 
 @AGGREGATORS.register("fedadagrad")
-class FedAdagrad:
+class FedAdagrad(AdaptiveServerOptimizer):
     """Federated averaging with a server-side Adagrad step.
 
     Args:
@@ -37,25 +34,7 @@ class FedAdagrad:
     """
 
     def __init__(self, server_lr: float = 1e-2, beta1: float = 0.9, tau: float = 1e-3) -> None:
-        self._opt = AdaptiveServerOptimizer(
-            "FedAdagrad", self._second_moment, server_lr=server_lr, beta1=beta1, tau=tau
-        )
+        super().__init__(server_lr=server_lr, beta1=beta1, tau=tau)
 
-    def _second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
+    def second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
         return v + delta_sq
-
-    def step(self, global_state: State, mean_state: State) -> State:
-        """One FedAdagrad step from the sent ``global_state`` towards the clients' ``mean_state``.
-
-        Raises:
-            AggregationError: if the keys or shapes of the inputs or the moments differ.
-        """
-        return self._opt.step(global_state, mean_state)
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"m": State | None, "v": State | None, "step": int}`` with cloned tensors."""
-        return self._opt.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self._opt.load_state_dict(state)

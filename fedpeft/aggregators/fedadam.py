@@ -11,17 +11,14 @@ With ``delta = mean - global``: ``m = beta1 * m + (1 - beta1) * delta`` (``m`` s
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from fedpeft.aggregators.base import AGGREGATORS, require_in_range
 from fedpeft.aggregators.fedopt import AdaptiveServerOptimizer
-from fedpeft.state import State
 
 
 @AGGREGATORS.register("fedadam")
-class FedAdam:
+class FedAdam(AdaptiveServerOptimizer):
     """Federated averaging with a server-side Adam step (no bias correction, as in the paper).
 
     Args:
@@ -39,25 +36,7 @@ class FedAdam:
     ) -> None:
         require_in_range("beta2", beta2, 0.0, 1.0)
         self.beta2 = float(beta2)
-        self._opt = AdaptiveServerOptimizer(
-            "FedAdam", self._second_moment, server_lr=server_lr, beta1=beta1, tau=tau
-        )
+        super().__init__(server_lr=server_lr, beta1=beta1, tau=tau)
 
-    def _second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
+    def second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
         return self.beta2 * v + (1.0 - self.beta2) * delta_sq
-
-    def step(self, global_state: State, mean_state: State) -> State:
-        """One FedAdam step from the sent ``global_state`` towards the clients' ``mean_state``.
-
-        Raises:
-            AggregationError: if the keys or shapes of the inputs or the moments differ.
-        """
-        return self._opt.step(global_state, mean_state)
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"m": State | None, "v": State | None, "step": int}`` with cloned tensors."""
-        return self._opt.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self._opt.load_state_dict(state)

@@ -1,4 +1,5 @@
-"""The server optimizer shared by FedAdam, FedYogi and FedAdagrad (composed, not inherited).
+"""The server optimizer shared by FedAdam, FedYogi and FedAdagrad: each subclasses it and gives
+only its second-moment rule (:meth:`AdaptiveServerOptimizer.second_moment`).
 
 Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Algorithm 2.
 https://arxiv.org/abs/2003.00295
@@ -12,7 +13,6 @@ whose update rule is the only difference between the three; ``v`` starts at ``ta
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,16 +27,10 @@ from fedpeft.aggregators.base import (
 )
 from fedpeft.state import State
 
-SecondMomentRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``(v_prev, delta ** 2) -> v``, elementwise on float32 tensors."""
-
-
 class AdaptiveServerOptimizer:
     """The moments ``m``, ``v`` and the step count of one FedOpt server optimizer.
 
     Args:
-        owner: Name of the aggregator using it, for error messages (``"FedAdam"``).
-        second_moment: How ``v`` is updated from ``v_prev`` and ``delta ** 2``.
         server_lr: Server learning rate ``eta`` (> 0).
         beta1: First-moment decay in [0, 1).
         tau: Adaptivity ``tau`` (> 0): the initial ``sqrt(v)`` and the denominator's floor.
@@ -46,18 +40,20 @@ class AdaptiveServerOptimizer:
     """
 
     def __init__(
-        self, owner: str, second_moment: SecondMomentRule, *, server_lr: float, beta1: float,
-        tau: float,
+        self, *, server_lr: float, beta1: float, tau: float,
     ) -> None:
         require_in_range("server_lr", server_lr, 0.0)
         require_in_range("beta1", beta1, 0.0, 1.0)
         require_in_range("tau", tau, 0.0)
-        self.owner = owner
-        self.second_moment = second_moment
+        self.owner = type(self).__name__  # for error messages
         self.server_lr, self.beta1, self.tau = float(server_lr), float(beta1), float(tau)
         self._m: State | None = None
         self._v: State | None = None
         self._steps = 0
+
+    def second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
+        """``v`` from ``v_prev`` and ``delta ** 2``, elementwise on float32 tensors (per variant)."""
+        raise NotImplementedError
 
     def step(self, global_state: State, mean_state: State) -> State:
         """One adaptive step from the sent ``global_state`` towards ``mean_state``.

@@ -13,53 +13,16 @@ multiplicatively);
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from fedpeft.aggregators.base import AGGREGATORS, require_in_range
-from fedpeft.aggregators.fedopt import AdaptiveServerOptimizer
-from fedpeft.state import State
+from fedpeft.aggregators.base import AGGREGATORS
+from fedpeft.aggregators.fedadam import FedAdam
 
 
 @AGGREGATORS.register("fedyogi")
-class FedYogi:
-    """Federated averaging with a server-side Yogi step.
+class FedYogi(FedAdam):
+    """Federated averaging with a server-side Yogi step: FedAdam's parameters and first moment,
+    Yogi's additive second moment (``v`` moves towards ``delta**2`` by at most ``(1 - beta2) * delta**2``)."""
 
-    Args:
-        server_lr: Server learning rate ``eta`` (> 0).
-        beta1: First-moment (momentum) decay in [0, 1).
-        beta2: Second-moment decay in [0, 1).
-        tau: Adaptivity ``tau`` (> 0); larger values make steps less adaptive.
-
-    Raises:
-        ConfigError: if a hyperparameter is out of range.
-    """
-
-    def __init__(
-        self, server_lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
-    ) -> None:
-        require_in_range("beta2", beta2, 0.0, 1.0)
-        self.beta2 = float(beta2)
-        self._opt = AdaptiveServerOptimizer(
-            "FedYogi", self._second_moment, server_lr=server_lr, beta1=beta1, tau=tau
-        )
-
-    def _second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
+    def second_moment(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
         return v - (1.0 - self.beta2) * delta_sq * torch.sign(v - delta_sq)
-
-    def step(self, global_state: State, mean_state: State) -> State:
-        """One FedYogi step from the sent ``global_state`` towards the clients' ``mean_state``.
-
-        Raises:
-            AggregationError: if the keys or shapes of the inputs or the moments differ.
-        """
-        return self._opt.step(global_state, mean_state)
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"m": State | None, "v": State | None, "step": int}`` with cloned tensors."""
-        return self._opt.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self._opt.load_state_dict(state)
