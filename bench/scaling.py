@@ -70,7 +70,7 @@ def aggregation_seconds_per_byte(update_bytes: int, k: int = 4, reps: int = 3) -
 
     import torch
 
-    from fedpeft.aggregators import build_aggregator
+    from fedpeft.aggregators import aggregate, build_aggregator
     from fedpeft.checkpoint import save_checkpoint
     from fedpeft.state import ClientUpdate
 
@@ -84,7 +84,7 @@ def aggregation_seconds_per_byte(update_bytes: int, k: int = 4, reps: int = 3) -
         fn()
         return time.process_time() - start
 
-    agg_t = median([cpu(lambda: agg.aggregate(state, updates)) for _ in range(reps)])
+    agg_t = median([cpu(lambda: aggregate(agg, state, updates)) for _ in range(reps)])
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_t = median([cpu(lambda: save_checkpoint(Path(tmp), 1, state, {})) for _ in range(reps)])
     return agg_t / (k * n * 4), ckpt_t / (n * 4)
@@ -98,7 +98,8 @@ def measured_inputs(results_dir: Path) -> dict:
         return {}
     r = rows[0]
     p = res["params"]
-    return {"step_s": r["pure_s"] / (r["clients"] * r["steps_per_client"]), "overhead": r["federation_only"],
+    steps = r["clients"] * r["steps_per_client"] * r.get("rounds", 1)
+    return {"step_s": r["pure_s"] / steps, "overhead": r["outside_steps"],
             "tokens_per_step": p["batch_size"] * p["max_seq_len"], "source": "bench/results/overhead.json",
             "threads": res["machine"]["torch_threads"], "loadavg": res["loadavg_start"]}
 
