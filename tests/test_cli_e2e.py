@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from fedpeft.cli import main
+from fedpeft.generation import generate_answers
 from fedpeft.io_utils import read_jsonl
 
 TINY_JOB = {
@@ -97,19 +99,27 @@ def test_validate_lists_every_problem(tmp_path, capsys):
     path = _write(tmp_path, bad)
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "4 problems" in err or "problems" in err
+    assert f"4 problems in {path}:" in err
+    assert sum(line.startswith("  - ") for line in err.splitlines()) == 4  # one line per problem
     for needle in ("peft.alpah", "did you mean 'alpha'", "fedavgx", "fedavgm", "train.learning_rate",
                    "train.batchsize", "did you mean 'batch_size'", str(path) + ":"):
         assert needle in err, needle
     assert main(["validate", str(_write(tmp_path, TINY_JOB, "ok.yaml"))]) == 0
 
 
-def test_generate_with_trained_adapter(tmp_path, capsys):
+def test_generate_answers_with_the_trained_adapter(tmp_path, capsys, tiny_base):
     cfg = _write(tmp_path, {**TINY_JOB, "federation": {**TINY_JOB["federation"], "rounds": 1},
                             "eval": {**TINY_JOB["eval"], "zero_shot": False}})
     assert main(["run", str(cfg)]) == 0
     adapter = _run_dir(tmp_path) / "adapter"
+    questions = ["What is asthma?", "What causes gout?", "How is the flu treated?"]
     capsys.readouterr()
-    assert main(["generate", "--adapter", str(adapter), "--max-new-tokens", "5", "What is asthma?"]) == 0
+    assert main(["generate", "--adapter", str(adapter), "--max-new-tokens", "5", *questions]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("Q: What is asthma?\nA: ")
+    # the same answers as the adapter loaded with plain PEFT, and not the base model's
+    base, tok = copy.deepcopy(tiny_base[0]), tiny_base[1]
+    kwargs = dict(max_new_tokens=5, repetition_penalty=1.1, progress=False)  # the CLI's defaults
+    without = generate_answers(base, tok, questions, **kwargs)
+    with_adapter = generate_answers(PeftModel.from_pretrained(base, adapter), tok, questions, **kwargs)
+    assert with_adapter != without  # premise: this adapter changes the tiny model's answers
+    assert out == "".join(f"Q: {q}\nA: {a}\n\n" for q, a in zip(questions, with_adapter))
