@@ -1,6 +1,6 @@
 """Tokens/s of each generation path on SmolLM2-135M-Instruct (a measurement, not a test).
 
-    .venv/bin/python bench/generation_paths.py [--questions 8] [--new-tokens 128] [--reps 3] [--threads N]
+    python bench/generation_paths.py [--questions 8] [--new-tokens 128] [--reps 3] [--threads N]
 
 Paths: the base model; P-Tuning through ``PeftModel.generate`` ("slow") and through
 :mod:`fedpeft.generation`'s direct path ("fast"); LoRA unmerged and merged. Every path
@@ -17,8 +17,8 @@ means the KV cache is reused; more would mean every step re-encodes the sequence
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import sys
 import copy
 import json
 import statistics
@@ -29,6 +29,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import Column, Recorder, base_parser, markdown_table, setup_torch  # noqa: E402
 from fedpeft.config import ModelConfig
 from fedpeft.data.prompts import prompt_ids
 from fedpeft.generation import _generate_ids, _left_pad, merged_lora
@@ -98,14 +101,23 @@ def _measure(path: Path_, kw: dict) -> tuple[float, float, int]:
     return seconds, cpu_seconds, max(lengths[1:])  # lengths[0] is the prompt (prefill)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+COLUMNS = [
+    Column("path", "path"),
+    Column("median_tok_s", "median tok/s", lambda v: f"{v:.1f}"),
+    Column("best_tok_s", "best tok/s", lambda v: f"{v:.1f}"),
+    Column("tok_per_cpu_s", "tok/CPU-s", lambda v: f"{v:.1f}"),
+    Column("positions_per_step", "positions per decoding step"),
+]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = base_parser(__doc__)
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parser.parse_args(argv)
+    rec = Recorder("generation_paths", argv)
+    setup_torch(args.threads)
     warnings.filterwarnings("ignore")
     base, tok = load_base_model(ModelConfig(name="smollm2-135m-instruct"))
     ids, mask = _left_pad([prompt_ids(tok, q) for q in _questions(args.questions)], tok.pad_token_id,
@@ -123,12 +135,14 @@ def main() -> None:
                 wall[name].append(ids.shape[0] * tokens / seconds)
                 cpu[name].append(ids.shape[0] * tokens / cpu_seconds)
                 print(f"rep {rep}: {name:36s} {wall[name][-1]:7.1f} tok/s {cpu[name][-1]:7.1f} tok/CPU-s", flush=True)
-    print(f"\nSmolLM2-135M-Instruct, {ids.shape[0]} questions x {args.new_tokens} new tokens, batch "
-          f"{ids.shape[0]}, {torch.get_num_threads()} threads, {args.reps} interleaved reps\n")
-    print(f"{'path':36s} {'median tok/s':>12s} {'best tok/s':>11s} {'tok/CPU-s':>10s} {'positions/step':>15s}")
-    for name in paths:
-        print(f"{name:36s} {statistics.median(wall[name]):12.1f} {max(wall[name]):11.1f} "
-              f"{statistics.median(cpu[name]):10.1f} {positions[name]:15d}")
+    rows = [{"path": name, "median_tok_s": statistics.median(wall[name]), "best_tok_s": max(wall[name]),
+             "tok_per_cpu_s": statistics.median(cpu[name]), "positions_per_step": positions[name]}
+            for name in paths]
+    md = markdown_table(COLUMNS, rows) + (
+        f"\n\nSmolLM2-135M-Instruct, {ids.shape[0]} questions × exactly {args.new_tokens} new tokens, batch "
+        f"{ids.shape[0]}, {torch.get_num_threads()} thread(s), {args.reps} interleaved repetitions.")
+    return rec.finish(args.results_dir, title="Generation paths: P-Tuning and merged LoRA", rows=rows, markdown=md,
+                      params={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ as a new section.
     python bench/run_all.py                       # quick set (all but quality), then BENCHMARKS.md
     python bench/run_all.py --only swap generation
     python bench/run_all.py --render-only         # only rewrite BENCHMARKS.md from bench/results/
-    python bench/quality.py                       # the long one (about an hour), run on its own
+    python bench/quality.py                       # the long ones, run on their own (about an hour each
+    python bench/medquad.py                       #   and 35 min), then --render-only
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ QUICK: dict[str, list[str]] = {
     "communication": [],
     "swap": [],
     "generation": [],
+    "generation_paths": [],
     "memory": [],
-    "overhead": [],
+    "overhead": ["--default-steps", "4"],
     "scaling": [],
 }
 # Order of the sections in BENCHMARKS.md, with their headings for a file without markers.
@@ -43,10 +45,13 @@ SECTIONS = {
     "memory": "2. Memory ceiling",
     "swap": "3. Adapter swap vs reload",
     "generation": "4. Evaluation throughput",
+    "generation_paths": "Generation paths: P-Tuning and merged LoRA",
     "communication": "5. Communication",
     "quality": "6. Learning quality",
     "scaling": "7. Scaling on paper",
+    "medquad": "8. The MedQuAD run",
 }
+LONG = {"quality": "python bench/quality.py", "medquad": "python bench/medquad.py"}  # run on their own
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
 
@@ -89,13 +94,55 @@ def update_markdown(text: str, sections: dict[str, str]) -> str:
     return text
 
 
+def _pct_range(values: list[float]) -> str:
+    return f"{100 * min(values):+.1f} … {100 * max(values):+.1f} %"
+
+
+def _x_range(values: list[float]) -> str:
+    return f"{min(values):.0f}× … {max(values):.0f}×"
+
+
+HEADLINES = {  # one line of what each result measured, for the summary table
+    "overhead": lambda r: (f"outside the optimizer steps: {_pct_range([x['outside_steps'] for x in r['rows']])} "
+                           f"of the run; wall ratio {_pct_range([x['overhead'] for x in r['rows']])}"),
+    "memory": lambda r: "; ".join(f"{m}: {100 * g:+.1f} %" for m, g in r["goal"]["growth"].items()),
+    "swap": lambda r: f"{_x_range([x['ratio'] for x in r['rows']])} (swap in); {r['goal']['min_ratio_out_and_in']:.0f}× "
+                      "counting the copy out",
+    "generation": lambda r: f"{r['goal']['best_speedup']:.1f}× at batch {r['goal']['best_batch_size']}",
+    "generation_paths": lambda r: ", ".join(f"{x['path']} {x['median_tok_s']:.0f}" for x in r["rows"]) + " tok/s",
+    "communication": lambda r: f"update {_x_range([x['ratio'] for x in r['rows']])} smaller than the model",
+    "quality": lambda r: ("FedAvg-LoRA ÷ centralised ROUGE-L (per seed): IID "
+                          + ", ".join(f"{x:.2f}" for x in r["goal"]["fedavg_lora_iid_ratio"]) + "; non-IID "
+                          + ", ".join(f"{x:.2f}" for x in r["goal"]["fedavg_lora_noniid_ratio"])),
+    "scaling": lambda r: "; ".join(f"{x['sites']} sites: {x['round_s'] / 60:.1f} min/round" for x in r["rows"]),
+    "medquad": lambda r: (f"ROUGE-L {r['rows'][0]['rougeL']:.3f} → {r['rows'][1]['rougeL']:.3f}, paired gain CI "
+                          f"[{r['gain_ci'][0]:+.3f}, {r['gain_ci'][1]:+.3f}]; held-out loss "
+                          f"{r['rows'][0]['heldout_loss']:.2f} → {r['rows'][1]['heldout_loss']:.2f}"),
+}
+
+
+def render_summary(results: dict[str, dict]) -> str:
+    """The summary table: every result's goal, headline and verdict, with its date."""
+    from fedpeft.tables import markdown_table
+
+    rows = []
+    for name, r in results.items():
+        goal = r.get("goal") or {}
+        verdict = "–" if not goal else ("met" if goal.get("met") else "**missed**")
+        headline = HEADLINES[name](r) if name in HEADLINES else ""
+        rows.append([SECTIONS[name], goal.get("text", "–"), headline, verdict, r["date"]])
+    return markdown_table(["section", "goal", "measured", "verdict", "date"], rows)
+
+
 def render(results_dir: Path, path: Path) -> list[str]:
     """Rewrite the marked tables of ``path`` from ``results_dir``; return the names written."""
-    sections = {}
+    sections, results = {}, {}
     for name in SECTIONS:
         result = load_result(name, results_dir)
         if result is not None:
             sections[name] = render_section(result)
+            results[name] = result
+    sections["summary"] = render_summary(results)
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
     path.write_text(update_markdown(text, sections), encoding="utf-8")
     return list(sections)
