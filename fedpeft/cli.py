@@ -26,6 +26,13 @@ def _setup_logging(verbose: bool) -> None:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from fedpeft.config import load_config
 
+    if _is_benchmark(args.config):  # what `fedpeft run` accepts, `validate` checks: every test case
+        from fedpeft.benchmark import load_plan
+
+        plan = load_plan(args.config, args.overrides)
+        print(f"{args.config}: OK (benchmark {plan.name!r}: {len(plan.cases)} test cases, "
+              f"baselines: {', '.join(plan.baselines) or 'none'})")
+        return 0
     cfg = load_config(args.config, args.overrides)
     print(f"{args.config}: OK (job {cfg.job!r}: {cfg.peft.method} x {cfg.federation.aggregation.name}, "
           f"{cfg.federation.num_clients} clients, {cfg.federation.rounds} rounds)")
@@ -112,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.learning_rate=1e-4")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     run.set_defaults(fn=_cmd_run)
-    val = sub.add_parser("validate", help="check a config and list every problem")
-    val.add_argument("config")
+    val = sub.add_parser("validate", help="check a job or benchmark config and list every problem")
+    val.add_argument("config", help="job YAML, benchmarkingjob.yaml (Ianvs format) or configs/benchmark-*.yaml")
     val.add_argument("overrides", nargs="*")
     val.set_defaults(fn=_cmd_validate)
     demo = sub.add_parser("demo", help="small federated LoRA job on the default model and shipped sample data")

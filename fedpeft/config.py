@@ -1,23 +1,28 @@
 """Typed job configuration: YAML -> validated pydantic models, one error listing every problem.
 
 A native job is one YAML file (see ``configs/``). ``load_config`` reads it, applies
-``key=value`` overrides, and validates the whole file: unknown keys, bad values, unknown
-registry names (aggregator, PEFT method, partitioner, metric) and their hyperparameters. The
-resulting :class:`ConfigError` lists every problem with its YAML path, line, bad value and
-what would be valid.
+``key=value`` overrides, resolves relative data paths (beside the YAML file first, then the
+working directory) and validates the whole file: unknown keys, bad values, unknown registry
+names (aggregator, PEFT method, partitioner, metric) and their hyperparameters. The resulting
+:class:`ConfigError` lists every problem with its YAML path, line, bad value and what would be
+valid (:mod:`fedpeft.problems`).
 """
 
 from __future__ import annotations
 
-import difflib
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fedpeft.data.io import resolve_input
 from fedpeft.errors import ConfigError
+from fedpeft.problems import Loc, Problems, did_you_mean, read_yaml
+
+log = logging.getLogger(__name__)
 
 
 class _Section(BaseModel):
@@ -33,37 +38,32 @@ class ModelConfig(_Section):
     gguf_file: str | None = None  # file name inside a hub repo / folder holding GGUF weights
 
 
-class PeftConfig(_Section):
+class _Named(_Section):
+    """A registry name plus the keyword parameters of what it names (every other key)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class PeftConfig(_Named):
     """``method`` names a registered PEFT method; the other keys are its hyperparameters."""
 
-    model_config = ConfigDict(extra="allow")
     method: str = "lora"
 
-    @property
-    def params(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
 
-
-class AggregationConfig(_Section):
+class AggregationConfig(_Named):
     """``name`` names a registered aggregator; the other keys are its hyperparameters."""
 
-    model_config = ConfigDict(extra="allow")
     name: str = "fedavg"
 
-    @property
-    def params(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
 
-
-class PartitionConfig(_Section):
+class PartitionConfig(_Named):
     """``method`` names a registered partitioner; the other keys are its parameters."""
 
-    model_config = ConfigDict(extra="allow")
     method: str = "iid"
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
 
 
 class DataConfig(_Section):
@@ -76,6 +76,10 @@ class DataConfig(_Section):
     answer_field: str | None = None  # None: detect answer/response/output/Answer
     system_prompt: str | None = None
     max_seq_len: int = Field(384, ge=16)  # longer costs memory and time per step quadratically
+    # At most this many training rows in total over all clients: a seeded subset of the training
+    # rows, taken after the test rows are held out. Pooled data (data.train) is capped, then
+    # partitioned; with client_files each client keeps max_train_samples // num_clients of its
+    # own rows, so a deployed site can apply the cap alone.
     max_train_samples: int | None = Field(None, ge=1)
     max_test_samples: int | None = Field(None, ge=1)
 
@@ -83,10 +87,19 @@ class DataConfig(_Section):
 class FederationConfig(_Section):
     num_clients: int = Field(4, ge=1)
     rounds: int = Field(3, ge=1)
-    clients_per_round: int | float | None = None  # None: all; int: count; float in (0,1]: fraction
+    clients_per_round: int | float | None = None  # None: all; int >= 1: count; float in (0, 1]: fraction
     min_clients: int = Field(1, ge=1)  # a round fails if fewer clients finish
     partition: PartitionConfig = PartitionConfig()
     aggregation: AggregationConfig = AggregationConfig()
+
+    @field_validator("clients_per_round")
+    @classmethod
+    def _count_or_fraction(cls, k: int | float | None) -> int | float | None:
+        if k is None or (isinstance(k, int) and k >= 1) or (isinstance(k, float) and 0 < k <= 1):
+            return k
+        what = "a float above 1: neither a count (an integer) nor a fraction" if isinstance(k, float) else "below 1"
+        raise ValueError(f"{k!r} is {what}; give a count of clients (an integer >= 1, e.g. 2) or a fraction "
+                         "in (0, 1] (e.g. 0.5 for half of the clients)")
 
 
 class TrainConfig(_Section):
@@ -131,75 +144,67 @@ class JobConfig(_Section):
         n = self.federation.num_clients
         if k is None:
             return n
-        if isinstance(k, float) and k <= 1.0:
+        if isinstance(k, float):  # a fraction: validation rejects floats above 1
             return max(1, round(k * n))
-        return min(int(k), n)
+        return min(k, n)
 
 
 # --------------------------------------------------------------------------------------------
 # Loading and validation
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """``tree[a][b][c] = value`` for ``a.b.c``: the one setter of overrides and benchmark grids.
+
+    Missing or empty (``None``) sections are created; a mapping value replaces the whole section.
+
+    Raises:
+        ConfigError: if a part of the path holds a value, not a section.
+    """
     node = tree
     parts = dotted.split(".")
-    for part in parts[:-1]:
-        nxt = node.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
-        node = nxt
+    for i, part in enumerate(parts[:-1]):
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            where = ".".join(parts[:i + 1])
+            raise ConfigError(f"cannot set {dotted!r}: {where!r} is a value ({node[part]!r}), not a section")
+        node = node[part]
     node[parts[-1]] = value
 
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (``lr=1e-3``, ``x=[1,2]``)."""
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (``lr=1e-3``, ``x=[1,2]``).
+
+    Raises:
+        ConfigError: for an item that is not ``key=value`` or whose path crosses a value.
+    """
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.learning_rate=1e-4)")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
     return tree
 
 
-def line_of(node: yaml.Node | None, loc: tuple) -> int | None:
-    """1-based line of the YAML node at ``loc`` (deepest existing ancestor), if known."""
-    line = None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = [v for k, v in node.value if getattr(k, "value", None) == str(part)]
-            match_key = [k for k, v in node.value if getattr(k, "value", None) == str(part)]
-            if not match:
-                break
-            line = match_key[0].start_mark.line + 1
-            node = match[0]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
+def resolve_data_paths(tree: dict, base_dir: Path) -> dict:
+    """Resolve relative ``data.train``, ``data.test`` and ``data.client_files`` of a raw tree.
 
-
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    model: Any = JobConfig
-    for part in loc[:-1]:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return None
-        model = field.annotation
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-def _describe(loc: tuple, msg: str, value: Any, err_type: str) -> str:
-    path = ".".join(str(p) for p in loc)
-    if err_type == "extra_forbidden":
-        parent = _model_at(loc)
-        valid = list(parent.model_fields) if parent else []
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"{path}: unknown key{hint} Valid keys here: {', '.join(valid)}"
-    shown = repr(value) if not isinstance(value, dict) else "a mapping"
-    return f"{path}: {msg} (got {shown})"
+    Each is looked up beside the YAML file (``base_dir``) first, then in the working directory
+    (:func:`fedpeft.data.io.resolve_input`, which logs the choice); ``builtin:`` and ``hf:``
+    values pass through. Non-string values are left for validation to report.
+    """
+    data = tree.get("data")
+    if not isinstance(data, dict):
+        return tree
+    for key in ("train", "test"):
+        if isinstance(data.get(key), str):
+            data[key] = resolve_input(data[key], base_dir, f"data.{key}")
+    files = data.get("client_files")
+    if isinstance(files, list):
+        data["client_files"] = [resolve_input(f, base_dir, f"data.client_files.{i}") if isinstance(f, str) else f
+                                for i, f in enumerate(files)]
+    return tree
 
 
 def _section(tree: dict, *path: str) -> dict:
@@ -209,7 +214,7 @@ def _section(tree: dict, *path: str) -> dict:
     return node if isinstance(node, dict) else {}
 
 
-def _named_problems(base: tuple, key: str, section: dict, default: str, registry: Any) -> list[tuple[tuple, str]]:
+def _named_problems(base: tuple, key: str, section: dict, default: str, registry: Any) -> list[tuple[Loc, str]]:
     """Check a ``{<key>: name, **params}`` section against its registry entry's signature."""
     from fedpeft.params import param_errors, valid_params
 
@@ -219,19 +224,18 @@ def _named_problems(base: tuple, key: str, section: dict, default: str, registry
         cls = registry.get(str(name))
     except Exception as e:  # noqa: BLE001 - registry and plugin import errors alike
         return [(base + (key,), str(e))]
-    problems = []
+    problems: list[tuple[Loc, str]] = []
     for loc, msg, value in param_errors(cls, params):
         if msg.startswith("Extra inputs"):
-            close = difflib.get_close_matches(str(loc[-1]), valid_params(cls), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            msg = f"not a parameter of {name!r}{hint} Valid: {', '.join(valid_params(cls)) or 'none'}"
+            valid = valid_params(cls)
+            msg = f"not a parameter of {name!r}{did_you_mean(str(loc[-1]), valid)} Valid: {', '.join(valid) or 'none'}"
         else:
             msg = f"{msg} (got {value!r})"
         problems.append((base + loc, msg))
     return problems
 
 
-def _registry_problems(tree: dict) -> list[tuple[tuple, str]]:
+def _registry_problems(tree: dict) -> list[tuple[Loc, str]]:
     """Check registry names and their hyperparameters in the raw tree; ``(loc, message)`` pairs."""
     from fedpeft.aggregators import AGGREGATORS
     from fedpeft.data.partitioners import PARTITIONERS
@@ -252,53 +256,75 @@ def _registry_problems(tree: dict) -> list[tuple[tuple, str]]:
     return problems
 
 
-def _semantic_problems(cfg: JobConfig) -> list[tuple[tuple, str]]:
-    fed = cfg.federation
-    problems: list[tuple[tuple, str]] = []
+def _semantic_problems(cfg: JobConfig) -> list[tuple[Loc, str]]:
+    fed, data = cfg.federation, cfg.data
+    problems: list[tuple[Loc, str]] = []
     k = fed.clients_per_round
-    if k is not None and (k <= 0 or (isinstance(k, int) and k > fed.num_clients)):
+    if isinstance(k, int) and k > fed.num_clients:
         problems.append((("federation", "clients_per_round"),
                          f"must be a count in 1..num_clients ({fed.num_clients}) or a fraction in (0, 1] (got {k!r})"))
     if fed.min_clients > cfg.sampled_per_round():
         problems.append((("federation", "min_clients"),
                          f"must be <= clients sampled per round ({cfg.sampled_per_round()}) (got {fed.min_clients})"))
-    files = cfg.data.client_files
+    files = data.client_files
     if files is not None and len(files) != fed.num_clients:
         problems.append((("data", "client_files"),
                          f"lists {len(files)} files but federation.num_clients is {fed.num_clients}; "
                          "give one file per client"))
+    if data.max_train_samples is not None and data.max_train_samples < fed.num_clients:
+        problems.append((("data", "max_train_samples"),
+                         f"caps training rows in total over all clients, so it must be >= federation.num_clients "
+                         f"({fed.num_clients}) for each client to keep a row (got {data.max_train_samples})"))
     return problems
+
+
+def check_tree(tree: Any, problems: Problems, source: str = "<config>", root: yaml.Node | None = None,
+               prefix: Loc = (), partial: bool = False) -> JobConfig | None:
+    """Validate a parsed YAML job tree, adding every problem found to ``problems``.
+
+    Args:
+        tree: The job tree (after overrides and path resolution).
+        problems: Where to record problems.
+        source: The file named in each problem.
+        root: The file's composed YAML node, for line numbers.
+        prefix: Where ``tree`` sits in that file (``("benchmarkingjob", "fedpeft", "config")``).
+        partial: ``tree`` is only part of a job (Ianvs ``fedpeft.config``): skip the checks
+            between keys (``min_clients`` against ``clients_per_round``...); whole jobs get them.
+
+    Returns:
+        The validated config, or None if this tree has any problem.
+    """
+    if not isinstance(tree, dict):
+        problems.add(source, prefix, "expected a mapping of sections (model, peft, data, ...), "
+                     f"got {type(tree).__name__}", root)
+        return None
+    before = len(problems)
+    try:
+        cfg: JobConfig | None = JobConfig.model_validate(tree)
+    except pydantic.ValidationError as e:
+        problems.add_validation_error(e, JobConfig, source, root, prefix)
+        cfg = None
+    found = _registry_problems(tree) + (_semantic_problems(cfg) if cfg is not None and not partial else [])
+    for loc, msg in found:
+        problems.add(source, tuple(prefix) + tuple(loc), msg, root)
+    return cfg if len(problems) == before else None
 
 
 def validate_tree(tree: Any, source: str = "<config>", root: yaml.Node | None = None) -> JobConfig:
     """Validate a parsed YAML tree; raise one :class:`ConfigError` listing every problem."""
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections (model, peft, data, ...), "
-                          f"got {type(tree).__name__}")
-    problems: list[tuple[tuple, str]] = []
-    try:
-        cfg = JobConfig.model_validate(tree)
-    except pydantic.ValidationError as e:
-        for err in e.errors():
-            loc = tuple(err["loc"])
-            problems.append((loc, _describe(loc, err["msg"], err.get("input"), err["type"])))
-        cfg = None
-    problems += [(loc, f"{'.'.join(map(str, loc))}: {msg}") for loc, msg in _registry_problems(tree)]
-    if cfg is not None:
-        problems += [(loc, f"{'.'.join(map(str, loc))}: {msg}") for loc, msg in _semantic_problems(cfg)]
-    if problems:
-        lines = []
-        for loc, text in problems:
-            line = line_of(root, loc)
-            lines.append(f"  - {source}{f':{line}' if line else ''}: {text}")
-        noun = "problem" if len(problems) == 1 else "problems"
-        raise ConfigError(f"{len(problems)} {noun} in {source}:\n" + "\n".join(lines))
+    problems = Problems()
+    cfg = check_tree(tree, problems, source, root)
+    problems.raise_if_any(source)
     assert cfg is not None
     return cfg
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     """Read, override and validate a native fedpeft YAML job.
+
+    Relative ``data.train`` / ``data.test`` / ``data.client_files`` are resolved beside the file
+    first, then in the working directory, so the returned config (and the ``config.yaml`` a run
+    writes from it) holds absolute paths.
 
     Args:
         path: The YAML file.
@@ -311,15 +337,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         ConfigError: listing every problem, each with file, line, key and what is valid.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        root = yaml.compose(text)
-        tree = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    tree = apply_overrides(tree, overrides or [])
+    problems = Problems()
+    tree, root = read_yaml(path, problems)
+    problems.raise_if_any(str(path))
+    tree = {} if tree is None else tree
+    if isinstance(tree, dict):  # anything else is reported by validate_tree
+        apply_overrides(tree, overrides or [])
+        resolve_data_paths(tree, path.parent)
     return validate_tree(tree, source=str(path), root=root)
 
 

@@ -1,12 +1,26 @@
 """Domain exceptions. Each message says what was expected, what was found, and how to fix it."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
 
 class FedPeftError(Exception):
     """Base class of every error fedpeft raises on purpose."""
 
 
 class ConfigError(FedPeftError):
-    """A configuration file or override is invalid."""
+    """A configuration file or override is invalid.
+
+    Attributes:
+        problems: The :class:`fedpeft.problems.Problem` objects when the message lists several
+            (see :meth:`fedpeft.problems.Problems.raise_if_any`); empty otherwise.
+    """
+
+    def __init__(self, message: str, problems: Sequence[Any] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
 
 
 class DataError(FedPeftError):
@@ -30,3 +44,7 @@ class RegistryError(FedPeftError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class TrainingError(FedPeftError):
+    """A client's local training went wrong (e.g. a non-finite loss)."""

@@ -11,7 +11,6 @@ names things by registry name (``aggregation: fedavgm``). A name may also be
 
 from __future__ import annotations
 
-import difflib
 import importlib.metadata
 import importlib.util
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from fedpeft.errors import RegistryError
+from fedpeft.problems import closest
 
 T = TypeVar("T")
 
@@ -76,8 +76,8 @@ class Registry(Generic[T]):
 
     def unknown_message(self, name: str) -> str:
         """The error text for an unknown ``name``: closest match and every valid name."""
-        close = difflib.get_close_matches(name.lower(), self.names(), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        close = closest(name.lower(), self.names())
+        hint = f" Did you mean {close!r}?" if close else ""
         return (
             f"unknown {self.kind[:-1]} {name!r}.{hint} Valid names: {', '.join(self.names())}; "
             f"or a Python file 'path/to/file.py:object', or an entry point in group "

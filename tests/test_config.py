@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import logging
+from pathlib import Path
 
-from fedpeft.config import apply_overrides, load_config
+import pytest
+import yaml
+
+from fedpeft.config import apply_overrides, dump_config, load_config, set_dotted
 from fedpeft.errors import ConfigError
 
 GOOD = """\
@@ -44,8 +48,9 @@ def test_every_problem_is_listed_with_its_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(path)
     msg = str(e.value)
-    assert msg.startswith("4 problems in")
-    assert f"{path}:2: modle: unknown key; did you mean 'model'?" in msg
+    assert msg.startswith("4 problems in") and len(e.value.problems) == 4
+    assert [p.line for p in e.value.problems] == [2, 5, 8, 10]  # listed top to bottom
+    assert f"{path}:2: modle: unknown key 'modle'; did you mean 'model'?" in msg
     assert f"{path}:5: federation.num_clients" in msg and "greater than or equal to 1" in msg
     assert f"{path}:8: federation.aggregation.beta" in msg and "'high'" in msg
     assert f"{path}:10: eval.metrics.1" in msg and "bleu4" in msg
@@ -59,9 +64,48 @@ def test_semantic_checks(tmp_path):
     assert "federation.clients_per_round" in str(e.value) and "federation.min_clients" in str(e.value)
 
 
+def test_a_float_above_one_clients_per_round_is_rejected_not_read_as_a_count(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(GOOD + "  clients_per_round: 2.5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    (problem,) = e.value.problems
+    assert (problem.key, problem.line) == ("federation.clients_per_round", 9)
+    assert "2.5 is a float above 1" in problem.message and "fraction in (0, 1]" in problem.message
+    for good, sampled in ((2, 2), (1, 1), (1.0, 4), (0.5, 2)):  # an int is a count, a float a fraction
+        assert load_config(path, [f"federation.clients_per_round={good}"]).sampled_per_round() == sampled
+
+
+def test_every_problem_is_counted_once(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(GOOD + "  clients_per_round: 2.5\n"  # a float above 1
+                    "train:\n  batch_size: 0\n"          # out of range
+                    "  warmup: 3\n"                      # unknown key
+                    "eval:\n  metrics: [bleu]\n")        # unknown metric
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert [p.key for p in e.value.problems] == [
+        "federation.clients_per_round", "train.batch_size", "train.warmup", "eval.metrics.0"]
+    assert str(e.value).startswith("4 problems in")
+    path.write_text(GOOD + "data:\n  max_train_samples: 3\n")  # fewer rows than the 4 clients
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert [(p.key, p.line) for p in e.value.problems] == [("data.max_train_samples", 10)]
+
+
 def test_bad_override_form():
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides({}, ["train.learning_rate"])
+
+
+def test_dotted_setter_creates_empty_sections_and_refuses_to_cross_a_value():
+    tree = {"peft": None, "train": {"learning_rate": 1e-3}}
+    apply_overrides(tree, ["peft.r=8", "eval.metrics=[rougeL]"])
+    assert tree == {"peft": {"r": 8}, "train": {"learning_rate": 1e-3}, "eval": {"metrics": ["rougeL"]}}
+    set_dotted(tree, "peft", {"method": "ptuning"})  # a mapping value replaces the whole section
+    assert tree["peft"] == {"method": "ptuning"}
+    with pytest.raises(ConfigError, match="'train.learning_rate' is a value"):
+        set_dotted(tree, "train.learning_rate.x", 1)
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
@@ -71,3 +115,48 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def _job_with_data(data: dict) -> str:
+    return yaml.safe_dump({"job": "t", "model": {"name": "tiny-random-llama"}, "data": data,
+                           "federation": {"num_clients": 2}})
+
+
+def test_relative_data_paths_resolve_beside_the_yaml_then_in_the_working_directory(tmp_path, monkeypatch, caplog):
+    (tmp_path / "configs/data").mkdir(parents=True)
+    (tmp_path / "configs/data/train.jsonl").write_text("{}\n")
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here/test.jsonl").write_text("{}\n")
+    (tmp_path / "here/a.jsonl").write_text("{}\n")
+    path = tmp_path / "configs/job.yaml"
+    path.write_text(_job_with_data({"train": "data/train.jsonl", "test": "test.jsonl",
+                                    "client_files": ["a.jsonl", "data/train.jsonl"]}))
+    monkeypatch.chdir(tmp_path / "here")
+    with caplog.at_level(logging.INFO, logger="fedpeft"):
+        cfg = load_config(path)
+    assert cfg.data.train == str(tmp_path / "configs/data/train.jsonl")  # beside the YAML
+    assert cfg.data.test == str(tmp_path / "here/test.jsonl")  # only in the working directory
+    assert cfg.data.client_files == [str(tmp_path / "here/a.jsonl"), str(tmp_path / "configs/data/train.jsonl")]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "data.train: data/train.jsonl" in logged and "found beside the file" in logged
+    assert "data.test: test.jsonl" in logged and "found in the working directory" in logged
+    # the config a run folder keeps reloads to the same files from anywhere (resume)
+    run_copy = tmp_path / "run/config.yaml"
+    run_copy.parent.mkdir()
+    run_copy.write_text(dump_config(cfg))
+    monkeypatch.chdir(tmp_path)
+    assert load_config(run_copy).data == cfg.data
+
+
+def test_builtin_and_hub_data_pass_through(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(_job_with_data({"train": "builtin:sample", "test": "hf:org/data"}))
+    cfg = load_config(path)
+    assert (cfg.data.train, cfg.data.test) == ("builtin:sample", "hf:org/data")
+
+
+def test_shipped_medquad_config_finds_its_data_from_any_directory(monkeypatch, medquad_dir):
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(medquad_dir)
+    cfg = load_config(repo / "configs/medquad-lora-fedavg.yaml")
+    assert Path(cfg.data.train) == medquad_dir / "train.jsonl" and Path(cfg.data.test).is_file()

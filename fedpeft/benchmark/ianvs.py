@@ -23,23 +23,25 @@ directory (Ianvs's convention); ``workspace`` is relative to the working directo
 from __future__ import annotations
 
 import copy
-import difflib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from fedpeft.benchmark.constants import BASELINES, EXTRA_COLUMNS, PARADIGM_BASELINE, PARADIGM_FEDERATED
+from fedpeft.benchmark.constants import BASELINES
 from fedpeft.benchmark.native import check_baselines, check_dotted, make_config
 from fedpeft.benchmark.plan import (BenchmarkPlan, Dimension, MetricColumn, Setting, TestCase, expand, flatten,
-                                    settings_label)
-from fedpeft.benchmark.ianvs_schema import AlgorithmFile, AlgorithmRef, BenchmarkingJob, BenchmarkingJobFile, Module, TestEnv, TestEnvFile
-from fedpeft.benchmark.schema import Problems, check_rank_names, node_at, parse_file_model, read_yaml
-from fedpeft.config import validate_tree
-from fedpeft.errors import ConfigError
+                                    rank_columns, settings_label)
+from fedpeft.benchmark.ianvs_schema import (AlgorithmFile, AlgorithmRef, BenchmarkingJob, BenchmarkingJobFile, Module,
+                                            TestEnv, TestEnvFile)
+from fedpeft.benchmark.schema import check_rank_names, parse_file_model
+from fedpeft.config import check_tree, resolve_data_paths
+from fedpeft.data.io import resolve_input
+from fedpeft.problems import Problems, did_you_mean, read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +62,9 @@ MAPPED_KEYS = ("data.train", "data.test", "federation.rounds", "federation.num_c
 # Mapping onto JobConfig
 
 
-def _resolve(path: str, base_dir: Path) -> str:
-    """An input path: beside the naming file if it exists there, else from the working directory."""
-    if ":" in path and path.split(":", 1)[0] in ("builtin", "hf"):
-        return path
-    p = Path(path).expanduser()
-    if p.is_absolute():
-        return str(p)
-    beside = base_dir / p
-    return os.path.normpath(beside if beside.exists() or not p.exists() else p)
-
-
 def _plugin_spec(url: str, name: str, base_dir: Path) -> str:
     """``file.py:name`` when ``name`` is a Python identifier, else the file (which registers one)."""
-    path = _resolve(url, base_dir)
+    path = resolve_input(url, base_dir)
     return f"{path}:{name}" if name.isidentifier() else path
 
 
@@ -101,11 +92,10 @@ def _metric_columns(env: TestEnv, base_dir: Path, src: str, root: yaml.Node | No
         elif m.url:
             columns.append(MetricColumn(m.name, _plugin_spec(m.url, m.name, base_dir)))
         else:
-            close = difflib.get_close_matches(m.name, list(BUILTIN_METRICS), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.add(src, root, ("testenv", "metrics", i, "name"),
-                         f"unknown metric {m.name!r}{hint} Built in: {', '.join(BUILTIN_METRICS)}; "
-                         "or give a `url` to a Python file defining fn(*, predictions, references) -> float")
+            problems.add(src, ("testenv", "metrics", i, "name"),
+                         f"unknown metric {m.name!r}{did_you_mean(m.name, BUILTIN_METRICS)} Built in: "
+                         f"{', '.join(BUILTIN_METRICS)}; or give a `url` to a Python file defining "
+                         "fn(*, predictions, references) -> float", root)
     return columns
 
 
@@ -144,7 +134,7 @@ def _dimensions(module: Module, index: int, agg: str, src: str, root: yaml.Node 
         try:
             valid = valid_params(AGGREGATORS.get(agg))
         except Exception as e:  # noqa: BLE001 - unknown name or broken plugin
-            problems.add(src, root, ("algorithm", "modules", index, "name"), str(e))
+            problems.add(src, ("algorithm", "modules", index, "name"), str(e), root)
             return []
     dims = []
     for j, item in enumerate(module.hyperparameters):
@@ -154,24 +144,22 @@ def _dimensions(module: Module, index: int, agg: str, src: str, root: yaml.Node 
         if module.type == "basemodel" and "." in key:
             why = check_dotted(key)
             if why:
-                problems.add(src, root, loc, why)
+                problems.add(src, loc, why, root)
             target: str | None = key
         elif key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.add(src, root, loc, f"unknown {module.type} hyperparameter {key!r}{hint} "
+            problems.add(src, loc, f"unknown {module.type} hyperparameter {key!r}{did_you_mean(key, valid)} "
                          f"Valid: {', '.join(valid) or 'none'}" + (", or a dotted job key (data.max_seq_len)"
-                                                                    if module.type == "basemodel" else ""))
+                                                                    if module.type == "basemodel" else ""), root)
             continue
         else:
             target = BASEMODEL_HYPERPARAMETERS[key] if module.type == "basemodel" else f"federation.aggregation.{key}"
         if not values:
-            problems.add(src, root, loc, "needs at least one value")
+            problems.add(src, loc, "needs at least one value", root)
         if key == "save_dir":
             problems.ignored.append(f"{src}: basemodel save_dir (each test case saves its adapter in its folder)")
         if key == "aggregation" and any(str(v).lower().removesuffix("-peft") != agg for v in values):
-            problems.add(src, root, loc, f"names {list(values)} but the aggregation module runs {agg!r}; "
-                         "give each aggregation its own algorithm file")
+            problems.add(src, loc, f"names {list(values)} but the aggregation module runs {agg!r}; "
+                         "give each aggregation its own algorithm file", root)
         dims.append(Dimension(f"{module.type}-{key}", values, target))
     model_dims = [d for d in dims if d.column == "basemodel-initial_model_url"]
     return [d for d in dims if d not in model_dims] + model_dims  # initial_model_url wins over model_name
@@ -188,56 +176,73 @@ def _case_base(base: dict, settings: list[Setting], peft_params: dict[str, dict]
     return tree, rest
 
 
-def _load_algorithm(ref: AlgorithmRef, base: dict | None, job: BenchmarkingJob, job_dir: Path,
-                    overrides: list[str], problems: Problems) -> list[TestCase]:
-    """The test cases of one algorithm file; with ``base`` None (other files are broken) only
-    its problems are collected."""
-    path = Path(_resolve(ref.url, job_dir))
+@dataclass
+class _Algorithm:
+    """What one algorithm file says: its grid, aggregator and module columns."""
+
+    ref: AlgorithmRef
+    path: Path
+    dims: list[Dimension]
+    agg: str
+    modules: dict[str, str]
+    initial_model: str | None
+
+
+def _read_algorithm(ref: AlgorithmRef, job_dir: Path, problems: Problems) -> _Algorithm | None:
+    """Read and check one algorithm file; None (its problems recorded) if it is unusable."""
+    path = Path(resolve_input(ref.url, job_dir))
     src = str(path)
     tree, root = read_yaml(path, problems)
     algo = parse_file_model(tree, AlgorithmFile, src, root, problems) if tree is not None else None
     if algo is None:
-        return []
+        return None
     modules = algo.algorithm.modules
     basemodels = [m for m in modules if m.type == "basemodel"]
-    aggs = [(i, m) for i, m in enumerate(modules) if m.type == "aggregation"]
+    aggs = [m for m in modules if m.type == "aggregation"]
     if len(basemodels) != 1 or len(aggs) > 1:
-        problems.add(src, root, ("algorithm", "modules"), f"expected one basemodel and at most one aggregation "
-                     f"module, found {len(basemodels)} and {len(aggs)}")
-        return []
+        problems.add(src, ("algorithm", "modules"), f"expected one basemodel and at most one aggregation "
+                     f"module, found {len(basemodels)} and {len(aggs)}", root)
+        return None
     if basemodels[0].url:
         problems.ignored.append(f"{src}: basemodel url (fedpeft trains with its own trainer)")
-    agg_module = aggs[0][1] if aggs else None
+    agg_module = aggs[0] if aggs else None
     agg = _aggregator_name(agg_module, path.parent, src, problems)
     dims = [d for i, m in enumerate(modules) for d in _dimensions(m, i, agg, src, root, problems)]
-    if base is None or problems.items:  # test cases of a broken job would only repeat its problems
-        return []
-    base = copy.deepcopy(base)
-    if algo.algorithm.initial_model_url:
-        base.setdefault("model", {})["name"] = _resolve(algo.algorithm.initial_model_url, path.parent)
     names = {"basemodel": basemodels[0].name, "aggregation": agg_module.name if agg_module else "FedAvg-PEFT"}
+    return _Algorithm(ref, path, dims, agg, names, algo.algorithm.initial_model_url)
+
+
+def _model_name(url: str, base_dir: Path) -> str:
+    """``initial_model_url``: a local folder or file (beside the algorithm file first), else a hub id."""
+    path = resolve_input(url, base_dir)
+    return path if os.path.exists(path) else url
+
+
+def _algorithm_cases(algo: _Algorithm, base: dict, job: BenchmarkingJob, overrides: list[str],
+                     problems: Problems) -> list[TestCase]:
+    """The validated test cases of one algorithm; every failing one adds its problems."""
+    base = copy.deepcopy(base)
+    if algo.initial_model:
+        base.setdefault("model", {})["name"] = _model_name(algo.initial_model, algo.path.parent)
     cases = []
-    for k, settings in enumerate(expand(dims)):
-        case_tree, rest = _case_base(base, settings, job.fedpeft.peft, agg)
-        case_src = f"{src} (algorithm {ref.name!r}, test case {k + 1}: {settings_label(settings)})"
-        try:
-            cfg = make_config(case_tree, rest, overrides, case_src)
-        except ConfigError as e:
-            problems.absorb(e, case_src)
-            continue
-        cases.append(TestCase(ref.name, cfg, settings, dict(names)))
+    for k, settings in enumerate(expand(algo.dims)):
+        case_tree, rest = _case_base(base, settings, job.fedpeft.peft, algo.agg)
+        case_src = f"{algo.path} (algorithm {algo.ref.name!r}, test case {k + 1}: {settings_label(settings)})"
+        cfg = make_config(case_tree, rest, overrides, case_src, problems, algo.path.parent)
+        if cfg is not None:
+            cases.append(TestCase(algo.ref.name, cfg, settings, dict(algo.modules)))
     return cases
 
 
 def _testenv_tree(env: TestEnv, env_dir: Path, metrics: list[MetricColumn]) -> dict:
     """The JobConfig keys testenv.yaml sets."""
     tree: dict[str, Any] = {
-        "data": {"train": _resolve(env.dataset.train_data, env_dir)},
+        "data": {"train": resolve_input(env.dataset.train_data, env_dir, "testenv.dataset.train_data")},
         "federation": {"rounds": env.round, "num_clients": env.client_number},
         "eval": {"metrics": [m.key for m in metrics]},
     }
     if env.dataset.test_data:
-        tree["data"]["test"] = _resolve(env.dataset.test_data, env_dir)
+        tree["data"]["test"] = resolve_input(env.dataset.test_data, env_dir, "testenv.dataset.test_data")
     devices = _devices(env.gpu_num)
     if devices is not None:
         tree["model"] = {"devices": devices}
@@ -257,24 +262,43 @@ def _check_fedpeft(job: BenchmarkingJob, src: str, root: yaml.Node | None, probl
     for key in flatten(job.fedpeft.config):
         clash = next((m for m in MAPPED_KEYS if key == m or key.startswith(m + ".")), None)
         if clash:
-            problems.add(src, root, loc + ("config",) + tuple(key.split(".")),
-                         f"{clash!r} is set by the Ianvs files (testenv.yaml / algorithm.yaml); set it there")
+            problems.add(src, loc + ("config",) + tuple(key.split(".")),
+                         f"{clash!r} is set by the Ianvs files (testenv.yaml / algorithm.yaml); set it there", root)
     from fedpeft.peft_methods import PEFT_METHODS
 
     for method in job.fedpeft.peft:
         if method not in PEFT_METHODS:
-            problems.add(src, root, loc + ("peft", method), PEFT_METHODS.unknown_message(method))
-    try:
-        validate_tree(copy.deepcopy(job.fedpeft.config), source=src, root=node_at(root, loc + ("config",)))
-    except ConfigError as e:
-        problems.absorb(e, src, "benchmarkingjob.fedpeft.config.")
+            problems.add(src, loc + ("peft", method), PEFT_METHODS.unknown_message(method), root)
+    check_tree(copy.deepcopy(job.fedpeft.config), problems, src, root, loc + ("config",), partial=True)
+
+
+def _check_algorithm_names(job: BenchmarkingJob, src: str, root: yaml.Node | None, problems: Problems) -> None:
+    names = [a.name for a in job.test_object.algorithms]
+    for i, name in enumerate(names):
+        if name in BASELINES or names.count(name) > 1:
+            problems.add(src, ("benchmarkingjob", "test_object", "algorithms", i, "name"),
+                         f"algorithm name {name!r} is {'a baseline name' if name in BASELINES else 'used twice'}", root)
+
+
+def _read_testenv(job: BenchmarkingJob, job_path: Path, problems: Problems) -> tuple[list[MetricColumn], dict]:
+    """The metric columns and the base job tree (``fedpeft.config`` + what testenv.yaml sets)."""
+    env_path = Path(resolve_input(job.testenv, job_path.parent))
+    env_tree, env_root = read_yaml(env_path, problems)
+    env_file = parse_file_model(env_tree, TestEnvFile, str(env_path), env_root, problems) if env_tree else None
+    if env_file is None:
+        return [], {}
+    metrics = _metric_columns(env_file.testenv, env_path.parent, str(env_path), env_root, problems)
+    own = resolve_data_paths({"job": job.name, "workspace": job.workspace, **copy.deepcopy(job.fedpeft.config)},
+                             job_path.parent)
+    return metrics, _merge(own, _testenv_tree(env_file.testenv, env_path.parent, metrics))
 
 
 def load_ianvs(path: str | Path, overrides: list[str] | None = None) -> BenchmarkPlan:
     """Read ``benchmarkingjob.yaml`` and the files it names into a plan.
 
     Raises:
-        ConfigError: every problem of the three files, each with file, line, key and closest valid key.
+        ConfigError: every problem of the three files, each with file, line, key and closest valid
+            key; the problems of every test case when the files themselves are sound.
     """
     path = Path(path)
     src = str(path)
@@ -286,28 +310,17 @@ def load_ianvs(path: str | Path, overrides: list[str] | None = None) -> Benchmar
         problems.raise_if_any(src)
     job = parsed.benchmarkingjob
     _check_fedpeft(job, src, root, problems)
-    env_path = Path(_resolve(job.testenv, path.parent))
-    env_tree, env_root = read_yaml(env_path, problems)
-    env_file = parse_file_model(env_tree, TestEnvFile, str(env_path), env_root, problems) if env_tree else None
-    metrics, base = [], None
-    if env_file is not None:
-        metrics = _metric_columns(env_file.testenv, env_path.parent, str(env_path), env_root, problems)
-        base = _merge({"job": job.name, "workspace": job.workspace, **job.fedpeft.config},
-                      _testenv_tree(env_file.testenv, env_path.parent, metrics))
-    names = [a.name for a in job.test_object.algorithms]
-    for i, name in enumerate(names):
-        if name in BASELINES or names.count(name) > 1:
-            problems.add(src, root, ("benchmarkingjob", "test_object", "algorithms", i, "name"),
-                         f"algorithm name {name!r} is {'a baseline name' if name in BASELINES else 'used twice'}")
-    cases = [c for ref in job.test_object.algorithms
-             for c in _load_algorithm(ref, base, job, path.parent, overrides or [], problems)]
-    problems.raise_if_any(src)
+    _check_algorithm_names(job, src, root, problems)
+    metrics, base = _read_testenv(job, path, problems)
+    algos = [_read_algorithm(ref, path.parent, problems) for ref in job.test_object.algorithms]
+    problems.raise_if_any(src)  # the test cases would only repeat these
+    cases = [c for a in algos if a is not None for c in _algorithm_cases(a, base, job, overrides or [], problems)]
     plan = BenchmarkPlan(name=job.name, job_dir=Path(job.workspace) / job.name, cases=cases, metrics=metrics,
                          rank=job.rank, baselines=list(job.fedpeft.baselines), source=src,
                          ignored=list(dict.fromkeys(problems.ignored)))
-    columns = {"metrics": [m.column for m in metrics] + list(EXTRA_COLUMNS), "modules": plan.modules,
-               "hyperparameters": plan.hyperparameter_columns(), "paradigms": [PARADIGM_FEDERATED, PARADIGM_BASELINE]}
-    check_rank_names(job.rank, columns, src, root, ("benchmarkingjob", "rank"), problems)
+    grid = [settings for a in algos if a is not None for settings in expand(a.dims)]
+    check_rank_names(job.rank, rank_columns(metrics, plan.modules, grid), src, root, ("benchmarkingjob", "rank"),
+                     problems)
     problems.raise_if_any(src)
     for line in plan.ignored:  # once per file and key
         log.info("ignored: %s", line)

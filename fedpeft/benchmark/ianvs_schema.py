@@ -8,11 +8,11 @@ any other unknown key is an error naming the file, line and closest valid key
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from fedpeft.benchmark.schema import FileModel, RankSpec
+from fedpeft.benchmark.schema import FileModel, RankSpec, one_key_each
 
 class AlgorithmRef(FileModel):
     name: str
@@ -99,15 +99,7 @@ class Module(FileModel):
     type: Literal["basemodel", "aggregation"]
     name: str
     url: str | None = None
-    hyperparameters: list[dict[str, Any]] = []
-
-    @field_validator("hyperparameters")
-    @classmethod
-    def _one_key_each(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for item in value:
-            if len(item) != 1:
-                raise ValueError(f"each hyperparameter is one {{name: {{values: [...]}}}}, got {list(item)}")
-        return value
+    hyperparameters: Annotated[list[dict[str, Any]], one_key_each("{name: {values: [...]}}")] = []
 
 
 class Algorithm(FileModel):

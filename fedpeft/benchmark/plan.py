@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from fedpeft.benchmark.constants import PARADIGM_FEDERATED
+from fedpeft.benchmark.constants import EXTRA_COLUMNS, PARADIGM_BASELINE, PARADIGM_FEDERATED
 from fedpeft.benchmark.schema import RankSpec
 from fedpeft.config import JobConfig
 from fedpeft.errors import ConfigError
@@ -68,22 +68,29 @@ class TestCase:
     @property
     def hyperparameters(self) -> dict[str, Any]:
         """Column -> value; a mapping value (a whole ``peft`` section) gives one column per key."""
-        out: dict[str, Any] = {}
-        for s in self.settings:
-            out.update(flatten(s.value, s.column + ".") if isinstance(s.value, dict) else {s.column: s.value})
-        return out
+        return setting_columns(self.settings)
 
     def label(self) -> str:
         """``peft_method=lora, learning_rate=1e-4`` (module prefixes dropped) for logs."""
         return settings_label(self.settings)
 
 
+def setting_columns(settings: list[Setting]) -> dict[str, Any]:
+    """Column -> value of a test case; a mapping value gives one column per key (``peft.r``)."""
+    out: dict[str, Any] = {}
+    for s in settings:
+        out.update(flatten(s.value, s.column + ".") if isinstance(s.value, dict) else {s.column: s.value})
+    return out
+
+
+def grid_columns(grid: list[list[Setting]]) -> list[str]:
+    """The hyperparameter columns of a grid's test cases, in first-seen order."""
+    return list(dict.fromkeys(col for settings in grid for col in setting_columns(settings)))
+
+
 def settings_label(settings: list[Setting]) -> str:
     """A short text for a list of settings (module prefixes such as ``basemodel-`` dropped)."""
-    shown: dict[str, Any] = {}
-    for s in settings:
-        shown.update(flatten(s.value, s.column + ".") if isinstance(s.value, dict) else {s.column: s.value})
-    return ", ".join(f"{k.split('-', 1)[-1]}={v}" for k, v in shown.items()) or "defaults"
+    return ", ".join(f"{k.split('-', 1)[-1]}={v}" for k, v in setting_columns(settings).items()) or "defaults"
 
 
 @dataclass(frozen=True)
@@ -110,25 +117,25 @@ class BenchmarkPlan:
 
     def hyperparameter_columns(self) -> list[str]:
         """Hyperparameter columns in first-seen order over the test cases."""
-        return list(dict.fromkeys(col for c in self.cases for col in c.hyperparameters))
+        return grid_columns([c.settings for c in self.cases])
+
+
+def rank_columns(metrics: list[MetricColumn], modules: list[str], grid: list[list[Setting]]) -> dict[str, list[str]]:
+    """The names a ``rank`` section may use, by kind (see :func:`~fedpeft.benchmark.schema.check_rank_names`).
+
+    Args:
+        metrics: The benchmark's metric columns (the extra columns fedpeft adds are sortable too).
+        modules: The module columns.
+        grid: The settings of every test case (its hyperparameter columns).
+    """
+    return {"metrics": [m.column for m in metrics] + list(EXTRA_COLUMNS), "modules": modules,
+            "hyperparameters": grid_columns(grid), "paradigms": [PARADIGM_FEDERATED, PARADIGM_BASELINE]}
 
 
 def expand(dimensions: list[Dimension]) -> list[list[Setting]]:
     """The cartesian product of the dimensions' values (the first dimension varies slowest)."""
     value_lists = [[Setting(d.column, v, d.target) for v in d.values] for d in dimensions]
     return [list(combo) for combo in itertools.product(*value_lists)]
-
-
-def set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    """``tree[a][b][c] = value`` for ``a.b.c``, creating sections; a mapping value replaces the section."""
-    node = tree
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        nxt = node.get(part)
-        if not isinstance(nxt, dict):
-            nxt = node[part] = {}
-        node = nxt
-    node[parts[-1]] = value
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

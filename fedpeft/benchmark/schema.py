@@ -2,27 +2,20 @@
 
 Every file model derives from :class:`FileModel`: unknown keys are errors naming the file, the
 line, the key and the closest valid key; keys listed in a model's ``IGNORED`` (things Ianvs
-uses and fedpeft does not need) are accepted and reported once. :class:`Problems` gathers every
-problem of every file so that one :class:`~fedpeft.errors.ConfigError` lists them all.
+uses and fedpeft does not need) are accepted and reported once. A
+:class:`~fedpeft.problems.Problems` gathers every problem of every file so that one
+:class:`~fedpeft.errors.ConfigError` lists them all.
 """
 
 from __future__ import annotations
 
-import difflib
-import logging
-import types
-import typing
-from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from fedpeft.config import line_of  # the YAML line lookup native configs use
-from fedpeft.errors import ConfigError
-
-log = logging.getLogger(__name__)
+from fedpeft.problems import Problems, did_you_mean, submodels, unknown_key
 
 
 class FileModel(BaseModel):
@@ -30,63 +23,6 @@ class FileModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     IGNORED: ClassVar[dict[str, str]] = {}
-
-
-class Problems:
-    """Every problem found in a set of YAML files, each with file, line and key path."""
-
-    def __init__(self) -> None:
-        self.items: list[str] = []
-        self.ignored: list[str] = []
-
-    def add(self, source: str, root: yaml.Node | None, loc: tuple, message: str) -> None:
-        line = line_of(root, loc) if root is not None else None
-        path = ".".join(str(p) for p in loc)
-        where = f"{source}:{line}" if line else source
-        self.items.append(f"{where}: {path + ': ' if path else ''}{message}")
-
-    def absorb(self, error: ConfigError, source: str, path_prefix: str = "") -> None:
-        """Take over the problems listed by a native config's :class:`ConfigError`.
-
-        Args:
-            error: Raised by :func:`fedpeft.config.validate_tree` with ``source``.
-            source: The source name it was raised with.
-            path_prefix: Prepended to each key path (the section the tree came from).
-        """
-        lines = [ln.strip()[2:] for ln in str(error).splitlines()[1:] if ln.strip().startswith("- ")]
-        for line in lines or [str(error)]:
-            if line.startswith(source):
-                where, _, rest = line[len(source):].partition(": ")
-                line = f"{source}{where}: {path_prefix}{rest}"
-            self.items.append(line)
-
-    def raise_if_any(self, what: str = "benchmark") -> None:
-        if self.items:
-            noun = "problem" if len(self.items) == 1 else "problems"
-            raise ConfigError(f"{len(self.items)} {noun} in {what}:\n" + "\n".join(f"  - {p}" for p in self.items))
-
-
-def read_yaml(path: Path, problems: Problems) -> tuple[Any, yaml.Node | None]:
-    """``(tree, root node)`` of a YAML file; a missing or broken file is recorded as a problem."""
-    if not path.is_file():
-        problems.add(str(path), None, (), "file not found")
-        return None, None
-    text = path.read_text(encoding="utf-8")
-    try:
-        return yaml.safe_load(text), yaml.compose(text)
-    except yaml.YAMLError as e:
-        problems.add(str(path), None, (), f"not valid YAML: {e}")
-        return None, None
-
-
-def _submodels(annotation: Any) -> list[type[FileModel]]:
-    """The :class:`FileModel` classes an annotation can hold (``X``, ``list[X]``, ``X | None``)."""
-    if isinstance(annotation, type) and issubclass(annotation, FileModel):
-        return [annotation]
-    origin = typing.get_origin(annotation)
-    if origin in (list, typing.Union, types.UnionType):
-        return [m for arg in typing.get_args(annotation) for m in _submodels(arg)]
-    return []
 
 
 def strip_extra_keys(tree: Any, model: type[FileModel], source: str, root: yaml.Node | None,
@@ -106,11 +42,9 @@ def strip_extra_keys(tree: Any, model: type[FileModel], source: str, root: yaml.
             problems.ignored.append(f"{source}: {'.'.join(map(str, loc + (key,)))} ({model.IGNORED[key]})")
             continue
         if key not in valid:
-            close = difflib.get_close_matches(str(key), valid + list(model.IGNORED), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.add(source, root, loc + (key,), f"unknown key {key!r}{hint} Valid keys here: {', '.join(valid)}")
+            problems.add(source, loc + (key,), unknown_key(key, valid, model.IGNORED), root)
             continue
-        subs = _submodels(fields[key].annotation) if key in fields else []
+        subs = [m for m in submodels(fields[key].annotation) if issubclass(m, FileModel)] if key in fields else []
         if subs and isinstance(value, list):
             value = [strip_extra_keys(v, subs[0], source, root, problems, loc + (key, i)) for i, v in enumerate(value)]
         elif subs:
@@ -126,25 +60,18 @@ def parse_file_model(tree: Any, model: type[FileModel], source: str, root: yaml.
     try:
         return model.model_validate(clean)
     except pydantic.ValidationError as e:
-        for err in e.errors():
-            where = loc + tuple(err["loc"])
-            value = err.get("input")
-            shown = "" if isinstance(value, dict) else f" (got {value!r})"
-            problems.add(source, root, where, f"{err['msg']}{shown}")
+        problems.add_validation_error(e, model, source, root, loc)
         return None
 
 
-def node_at(root: yaml.Node | None, loc: tuple) -> yaml.Node | None:
-    """The YAML node at ``loc`` below ``root`` (for line numbers inside a section)."""
-    node = root
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if getattr(k, "value", None) == str(part)), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-        else:
-            return None
-    return node
+def one_key_each(form: str) -> AfterValidator:
+    """Validates a list of one-key mappings (Ianvs's ``- name: value`` lists); ``form`` shows one."""
+    def check(value: list[dict]) -> list[dict]:
+        for item in value:
+            if len(item) != 1:
+                raise ValueError(f"each entry is one {form}, got {list(item)}")
+        return value
+    return AfterValidator(check)
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,18 +97,11 @@ class SelectedDataItems(FileModel):
 class RankSpec(FileModel):
     """Sorting, selection and output of the leaderboard (Ianvs ``rank``)."""
 
-    sort_by: list[dict[str, Direction]] = Field(default_factory=list)  # first entry has priority
+    sort_by: Annotated[list[dict[str, Direction]], one_key_each("{metric: ascend|descend}")] = Field(
+        default_factory=list)  # first entry has priority
     visualization: Visualization = Visualization()
     selected_dataitem: SelectedDataItems = SelectedDataItems()
     save_mode: Literal["selected_and_all", "selected_only", "off"] = "selected_and_all"
-
-    @field_validator("sort_by")
-    @classmethod
-    def _one_key_each(cls, value: list[dict[str, str]]) -> list[dict[str, str]]:
-        for item in value:
-            if len(item) != 1:
-                raise ValueError(f"each sort_by entry is one {{metric: ascend|descend}}, got {item}")
-        return value
 
     def sort_keys(self) -> list[tuple[str, str]]:
         """``[(column, "ascend" | "descend"), ...]`` in priority order."""
@@ -198,16 +118,12 @@ def check_rank_names(rank: RankSpec, columns: dict[str, list[str]], source: str,
     sortable = columns["metrics"]
     for i, (name, _) in enumerate(rank.sort_keys()):
         if name not in sortable:
-            close = difflib.get_close_matches(name, sortable, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.add(source, root, loc + ("sort_by", i),
-                         f"cannot sort by {name!r}{hint} Sortable: {', '.join(sortable)}")
+            problems.add(source, loc + ("sort_by", i),
+                         f"cannot sort by {name!r}{did_you_mean(name, sortable)} Sortable: {', '.join(sortable)}", root)
     selected = rank.selected_dataitem
     for kind in ("paradigms", "modules", "hyperparameters", "metrics"):
         names = getattr(selected, kind)
         for i, name in enumerate(names):
             if name != "all" and name not in columns[kind]:
-                close = difflib.get_close_matches(name, columns[kind], n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                problems.add(source, root, loc + ("selected_dataitem", kind, i),
-                             f"unknown {kind[:-1]} {name!r}{hint} Valid: all, {', '.join(columns[kind])}")
+                problems.add(source, loc + ("selected_dataitem", kind, i), f"unknown {kind[:-1]} {name!r}"
+                             f"{did_you_mean(name, columns[kind])} Valid: all, {', '.join(columns[kind])}", root)

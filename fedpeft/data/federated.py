@@ -3,6 +3,12 @@
 Three ways to give clients their data: partition one training set (``iid``, ``dirichlet``,
 ``by_field``, ...), or ``data.client_files`` with one file per site (the real-world case, where
 each hospital brings its own file).
+
+``data.max_train_samples`` means the same in both cases: at most that many training rows in
+total over all clients, a seeded subset taken after the test rows are held out. One training
+set is capped, then partitioned; with ``client_files`` each client keeps
+``max_train_samples // num_clients`` rows of its own file (:func:`client_share`), which a
+deployed site can apply without seeing the other files.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import logging
 import random
 from dataclasses import dataclass
 
-from fedpeft.config import JobConfig
+from fedpeft.config import DataConfig, JobConfig
 from fedpeft.data.io import load_client_files, load_examples, resolve_source
 from fedpeft.data.partitioners import partition_rows, partition_summary
 from fedpeft.data.split import split_rows
@@ -37,6 +43,27 @@ def cap_rows(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
     return [rows[i] for i in idx]
 
 
+def client_share(cfg: JobConfig) -> int | None:
+    """Training rows each client keeps with ``data.client_files``: its share of the total cap."""
+    cap = cfg.data.max_train_samples
+    return None if cap is None else cap // cfg.federation.num_clients  # validation: cap >= num_clients
+
+
+def client_file_rows(rows: list[dict], data: DataConfig, seed: int, holdout: bool,
+                     cap: int | None) -> tuple[list[dict], list[dict]]:
+    """One client's ``(train, test)`` rows from its own file: hold out the test rows, then cap.
+
+    Args:
+        rows: The rows of the client's file.
+        data: The job's data settings (``test_ratio``, ``split_by``).
+        seed: The job's seed.
+        holdout: Hold out ``test_ratio`` of the rows (the job has no ``data.test``).
+        cap: The client's share of ``max_train_samples`` (:func:`client_share`).
+    """
+    train, test = split_rows(rows, data.test_ratio, seed, data.split_by) if holdout else (rows, [])
+    return cap_rows(train, cap, seed), test
+
+
 def prepare_data(cfg: JobConfig) -> FederatedData:
     """Load, split, cap and partition the job's data as its config says.
 
@@ -45,12 +72,11 @@ def prepare_data(cfg: JobConfig) -> FederatedData:
     """
     d, fed = cfg.data, cfg.federation
     fields = {"question_field": d.question_field, "answer_field": d.answer_field}
-    if d.client_files:
-        parts = [cap_rows(rows, d.max_train_samples, cfg.seed) for rows in load_client_files(d.client_files, **fields)]
-        test = load_examples(d.test, **fields) if d.test else []
-        if not d.test:  # each site holds out part of its own file; the union is the test set
-            split = [split_rows(rows, d.test_ratio, cfg.seed, d.split_by) for rows in parts]
-            parts, test = [s[0] for s in split], [r for s in split for r in s[1]]
+    if d.client_files:  # without data.test each site holds out part of its file; the union is the test set
+        split = [client_file_rows(rows, d, cfg.seed, not d.test, client_share(cfg))
+                 for rows in load_client_files(d.client_files, **fields)]
+        parts = [train for train, _ in split]
+        test = load_examples(d.test, **fields) if d.test else [r for _, held in split for r in held]
     else:
         rows = resolve_source(d.train, **fields)
         if d.test:

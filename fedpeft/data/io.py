@@ -12,12 +12,15 @@ of :data:`FIELD_PAIRS` present; ``data.question_field`` / ``data.answer_field`` 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from fedpeft.errors import DataError
+
+log = logging.getLogger(__name__)
 
 FIELD_PAIRS: tuple[tuple[str, str], ...] = (
     ("question", "answer"),
@@ -34,6 +37,40 @@ KNOWN_HF_FIELDS: dict[str, tuple[str, str]] = {
     "keivalya/MedQuad-MedicalQnADataset": ("Question", "Answer"),  # other field: qtype
 }
 _CONFIG_KEY = {"question": "data.question_field", "answer": "data.answer_field"}
+
+
+def resolve_input(value: str, base_dir: str | os.PathLike, label: str | None = None) -> str:
+    """Where a relative input path named in a YAML file points: beside that file, else here.
+
+    The rule of every config file (native jobs and both benchmark formats): a relative path is
+    looked up beside the file that names it first, then in the working directory. When it is in
+    neither place, the path beside the file is returned (the error that follows names it).
+
+    Args:
+        value: The path as written; ``builtin:...`` and ``hf:...`` values and absolute paths
+            are returned unchanged (``~`` is expanded).
+        base_dir: The folder of the file that names the path.
+        label: The key, e.g. ``data.train``; given, the choice is logged (INFO).
+
+    Returns:
+        An absolute path, or ``value`` itself.
+    """
+    if value.startswith((BUILTIN_PREFIX, HF_PREFIX)):
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    folder = os.path.abspath(base_dir)
+    beside, here = os.path.join(folder, path), os.path.abspath(path)
+    if os.path.exists(beside):
+        chosen, where = beside, f"found beside the file, in {folder}"
+    elif os.path.exists(here):
+        chosen, where = here, f"found in the working directory, not in {folder}"
+    else:
+        chosen, where = beside, f"not found in {folder} nor in the working directory {os.getcwd()}"
+    if label:
+        log.info("%s: %s -> %s (%s)", label, value, os.path.normpath(chosen), where)
+    return os.path.normpath(chosen)
 
 
 def load_examples(

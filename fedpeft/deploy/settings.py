@@ -3,12 +3,13 @@
 The job config (model, PEFT, aggregation, rounds, clients per round, min clients) is the same
 YAML a simulation runs; ``deploy.yaml`` adds what only a deployment has. Site ``i`` of
 ``sites`` trains like client ``i`` (``client-i``, ``data.client_files[i]``) of the simulation.
-Relative paths are relative to the ``deploy.yaml`` file. One :class:`ConfigError` lists every
-problem.
+Relative paths are relative to the ``deploy.yaml`` file. One
+:class:`~fedpeft.errors.ConfigError` lists every problem (:mod:`fedpeft.problems`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pydantic
@@ -16,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedpeft.config import JobConfig
-from fedpeft.errors import ConfigError
+from fedpeft.problems import Loc, Problems, read_yaml
 
 SITE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -85,52 +86,48 @@ class DeployConfig(_Section):
         return 600.0 + self.wait_for_sites_s + rounds * per_round
 
 
-def _problems(dep: DeployConfig, job: JobConfig) -> list[str]:
-    problems = []
+def _check(dep: DeployConfig, job: JobConfig, add: Callable[[Loc, str], None]) -> None:
+    """Record what the schema cannot see: site names and count, TLS and authentication, files."""
     names = dep.site_names
     if len(set(names)) != len(names):
-        problems.append(f"sites: names must be unique (got {names})")
+        add(("sites",), f"names must be unique (got {names})")
     if len(names) != job.federation.num_clients:
-        problems.append(f"sites: lists {len(names)} sites but the job's federation.num_clients is "
-                        f"{job.federation.num_clients}; site i trains like simulation client i")
+        add(("sites",), f"lists {len(names)} sites but the job's federation.num_clients is "
+            f"{job.federation.num_clients}; site i trains like simulation client i")
     if dep.insecure and dep.tls is not None:
-        problems.append("insecure: true and tls are both set; remove one")
+        add(("insecure",), "insecure: true and tls are both set; remove one")
     if not dep.insecure and dep.tls is None:
-        problems.append("tls: missing; give ca_cert/server_cert/server_key (make them with "
-                        "`fedpeft certs DIR --host SERVER_NAME`), or insecure: true on loopback")
+        add(("tls",), "missing; give ca_cert/server_cert/server_key (make them with "
+            "`fedpeft certs DIR --host SERVER_NAME`), or insecure: true on loopback")
     if dep.authenticate and dep.insecure:
-        problems.append("authenticate: needs TLS (Flower refuses SuperNode authentication "
-                        "without it); set authenticate: false to test on loopback")
+        add(("authenticate",), "needs TLS (Flower refuses SuperNode authentication "
+            "without it); set authenticate: false to test on loopback")
     missing = [s.name for s in dep.sites if s.public_key is None]
     if dep.authenticate and missing:
-        problems.append(f"sites: {missing} have no public_key; authentication needs every site's "
-                        "key (`fedpeft keys NAME` at the site) or authenticate: false")
-    for s in dep.sites:
-        if s.public_key is not None and not s.public_key.is_file():
-            problems.append(f"sites.{s.name}.public_key: file not found: {s.public_key}")
-    if dep.tls is not None:
-        for field in ("ca_cert", "server_cert", "server_key"):
-            if not getattr(dep.tls, field).is_file():
-                problems.append(f"tls.{field}: file not found: {getattr(dep.tls, field)}")
-    problems += _secagg_problems(dep.secure_aggregation, job)
+        add(("sites",), f"{missing} have no public_key; authentication needs every site's "
+            "key (`fedpeft keys NAME` at the site) or authenticate: false")
+    for i, site in enumerate(dep.sites):
+        if site.public_key is not None and not site.public_key.is_file():
+            add(("sites", i, "public_key"), f"site {site.name!r}: file not found: {site.public_key}")
+    for field in ("ca_cert", "server_cert", "server_key") if dep.tls is not None else ():
+        if not getattr(dep.tls, field).is_file():
+            add(("tls", field), f"file not found: {getattr(dep.tls, field)}")
     try:
         dep.host_port
     except ValueError:
-        problems.append(f"listen: expected HOST:PORT (e.g. 0.0.0.0:9092), got {dep.listen!r}")
-    return problems
+        add(("listen",), f"expected HOST:PORT (e.g. 0.0.0.0:9092), got {dep.listen!r}")
+    _check_secagg(dep.secure_aggregation, job, add)
 
 
-def _secagg_problems(sa: SecAggConfig, job: JobConfig) -> list[str]:
+def _check_secagg(sa: SecAggConfig, job: JobConfig, add: Callable[[Loc, str], None]) -> None:
     if not sa.enabled:
-        return []
-    problems = []
+        return
     if job.sampled_per_round() < 2:
-        problems.append("secure_aggregation: needs at least 2 sites per round (SecAgg+ refuses "
-                        f"fewer); the job samples {job.sampled_per_round()}")
+        add(("secure_aggregation", "enabled"), "needs at least 2 sites per round (SecAgg+ refuses "
+            f"fewer); the job samples {job.sampled_per_round()}")
     if job.sampled_per_round() * sa.quantization_range >= 2**32:
-        problems.append(f"secure_aggregation.quantization_range: sites per round x range must be "
-                        f"< 2**32 (sums are taken mod 2**32); got {sa.quantization_range}")
-    return problems
+        add(("secure_aggregation", "quantization_range"), "sites per round x range must be "
+            f"< 2**32 (sums are taken mod 2**32); got {sa.quantization_range}")
 
 
 def _resolve(tree: dict, base: Path) -> dict:
@@ -150,27 +147,24 @@ def load_deploy_config(path: str | Path, job: JobConfig) -> DeployConfig:
     """Read and check ``deploy.yaml`` against the job it deploys.
 
     Raises:
-        ConfigError: listing every problem (YAML path, bad value, what would be valid).
+        ConfigError: listing every problem (file, line, YAML path, bad value, what would be valid).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"deployment config not found: {path}")
+    source = str(path)
+    problems = Problems()
+    tree, root = read_yaml(path, problems)
+    if not problems and not isinstance(tree, dict | None):
+        problems.add(source, (), f"expected a mapping (listen, tls, sites, ...), got {type(tree).__name__}")
+    problems.raise_if_any(source)
+    dep: DeployConfig | None = None
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping (listen, tls, sites, ...)")
-    try:
-        dep = DeployConfig.model_validate(_resolve(tree, path.resolve().parent))
+        dep = DeployConfig.model_validate(_resolve(tree or {}, path.resolve().parent))
     except pydantic.ValidationError as e:
-        problems = [f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})"
-                    for err in e.errors()]
-    else:
-        problems = _problems(dep, job)
-    if problems:
-        lines = "\n".join(f"  - {path}: {p}" for p in problems)
-        raise ConfigError(f"{len(problems)} problem(s) in {path}:\n{lines}")
+        problems.add_validation_error(e, DeployConfig, source, root)
+    if dep is not None:
+        _check(dep, job, lambda loc, message: problems.add(source, loc, message, root))
+    problems.raise_if_any(source)
+    assert dep is not None
     return dep
 
 

@@ -12,9 +12,8 @@ import json
 from pathlib import Path
 
 from fedpeft.config import JobConfig
-from fedpeft.data.federated import cap_rows  # the simulation's per-file cap, reused so rows match
+from fedpeft.data.federated import client_file_rows, client_share  # the simulation's, so rows match
 from fedpeft.data.io import load_examples
-from fedpeft.data.split import split_rows
 from fedpeft.errors import ConfigError
 
 # Data keys that name files on the server: never sent to a site.
@@ -31,10 +30,13 @@ def site_job_payload(cfg: JobConfig) -> str:
     Returns:
         JSON with ``seed``, ``model``, ``peft``, ``train``, ``data`` (without file names) and
         ``holdout``: whether sites hold out ``test_ratio`` of their rows. The simulation does
-        that when ``data.test`` is unset, so the deployment must too for the same result.
+        that when ``data.test`` is unset, so the deployment must too for the same result. Its
+        ``data.max_train_samples`` is one site's share of the job's total
+        (:func:`fedpeft.data.federated.client_share`): a site does not know how many there are.
     """
     dumped = cfg.model_dump(mode="json")
     data = {k: v for k, v in dumped["data"].items() if k not in _SERVER_ONLY_DATA_KEYS}
+    data["max_train_samples"] = client_share(cfg)
     payload = {k: dumped[k] for k in ("seed", "model", "peft", "train")}
     payload.update(data=data, **{HOLDOUT: cfg.data.test is None})
     return json.dumps(payload, sort_keys=True)
@@ -62,7 +64,8 @@ def site_rows(cfg: JobConfig, path: str | Path, holdout: bool) -> list[dict]:
     """The training rows of one site, as the simulation builds them from ``client_files[i]``.
 
     Args:
-        cfg: The job (from :func:`site_job_from_payload`).
+        cfg: The job (from :func:`site_job_from_payload`; its ``data.max_train_samples`` is this
+            site's share).
         path: The site's own JSONL file.
         holdout: Hold out ``data.test_ratio`` of the rows (by ``data.split_by``) like the
             simulation does when the job has no ``data.test``.
@@ -72,7 +75,4 @@ def site_rows(cfg: JobConfig, path: str | Path, holdout: bool) -> list[dict]:
     """
     d = cfg.data
     rows = load_examples(path, d.question_field, d.answer_field)
-    rows = cap_rows(rows, d.max_train_samples, cfg.seed)
-    if holdout:
-        rows = split_rows(rows, d.test_ratio, cfg.seed, d.split_by)[0]
-    return rows
+    return client_file_rows(rows, d, cfg.seed, holdout, d.max_train_samples)[0]  # the site's share

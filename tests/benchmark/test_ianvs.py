@@ -116,7 +116,8 @@ def test_rank_names_and_fedpeft_section_are_checked(tmp_path, ianvs_files):
         load_plan(write_files(tmp_path, ianvs_files))
     msg = str(err.value)
     assert "'federation.rounds' is set by the Ianvs files" in msg
-    assert "benchmarkingjob.fedpeft.config.eval.max_new_tokns: unknown key; did you mean 'max_new_tokens'?" in msg
+    assert "benchmarkingjob.fedpeft.config.eval.max_new_tokns: unknown key 'max_new_tokns'; " \
+           "did you mean 'max_new_tokens'?" in msg
     job_tree["fedpeft"]["config"] = {}
     with pytest.raises(ConfigError) as err:
         load_plan(write_files(tmp_path, ianvs_files))

@@ -104,6 +104,8 @@ def test_deploy_config_lists_every_problem(tmp_path: Path) -> None:
     for needle in ("names must be unique", "num_clients is 3", "tls: missing", "have no public_key",
                    "file not found", "mod 2**32"):
         assert needle in text, needle
+    assert [p.key for p in err.value.problems] == ["tls", "sites", "sites", "sites", "sites.1.public_key",
+                                                    "secure_aggregation.quantization_range"]
     path.write_text(json.dumps({"insecure": True, "authenticate": False,
                                 "sites": [{"name": n} for n in "abc"]}))
     assert load_deploy_config(path, job).site_names == ["a", "b", "c"]
@@ -113,7 +115,7 @@ def test_deploy_config_lists_every_problem(tmp_path: Path) -> None:
 def test_a_site_builds_the_rows_the_simulation_gives_its_client(sites_and_test, holdout) -> None:
     sites, test = sites_and_test
     job = tiny_job(sites, test)
-    job["data"] = {**job["data"], "max_train_samples": 5, "test_ratio": 0.34}
+    job["data"] = {**job["data"], "max_train_samples": 6, "test_ratio": 0.34}  # 2 rows per site
     if holdout:
         del job["data"]["test"]
     cfg = validate_tree(job)
@@ -122,6 +124,7 @@ def test_a_site_builds_the_rows_the_simulation_gives_its_client(sites_and_test, 
     site_cfg, site_holdout = site_job_from_payload(payload)
     assert site_holdout is holdout
     data = prepare_data(cfg)
+    assert [len(rows) for rows in data.client_rows] == [2, 2, 2]  # the total cap, shared out
     for i, path in enumerate(sites.values()):
         assert site_rows(site_cfg, path, site_holdout) == data.client_rows[i]
 
