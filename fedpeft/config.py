@@ -89,6 +89,9 @@ class FederationConfig(_Section):
     rounds: int = Field(3, ge=1)
     clients_per_round: int | float | None = None  # None: all; int >= 1: count; float in (0, 1]: fraction
     min_clients: int = Field(1, ge=1)  # a round fails if fewer clients finish
+    # An update whose L2 distance to the global adapter exceeds this is dropped for the round
+    # (a faulty or hostile site); None: no bound. Non-finite updates are always dropped.
+    max_update_norm: float | None = Field(None, gt=0)
     partition: PartitionConfig = PartitionConfig()
     aggregation: AggregationConfig = AggregationConfig()
 

@@ -23,8 +23,10 @@ from fedpeft.config import JobConfig
 from fedpeft.constants import (
     EVENT_EVAL, EVENT_ROUND, KEY_BYTES_DOWN, KEY_BYTES_UP, KEY_EVAL, KEY_TRAIN_LOSS, PREDICTIONS_ZERO_SHOT_FILE,
 )
+from fedpeft.errors import RoundError
 from fedpeft.run_dir import RunDir
 from fedpeft.state import RoundResult, State
+from fedpeft.update_checks import check_global, screen
 from fedpeft.worker import Host, evaluate_global
 
 log = logging.getLogger(__name__)
@@ -94,8 +96,11 @@ def run_rounds(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, test: 
     for rnd in range(start, total + 1):
         t0 = time.perf_counter()
         sampled = sample_clients(cfg, rnd, pool.client_ids)
-        result = pool.train(rnd, sampled, state)
+        result = screen(pool.train(rnd, sampled, state), state, cfg.federation.max_update_norm,
+                        f"[round {rnd}/{total}]")
+        _require_min_clients(cfg, rnd, result)
         new_state = aggregate(aggregator, state, result.updates, mean=result.mean)
+        check_global(new_state, rnd)
         record = round_record(rnd, result, time.perf_counter() - t0)
         state = new_state
         if test and (rnd == total or (cfg.eval.every and rnd % cfg.eval.every == 0)):
@@ -107,6 +112,16 @@ def run_rounds(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, test: 
         run.write_partitions(pool.partitions())
     _finish(cfg, run, pool, host, state, last_eval, test)
     return state
+
+
+def _require_min_clients(cfg: JobConfig, rnd: int, result: RoundResult) -> None:
+    """Raises RoundError when fewer than ``min_clients`` updates are left after screening."""
+    need = cfg.federation.min_clients
+    if len(result.reports) < need:
+        why = "; ".join(f"{d['client']}: {d['reason']}" for d in result.dropped)
+        raise RoundError(f"round {rnd}/{cfg.federation.rounds}: only {len(result.reports)} usable update(s), fewer "
+                         f"than federation.min_clients={need} (dropped: {why}). The last completed round is "
+                         f"{rnd - 1}; fix the clients, then resume with --resume RUN_DIR.")
 
 
 def _start(cfg: JobConfig, run: RunDir, host: Host, aggregator: Aggregator, test: list[dict]) -> tuple[State, int]:

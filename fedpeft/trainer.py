@@ -19,6 +19,7 @@ from fedpeft.adapters import get_trainable_state, set_trainable_state, trainable
 from fedpeft.config import TrainConfig
 from fedpeft.constants import KEY_DEVICE, KEY_SECONDS, KEY_STEPS, KEY_TRAIN_LOSS
 from fedpeft.data.prompts import TokenizedExample, collate
+from fedpeft.errors import TrainingError
 from fedpeft.state import ClientUpdate, State
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,10 @@ def local_steps(
             with _autocast(device, cfg.bf16):
                 loss = model(**batch).loss
             losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                raise TrainingError(f"client {client_id}: the training loss is {losses[-1]} at micro-batch {i + 1} "
+                                    f"of {len(batches)}; lower train.learning_rate, set train.max_grad_norm, or "
+                                    "check this client's data")
             tokens += int(batch["attention_mask"].sum())
             if cfg.fedprox_mu > 0:
                 loss = loss + cfg.fedprox_mu / 2 * _proximal_term(params, anchor)

@@ -131,3 +131,24 @@ def test_round_tasks_give_each_site_its_simulation_index_and_seed(sites_and_test
     FlowerPool(cfg, _deploy(sites), RunDir.create(cfg), Recorder()).train(2, list(sites), {})
     assert [(t.name, t.index, t.seed) for t in seen] == [
         (name, i, client_seed(cfg, 2, i)) for i, name in enumerate(sites)]
+
+
+class NanSite(InProcessSites):
+    """``site-b`` answers every round with a NaN update."""
+
+    def train(self, rnd, tasks, state, job) -> RoundResult:
+        result = super().train(rnd, tasks, state, job)
+        for update in result.updates:
+            if update.client_id == "site-b":
+                update.state = {k: torch.full_like(v, float("nan")) for k, v in update.state.items()}
+        return result
+
+
+def test_a_site_sending_nan_is_dropped_with_its_reason_and_the_adapter_stays_finite(sites_and_test, tmp_path):
+    sites, test = sites_and_test
+    run = _serve(tiny_job(sites, test), tmp_path, "deploy", NanSite(sites), _deploy(sites))
+    for record in read_jsonl(run.metrics_file):
+        assert [c["client_id"] for c in record["clients"]] == ["site-a", "site-c"]
+        (dropped,) = record["dropped"]
+        assert dropped["client"] == "site-b" and "non-finite" in dropped["reason"]
+    assert all(torch.isfinite(v).all() for v in checkpoint(run.path, 2).values())
