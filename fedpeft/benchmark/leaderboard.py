@@ -14,7 +14,6 @@ for a lower-is-better metric, centralised / row). ``local_only`` adds one row pe
 from __future__ import annotations
 
 import csv
-import difflib
 import io
 import json
 from collections import defaultdict
@@ -45,6 +44,7 @@ from fedpeft.benchmark.plan import BenchmarkPlan
 from fedpeft.benchmark.schema import RankSpec
 from fedpeft.errors import ConfigError
 from fedpeft.io_utils import write_json, write_text
+from fedpeft.problems import did_you_mean
 from fedpeft.tables import markdown_table
 
 HIDDEN = ("_kind", "_group", "_session", "_dir", "_zs")  # row keys for grouping and the report, never shown
@@ -355,9 +355,8 @@ def print_leaderboards(workspace: str | Path, sort_by: list[str] | None = None, 
         board, meta = build_board(job_dir, keys)
         for name, _ in keys or []:
             if name not in board.columns:
-                close = difflib.get_close_matches(name, board.columns, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"--sort-by {name!r}: no such column{hint} Columns: {', '.join(board.columns)}")
+                raise ConfigError(f"--sort-by {name!r}: no such column{did_you_mean(name, board.columns)} "
+                                  f"Columns: {', '.join(board.columns)}")
         shown = board if show_all else select(board, meta)
         print_board(shown, f"{meta['name']}: leaderboard ({job_dir})", console)
     return 0
