@@ -225,6 +225,7 @@ class Recorder:
         self.command = shlex.join(["python", f"bench/{name}.py", *args])
         self.started = dt.datetime.now(dt.timezone.utc)
         self.load_start = loadavg()
+        self.machine = machine_info()  # the commit that runs, not the one checked out when it ends
         self.t0 = time.perf_counter()
 
     def finish(self, results_dir: Path, *, title: str, params: dict[str, Any], rows: list[dict[str, Any]],
@@ -236,7 +237,7 @@ class Recorder:
             "date": self.started.strftime("%Y-%m-%d %H:%M UTC"),
             "seconds": round(time.perf_counter() - self.t0, 1),
             "loadavg_start": self.load_start, "loadavg_end": loadavg(),
-            "machine": machine_info(), "params": params, "rows": rows, "goal": goal,
+            "machine": self.machine, "params": params, "rows": rows, "goal": goal,
             "markdown": markdown, **(extra or {}),
         }
         results_dir = Path(results_dir)
