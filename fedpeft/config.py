@@ -129,6 +129,10 @@ class EvalConfig(_Section):
     merge_lora: bool = True  # merge LoRA into the weights while generating (faster), then restore
 
 
+class CheckpointConfig(_Section):
+    keep: int = Field(3, ge=1)  # the newest checkpoints kept in checkpoints/ (older ones are deleted)
+
+
 class JobConfig(_Section):
     job: str = "fedpeft"
     seed: int = 0
@@ -140,6 +144,7 @@ class JobConfig(_Section):
     federation: FederationConfig = FederationConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     def sampled_per_round(self) -> int:
         """Number of clients sampled each round."""
@@ -154,6 +159,18 @@ class JobConfig(_Section):
 
 # --------------------------------------------------------------------------------------------
 # Loading and validation
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and scalars are leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:

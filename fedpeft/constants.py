@@ -13,6 +13,8 @@ CHECKPOINT_STATE_FILE = "global_state.safetensors"
 CHECKPOINT_META_FILE = "checkpoint.json"
 CHECKPOINT_SERVER_OPT_FILE = "server_optimizer.pt"
 LATEST_CHECKPOINT_FILE = "latest"
+LOCK_FILE = ".lock"  # held by the one process writing into a run folder
+LOCK_HOLDER_FILE = ".lock-holder"  # who holds it (pid, host, since), for the error a second writer gets
 
 # Files written by `fedpeft data split`.
 SPLIT_TRAIN_FILE = "train.jsonl"

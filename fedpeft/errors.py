@@ -48,3 +48,7 @@ class RegistryError(FedPeftError, KeyError):
 
 class TrainingError(FedPeftError):
     """A client's local training went wrong (e.g. a non-finite loss)."""
+
+
+class CheckpointError(FedPeftError):
+    """No checkpoint can be trusted, or a run cannot be resumed as it was started."""

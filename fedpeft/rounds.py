@@ -9,6 +9,8 @@ simulation or a deployment ``Grid``. A feature that changes the round is written
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import time
@@ -18,12 +20,12 @@ import numpy as np
 
 from fedpeft.adapters import get_trainable_state, num_parameters, save_adapter, state_nbytes
 from fedpeft.aggregators import Aggregator, aggregate, build_aggregator
-from fedpeft.checkpoint import load_latest_checkpoint, save_checkpoint
-from fedpeft.config import JobConfig
+from fedpeft.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint
+from fedpeft.config import JobConfig, flatten
 from fedpeft.constants import (
     EVENT_EVAL, EVENT_ROUND, KEY_BYTES_DOWN, KEY_BYTES_UP, KEY_EVAL, KEY_TRAIN_LOSS, PREDICTIONS_ZERO_SHOT_FILE,
 )
-from fedpeft.errors import RoundError
+from fedpeft.errors import CheckpointError, RoundError
 from fedpeft.run_dir import RunDir
 from fedpeft.state import RoundResult, State
 from fedpeft.update_checks import check_global, screen
@@ -40,10 +42,13 @@ class ClientPool(Protocol):
     Attributes:
         client_ids: Every client, in index order (a client's index seeds its training).
         runtime: What ``summary.json`` says about the runtime (``{"runtime": "simulation"}``).
+        fingerprint: A digest of the clients' data where the pool can see it (``""`` otherwise);
+            a resumed run must find the same.
     """
 
     client_ids: list[str]
     runtime: dict
+    fingerprint: str
 
     def train(self, rnd: int, sampled: list[str], global_state: State) -> RoundResult:
         """Have each sampled client train from ``global_state``; what came back.
@@ -73,7 +78,8 @@ def client_seed(cfg: JobConfig, rnd: int, index: int) -> int:
     return int(np.random.SeedSequence([cfg.seed, rnd, index]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def run_rounds(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, test: list[dict]) -> State:
+def run_rounds(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, test: list[dict],
+               allow_config_change: tuple[str, ...] = ()) -> State:
     """Run every round of ``cfg`` not yet checkpointed in ``run``; write the run's outputs.
 
     A folder with a checkpoint continues after it (``--resume``); records of rounds after the
@@ -86,12 +92,15 @@ def run_rounds(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, test: 
         pool: Where clients train.
         host: Holds the server's model: evaluates and saves the global adapter.
         test: Test rows; empty: no evaluation (a deployment without ``data.test``).
+        allow_config_change: Dotted config keys that may differ from the checkpoint's on resume
+            (e.g. ``federation.rounds`` to add rounds); any other change is an error.
 
     Returns:
         The final global adapter state.
     """
     aggregator = build_aggregator(cfg.federation.aggregation.name, cfg.federation.aggregation.params)
-    state, start = _start(cfg, run, host, aggregator, test)
+    fingerprint = {"config": flatten(cfg.model_dump(mode="json")), "data": _digest([pool.fingerprint, test])}
+    state, start = _start(cfg, run, host, aggregator, test, fingerprint, allow_config_change)
     total, last_eval = cfg.federation.rounds, None
     for rnd in range(start, total + 1):
         t0 = time.perf_counter()
@@ -108,10 +117,36 @@ def run_rounds(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, test: 
             record[KEY_EVAL] = last_eval[0]
         run.log_metrics(record)
         log_round(rnd, total, record)
-        save_checkpoint(run.path, rnd, state, aggregator.state_dict())
+        save_checkpoint(run.path, rnd, state, aggregator.state_dict(), fingerprint, keep=cfg.checkpoint.keep)
         run.write_partitions(pool.partitions())
     _finish(cfg, run, pool, host, state, last_eval, test)
     return state
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_same_run(ckpt: Checkpoint, fingerprint: dict, allow: tuple[str, ...]) -> None:
+    """Refuse to resume with another config or other data than the checkpoint was made with.
+
+    Raises:
+        CheckpointError: listing each changed key (old -> new), or saying the data changed.
+    """
+    if "config" not in ckpt.meta:
+        return  # written before fingerprints existed
+    old, new = ckpt.meta["config"], fingerprint["config"]
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in allow]
+    if changed:
+        diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        raise CheckpointError(
+            f"the config differs from the one round {ckpt.round}'s checkpoint was made with ({diffs}); a resumed "
+            "run would not be the run that was started. Restore config.yaml, or allow a deliberate change with "
+            f"--allow-config-change {changed[0]} (e.g. federation.rounds to add rounds).")
+    if ckpt.meta.get("data") != fingerprint["data"]:
+        raise CheckpointError(
+            f"the training or test data differ from what round {ckpt.round}'s checkpoint was trained on (a data "
+            "file changed since the run started); restore the files, or start a new run.")
 
 
 def _require_min_clients(cfg: JobConfig, rnd: int, result: RoundResult) -> None:
@@ -124,9 +159,12 @@ def _require_min_clients(cfg: JobConfig, rnd: int, result: RoundResult) -> None:
                          f"{rnd - 1}; fix the clients, then resume with --resume RUN_DIR.")
 
 
-def _start(cfg: JobConfig, run: RunDir, host: Host, aggregator: Aggregator, test: list[dict]) -> tuple[State, int]:
+def _start(cfg: JobConfig, run: RunDir, host: Host, aggregator: Aggregator, test: list[dict],
+           fingerprint: dict, allow: tuple[str, ...]) -> tuple[State, int]:
     """The latest checkpoint's state and next round, or the seeded initial adapter (after zero-shot)."""
     ckpt = load_latest_checkpoint(run.path)
+    if ckpt is not None:
+        check_same_run(ckpt, fingerprint, allow)
     run.truncate_metrics_after(ckpt.round if ckpt else -1)
     if ckpt is not None:
         aggregator.load_state_dict(ckpt.server_state)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import socket
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from fedpeft.config import JobConfig, dump_config
 from fedpeft.constants import (
@@ -12,6 +16,8 @@ from fedpeft.constants import (
     CONFIG_FILE,
     FINAL_ADAPTER_DIR,
     KEY_ROUND,
+    LOCK_FILE,
+    LOCK_HOLDER_FILE,
     METRICS_FILE,
     PARTITIONS_FILE,
     PREDICTIONS_FILE,
@@ -26,18 +32,63 @@ class RunDir:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._lock: FileLock | None = None
 
     @classmethod
     def create(cls, cfg: JobConfig) -> "RunDir":
-        """A new run folder for ``cfg`` (run id: ``cfg.run_id`` or a timestamp)."""
+        """A new run folder for ``cfg`` (run id: ``cfg.run_id`` or a timestamp), locked for this process.
+
+        Raises:
+            ConfigError: if the folder already holds a run, or another process writes into it.
+        """
         run_id = cfg.run_id or dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         path = Path(cfg.workspace) / cfg.job / run_id
-        if (path / CHECKPOINT_DIR).exists():
-            raise ConfigError(f"{path} already holds a run; resume it with --resume {path}, or pick another run_id")
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path)
+        run.acquire()
+        if (path / CHECKPOINT_DIR).exists() or (path / METRICS_FILE).exists():
+            run.release()
+            raise ConfigError(f"{path} already holds a run; resume it with --resume {path}, or pick another run_id")
         write_text(run.config_file, dump_config(cfg))
         return run
+
+    @classmethod
+    def open(cls, path: Path) -> "RunDir":
+        """An existing run folder (``--resume``), locked for this process.
+
+        Raises:
+            ConfigError: if ``path`` is not a run folder, or another process writes into it.
+        """
+        if not (Path(path) / CONFIG_FILE).is_file():
+            raise ConfigError(f"{path} is not a fedpeft run folder (no {CONFIG_FILE}); give the folder a run wrote, "
+                              "e.g. workspace/<job>/<run-id>")
+        run = cls(path)
+        run.acquire()
+        return run
+
+    def acquire(self) -> None:
+        """Make this process the folder's only writer until :meth:`release` (or exit).
+
+        Raises:
+            ConfigError: naming the process that holds the folder.
+        """
+        lock = FileLock(self.path / LOCK_FILE)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            holder = (self.path / LOCK_HOLDER_FILE).read_text().strip() if (self.path / LOCK_HOLDER_FILE).is_file() else "?"
+            raise ConfigError(f"{self.path} is in use by another fedpeft process ({holder}); wait for it to end, "
+                              "or run with another run_id") from None
+        write_text(self.path / LOCK_HOLDER_FILE,
+                   f"pid {os.getpid()} on {socket.gethostname()} since {dt.datetime.now():%Y-%m-%d %H:%M:%S}")
+        self._lock = lock
+
+    def release(self) -> None:
+        """Let another process write into the folder (idempotent)."""
+        if self._lock is not None:
+            (self.path / LOCK_HOLDER_FILE).unlink(missing_ok=True)
+            self._lock.release()
+            self._lock = None
 
     config_file = property(lambda self: self.path / CONFIG_FILE)
     metrics_file = property(lambda self: self.path / METRICS_FILE)

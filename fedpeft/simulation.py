@@ -8,6 +8,8 @@ runs the same loop with its own pool (:mod:`fedpeft.deploy.flower_pool`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -44,6 +46,8 @@ class SchedulerPool:
                  tokenized: list[list[TokenizedExample]]) -> None:
         self.cfg, self.sched, self.data, self.tokenized = cfg, sched, data, tokenized
         self.client_ids = list(data.client_ids)
+        self.fingerprint = hashlib.sha256(json.dumps([data.client_ids, data.client_rows], sort_keys=True,
+                                                     default=str).encode()).hexdigest()
 
     def train(self, rnd: int, sampled: list[str], global_state: State) -> RoundResult:
         """Train ``sampled`` from ``global_state``; updates in sampled order (deterministic sums)."""
@@ -72,7 +76,8 @@ def build_pool(cfg: JobConfig, data: FederatedData) -> SchedulerPool:
     return SchedulerPool(cfg, sched, data, tokenized)
 
 
-def run_job(cfg: JobConfig | None, resume: str | Path | None = None, data: FederatedData | None = None) -> RunDir:
+def run_job(cfg: JobConfig | None, resume: str | Path | None = None, data: FederatedData | None = None,
+            allow_config_change: tuple[str, ...] = ()) -> RunDir:
     """Run (or resume) a federated job in-process; return its run directory.
 
     Args:
@@ -80,18 +85,27 @@ def run_job(cfg: JobConfig | None, resume: str | Path | None = None, data: Feder
         resume: A run directory to continue from its latest checkpoint.
         data: Client partitions and test rows to use instead of those the config describes
             (baselines: one client alone, or all data centralised).
+        allow_config_change: Dotted keys of ``config.yaml`` that may differ from the
+            checkpoint's on resume (``federation.rounds`` to add rounds).
+
+    Raises:
+        ConfigError: if the run folder is in use by another fedpeft process.
+        CheckpointError: if resuming with another config or data, or no checkpoint verifies.
     """
     if resume:
-        run = RunDir(Path(resume))
+        run = RunDir.open(Path(resume))
         cfg = load_config(run.path / CONFIG_FILE)
     else:
         run = RunDir.create(cfg)
     log.info("run directory: %s", run.path)
-    data = data or prepare_data(cfg)
-    run.write_partitions(data.summary)
-    pool = build_pool(cfg, data)
-    _log_setup(cfg, pool)
-    run_rounds(cfg, run, pool, pool.sched, data.test_rows)
+    try:
+        data = data or prepare_data(cfg)
+        run.write_partitions(data.summary)
+        pool = build_pool(cfg, data)
+        _log_setup(cfg, pool)
+        run_rounds(cfg, run, pool, pool.sched, data.test_rows, allow_config_change)
+    finally:
+        run.release()
     return run
 
 

@@ -34,7 +34,8 @@ import yaml
 
 from fedpeft.benchmark.constants import BASELINES
 from fedpeft.benchmark.native import check_baselines, check_dotted, make_config
-from fedpeft.benchmark.plan import (BenchmarkPlan, Dimension, MetricColumn, Setting, TestCase, expand, flatten,
+from fedpeft.config import flatten
+from fedpeft.benchmark.plan import (BenchmarkPlan, Dimension, MetricColumn, Setting, TestCase, expand,
                                     rank_columns, settings_label)
 from fedpeft.benchmark.ianvs_schema import (AlgorithmFile, AlgorithmRef, BenchmarkingJob, BenchmarkingJobFile, Module,
                                             TestEnv, TestEnvFile)

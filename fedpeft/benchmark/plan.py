@@ -16,7 +16,7 @@ import yaml
 
 from fedpeft.benchmark.constants import EXTRA_COLUMNS, PARADIGM_BASELINE, PARADIGM_FEDERATED
 from fedpeft.benchmark.schema import RankSpec
-from fedpeft.config import JobConfig
+from fedpeft.config import JobConfig, flatten
 from fedpeft.errors import ConfigError
 
 
@@ -136,18 +136,6 @@ def expand(dimensions: list[Dimension]) -> list[list[Setting]]:
     """The cartesian product of the dimensions' values (the first dimension varies slowest)."""
     value_lists = [[Setting(d.column, v, d.target) for v in d.values] for d in dimensions]
     return [list(combo) for combo in itertools.product(*value_lists)]
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and scalars are leaves)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
 
 
 def detect_format(path: str | Path) -> str:

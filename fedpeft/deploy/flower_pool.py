@@ -55,6 +55,7 @@ class FlowerPool:
     def __init__(self, cfg: JobConfig, dep: DeployConfig, run: RunDir, transport: Transport) -> None:
         self.cfg, self.dep, self.transport = cfg, dep, transport
         self.client_ids = list(dep.site_names)
+        self.fingerprint = ""  # the sites' data never reach the server
         self.runtime = {"runtime": "flower", "sites": dep.site_names,
                         "secure_aggregation": dep.secure_aggregation.enabled}
         self.job = site_job_payload(cfg)

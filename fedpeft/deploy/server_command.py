@@ -44,7 +44,7 @@ def prepare_run(job: str | None, deploy: str | None, overrides: list[str],
         ConfigError: listing every problem of either file.
     """
     if resume:
-        run = RunDir(Path(resume))
+        run = RunDir.open(Path(resume))
         cfg = load_config(run.path / CONFIG_FILE)
         deploy = deploy or str(run.path / C.DEPLOY_CONFIG_FILE)
     else:

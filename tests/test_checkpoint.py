@@ -1,0 +1,130 @@
+"""Verified checkpoints, one writer per run folder, and resume refusing another config or data."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import yaml
+
+from fedpeft.checkpoint import load_latest_checkpoint, save_checkpoint
+from fedpeft.config import JobConfig, validate_tree
+from fedpeft.errors import CheckpointError, ConfigError
+from fedpeft.io_utils import read_jsonl
+from fedpeft.run_dir import RunDir
+from fedpeft.simulation import run_job
+
+
+def _three_rounds(tmp_path, keep=None):
+    for rnd in (1, 2, 3):
+        save_checkpoint(tmp_path, rnd, {"w": torch.full((4,), float(rnd))}, {"m": torch.ones(2) * rnd},
+                        {"config": {"seed": 0}}, keep=keep)
+    return tmp_path / "checkpoints"
+
+
+def test_a_checkpoint_round_trips_with_its_server_state(tmp_path):
+    _three_rounds(tmp_path)
+    ckpt = load_latest_checkpoint(tmp_path)
+    assert ckpt.round == 3 and torch.equal(ckpt.global_state["w"], torch.full((4,), 3.0))
+    assert torch.equal(ckpt.server_state["m"], torch.ones(2) * 3) and ckpt.meta["config"] == {"seed": 0}
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "delete"])
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one_with_a_warning(tmp_path, caplog, damage):
+    root = _three_rounds(tmp_path)
+    target = root / "round-0003" / "global_state.safetensors"
+    data = bytearray(target.read_bytes())
+    if damage == "flip":
+        data[-3] ^= 0x40  # a value, not the header: the file still parses
+        target.write_bytes(bytes(data))
+    elif damage == "truncate":
+        target.write_bytes(bytes(data[: len(data) // 2]))
+    elif damage == "empty":
+        target.write_bytes(b"")
+    else:
+        target.unlink()
+    with caplog.at_level(logging.WARNING):
+        ckpt = load_latest_checkpoint(tmp_path)
+    assert ckpt.round == 2 and torch.equal(ckpt.global_state["w"], torch.full((4,), 2.0))
+    assert "skipping checkpoint" in caplog.text and "round-0003" in caplog.text
+
+
+def test_latest_naming_a_missing_round_uses_the_newest_that_verifies(tmp_path, caplog):
+    root = _three_rounds(tmp_path)
+    (root / "latest").write_text("round-0009\n")
+    with caplog.at_level(logging.WARNING):
+        assert load_latest_checkpoint(tmp_path).round == 3
+    assert "round-0009, which does not exist" in caplog.text
+
+
+def test_no_verifying_checkpoint_is_a_clear_error_and_leftovers_are_removed(tmp_path):
+    root = _three_rounds(tmp_path)
+    leftover = root / ".round-0004.abc123"
+    leftover.mkdir()
+    for rnd in (1, 2, 3):
+        (root / f"round-000{rnd}" / "server_optimizer.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="no checkpoint of .* verifies"):
+        load_latest_checkpoint(tmp_path)
+    assert not leftover.exists()
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    root = _three_rounds(tmp_path, keep=2)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["round-0002", "round-0003"]
+
+
+def test_one_writer_per_run_folder(tmp_path):
+    cfg = JobConfig.model_validate({"workspace": str(tmp_path), "run_id": "r"})
+    first = RunDir.create(cfg)
+    with pytest.raises(ConfigError, match=r"in use by another fedpeft process \(pid \d+"):
+        RunDir.create(cfg)
+    with pytest.raises(ConfigError, match="in use by another fedpeft process"):
+        RunDir.open(first.path)
+    first.release()
+    second = RunDir.open(first.path)  # free again
+    second.release()
+    with pytest.raises(ConfigError, match="not a fedpeft run folder"):
+        RunDir.open(tmp_path)
+
+
+JOB = {
+    "job": "ckpt", "seed": 2, "model": {"name": "tiny-random-llama"}, "peft": {"method": "lora", "r": 2},
+    "data": {"train": "builtin:sample", "test_ratio": 0.1, "split_by": "focus", "max_seq_len": 64,
+             "max_test_samples": 2},
+    "federation": {"num_clients": 2, "rounds": 2, "partition": {"method": "iid"}},
+    "train": {"learning_rate": 5e-3, "batch_size": 4, "max_steps": 1},
+    "eval": {"every": 0, "zero_shot": False, "max_new_tokens": 2, "metrics": ["rougeL"], "heldout_loss": False},
+}
+
+
+def test_resume_refuses_an_edited_config_unless_the_change_is_allowed(tmp_path):
+    run = run_job(validate_tree({**JOB, "workspace": str(tmp_path), "run_id": "r"}))
+    tree = yaml.safe_load(run.config_file.read_text())
+    tree["train"]["learning_rate"] = 1e-2
+    run.config_file.write_text(yaml.safe_dump(tree))
+    with pytest.raises(CheckpointError, match=r"train.learning_rate: 0.005 -> 0.01"):
+        run_job(None, resume=run.path)
+    tree["train"]["learning_rate"] = 5e-3
+    tree["federation"]["rounds"] = 3  # add a round, deliberately
+    run.config_file.write_text(yaml.safe_dump(tree))
+    with pytest.raises(CheckpointError, match="--allow-config-change federation.rounds"):
+        run_job(None, resume=run.path)
+    run_job(None, resume=run.path, allow_config_change=("federation.rounds",))
+    assert [r["round"] for r in read_jsonl(run.metrics_file)] == [1, 2, 3]
+
+
+def test_resume_refuses_changed_data(tmp_path):
+    import json
+    from importlib import resources
+
+    rows = [json.loads(line) for line in
+            resources.files("fedpeft").joinpath("data/sample.jsonl").read_text().splitlines() if line.strip()]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = {**JOB, "data": {**JOB["data"], "train": str(train)}, "workspace": str(tmp_path), "run_id": "d"}
+    run = run_job(validate_tree(job))
+    rows[0]["answer"] = "edited after the run started"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(CheckpointError, match="data differ from what round 2's checkpoint was trained on"):
+        run_job(None, resume=run.path)
