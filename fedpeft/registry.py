@@ -24,6 +24,21 @@ from fedpeft.problems import closest
 T = TypeVar("T")
 
 
+def plugin_file(name: str) -> Path | None:
+    """The Python file a registry ``name`` would import, resolved as :meth:`Registry.get` does.
+
+    Args:
+        name: A registered name, an entry-point name, or ``path/to/file.py[:object]``.
+
+    Returns:
+        The absolute, symlink-free path of the file (relative paths against the current
+        directory), or ``None`` when ``name`` names no file.
+    """
+    if ".py" not in name:
+        return None
+    return Path(name.partition(".py")[0] + ".py").expanduser().resolve()
+
+
 class Registry(Generic[T]):
     """A named collection of factories of one kind.
 
@@ -85,9 +100,9 @@ class Registry(Generic[T]):
         )
 
     def _load_file(self, spec: str) -> T:
-        path_str, _, attr = spec.partition(".py")
-        attr = attr.lstrip(":")
-        path = Path(path_str + ".py").expanduser().resolve()
+        path = plugin_file(spec)
+        assert path is not None
+        attr = spec.partition(".py")[2].lstrip(":")
         if not path.is_file():
             raise RegistryError(f"{self.kind[:-1]} plugin file not found: {path} (from {spec!r})")
         before = dict(self._items)

@@ -19,6 +19,8 @@ Site side:
 - :mod:`~fedpeft.deploy.client_app`: the light ``ClientApp``; :mod:`~fedpeft.deploy.trainer_service`:
   its socket to the long-lived :mod:`~fedpeft.deploy.site_training` trainer (the core's ``fit``).
 - :mod:`~fedpeft.deploy.wire`: what the server tells a site about the job (never a path).
+- :mod:`~fedpeft.deploy.site_policy`: the code a site lets a job run (``--allow-remote-code``,
+  ``--allow-plugin``); anything else is refused before it is loaded.
 
 Shared: :mod:`~fedpeft.deploy.launch` (processes, environment), :mod:`~fedpeft.deploy.tls`
 (``fedpeft certs``/``keys``), :mod:`~fedpeft.deploy.records`, :mod:`~fedpeft.deploy.loopback`

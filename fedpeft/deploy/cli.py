@@ -30,7 +30,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
     return run_site(SiteOptions(
         server=args.server, data=Path(args.data), name=args.name, workspace=workspace.resolve(),
         ca_cert=args.root_certificates, private_key=args.auth_key, device=args.device or "",
-        retry_for_s=args.retry_for))
+        retry_for_s=args.retry_for, allow_remote_code=args.allow_remote_code,
+        allow_plugins=tuple(args.allow_plugin)))
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
@@ -73,6 +74,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cli.add_argument("--device", help="e.g. cuda:0 (default: the job's model.devices)")
     cli.add_argument("--retry-for", type=float, default=3600.0,
                      help="seconds to keep retrying an unreachable server")
+    cli.add_argument("--allow-remote-code", action="store_true",
+                     help="train jobs whose model.trust_remote_code runs the model's own code here")
+    cli.add_argument("--allow-plugin", action="append", type=Path, default=[], metavar="FILE.py",
+                     help="a plugin file a job may name as PEFT method, aggregator, metric or "
+                          "partitioner (repeatable); other plugin files are refused")
     cli.set_defaults(fn=_cmd_client)
 
     certs = sub.add_parser("certs", help="make a CA and a server certificate for a deployment")

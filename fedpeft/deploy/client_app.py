@@ -7,7 +7,9 @@ SuperNode was started without one, trains in this process (:mod:`fedpeft.deploy.
 
 Nothing about the site's data leaves it except the number of training examples and scalar
 training metrics (loss, steps, seconds): a failure is reported to the server as its exception
-type only, and logged in full on the site.
+type only, and logged in full on the site. The one exception is a refused job
+(:class:`~fedpeft.deploy.site_policy.SiteRefusal`: it asks for code the site did not allow),
+whose message names only what the server asked for and the flag that would allow it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from fedpeft.constants import KEY_CLIENT_ID, KEY_NUM_EXAMPLES
 from fedpeft.deploy import constants as C
+from fedpeft.deploy.site_policy import SiteRefusal
 from fedpeft.errors import FedPeftError
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,9 @@ def train(msg: Message, context: Context) -> Message:
         return _train_plain(msg, context)
     except SiteFailure:
         raise
+    except SiteRefusal as e:  # in-process training (no trainer): the message may leave the site
+        log.error("%s", e)
+        raise SiteFailure(str(e)) from None
     except Exception as e:  # noqa: BLE001 - reported without details, so no data or path leaks
         log.exception("site %r: training failed", site_name(context))
         raise _failure(context, type(e).__name__) from None
@@ -88,16 +94,20 @@ def _train(context: Context, config: dict[str, Any], state: Arrays) -> tuple[int
     """Train via the site's trainer process (or in this process); ``(n, metrics, new_state)``."""
     socket_path = str(context.node_config.get(C.NODE_TRAINER_SOCKET, ""))
     if socket_path:
-        from fedpeft.deploy.trainer_service import ERROR, request_training
+        from fedpeft.deploy.trainer_service import ERROR, REASON, request_training
 
         timeout = float(config.get(C.KEY_TIMEOUT, _DEFAULT_TIMEOUT_S))
-        header, new_state = request_training(socket_path, config, state, timeout)
+        key_path = str(context.node_config[C.NODE_TRAINER_KEY])
+        header, new_state = request_training(socket_path, key_path, config, state, timeout)
+        if REASON in header:  # a refused job: the trainer's message is meant for the server
+            raise SiteFailure(str(header[REASON]))
         if ERROR in header:
             raise _failure(context, str(header[ERROR]))
         n, metrics = int(header["num_examples"]), dict(header["metrics"])
     else:
         from fedpeft.deploy.site_training import SiteTrainer  # torch etc.: only without a trainer process
 
+        # A SuperNode started by hand (not by fedpeft client) allows no remote code or plugins.
         trainer = SiteTrainer(site_name(context), str(context.node_config[C.NODE_DATA_PATH]),
                               str(context.node_config.get(C.NODE_DEVICE, "")))
         n, metrics, _, new_state = trainer.train(config, state)

@@ -6,6 +6,8 @@ trainer (:mod:`fedpeft.deploy.trainer_service`: the model stays loaded between r
 ``flower-supernode`` (TLS with the coordinator's CA, the site's private key when the server
 authenticates sites), echoes the SuperNode's log, and restarts it (bounded) if it exits, e.g.
 when the coordinator restarts its server. A refused key ends it with a clear message instead.
+The site runs only the code its operator allowed here (``--allow-remote-code``,
+``--allow-plugin FILE``: :mod:`fedpeft.deploy.site_policy`), whatever job the server sends.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from fedpeft.data.io import load_examples
 from fedpeft.deploy import constants as C
 from fedpeft.deploy.launch import flower_env, free_port, spawn, stop_group, supernode_argv
 from fedpeft.deploy.settings import SITE_NAME_PATTERN
+from fedpeft.deploy.site_policy import SitePolicy
 from fedpeft.deploy.trainer_service import TrainerServer
 from fedpeft.errors import ConfigError, DataError
 
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 
 EXIT_REFUSED = 3
 SUPERNODE_PID_FILE = "supernode.pid"
+TRAINER_SOCKET_FILE = "trainer.sock"
+TRAINER_KEY_FILE = "trainer.key"  # the socket's key, new for every fedpeft client process (0600)
 _REFUSALS_TOLERATED = 2  # a site may start before the coordinator has registered its key
 _RESTART_DELAY_S = 10.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -53,15 +58,22 @@ class SiteOptions:
     device: str = ""  # "" = the job's model.devices
     retry_for_s: float = 3600.0  # give up after the server was unreachable this long
     restarts: int = 20  # restart the SuperNode at most this often
+    allow_remote_code: bool = False  # run jobs with model.trust_remote_code
+    allow_plugins: tuple[Path, ...] = ()  # plugin files (file.py[:Obj]) a job may name
+
+    def policy(self) -> SitePolicy:
+        """The code this site allows (raises ConfigError for a missing plugin file)."""
+        return SitePolicy.from_flags(self.allow_remote_code, self.allow_plugins)
 
 
 def check_site(opts: SiteOptions) -> int:
     """Check the options and the data file before starting; return the file's row count.
 
     Raises:
-        ConfigError: for a bad name, server address or missing certificate/key file.
+        ConfigError: for a bad name, server address, missing certificate/key or plugin file.
         DataError: if the data file is missing or unreadable.
     """
+    opts.policy()
     if not re.match(SITE_NAME_PATTERN, opts.name):
         raise ConfigError(f"--name {opts.name!r}: use letters, digits, '.', '_' or '-' (as in deploy.yaml)")
     if ":" not in opts.server:
@@ -79,10 +91,11 @@ def check_site(opts: SiteOptions) -> int:
         return -1
 
 
-def write_node_config(opts: SiteOptions, trainer_socket: Path) -> Path:
+def write_node_config(opts: SiteOptions, trainer_socket: Path, trainer_key: Path) -> Path:
     """The SuperNode's node config as a TOML file (any path survives quoting)."""
     values = {C.NODE_SITE_NAME: opts.name, C.NODE_DATA_PATH: str(opts.data.resolve()),
-              C.NODE_DEVICE: opts.device, C.NODE_TRAINER_SOCKET: str(trainer_socket)}
+              C.NODE_DEVICE: opts.device, C.NODE_TRAINER_SOCKET: str(trainer_socket),
+              C.NODE_TRAINER_KEY: str(trainer_key)}
     path = opts.workspace / "node-config.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()), encoding="utf-8")
@@ -101,7 +114,8 @@ class _LazyTrainer:
             if self._trainer is None:
                 from fedpeft.deploy.site_training import SiteTrainer
 
-                self._trainer = SiteTrainer(self.opts.name, self.opts.data, self.opts.device)
+                self._trainer = SiteTrainer(self.opts.name, self.opts.data, self.opts.device,
+                                            policy=self.opts.policy())
             return self._trainer
 
     def __call__(self, config: dict, state: dict) -> tuple:
@@ -124,11 +138,19 @@ def run_site(opts: SiteOptions, echo: Callable[[str], Any] = sys.stderr.write) -
         log.warning("INSECURE: --insecure sends this site's updates in clear text; use it only on "
                     "a loopback test")
     opts.workspace.mkdir(parents=True, exist_ok=True)
-    socket_path = opts.workspace / "trainer.sock"
-    node_config = write_node_config(opts, socket_path)
+    socket_path, key_path = opts.workspace / TRAINER_SOCKET_FILE, opts.workspace / TRAINER_KEY_FILE
+    node_config = write_node_config(opts, socket_path, key_path)
     log.info("site %s: %s (%s rows) -> %s", opts.name, opts.data, rows if rows >= 0 else "?", opts.server)
-    with TrainerServer(socket_path, _LazyTrainer(opts)):
+    _log_policy(opts.policy())
+    with TrainerServer(socket_path, key_path, _LazyTrainer(opts)):
         return _supervise(opts, node_config, echo)
+
+
+def _log_policy(policy: SitePolicy) -> None:
+    if policy.allow_remote_code:
+        log.warning("--allow-remote-code: a job with model.trust_remote_code runs its model's code here")
+    for path in sorted(policy.plugins):
+        log.info("--allow-plugin: a job may run %s", path)
 
 
 def _supervise(opts: SiteOptions, node_config: Path, echo: Callable[[str], Any]) -> int:

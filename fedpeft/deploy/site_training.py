@@ -21,6 +21,7 @@ import torch
 
 from fedpeft.data.prompts import TokenizedExample, tokenize_examples
 from fedpeft.deploy import constants as C
+from fedpeft.deploy.site_policy import SitePolicy, check_job
 from fedpeft.deploy.wire import site_job_from_payload, site_rows
 from fedpeft.errors import ConfigError
 from fedpeft.loop import Worker, build_worker
@@ -39,10 +40,14 @@ class SiteTrainer:
         name: This site's name (a request for another site is refused).
         data_path: This site's JSONL file.
         device: ``""`` for the job's ``model.devices``, or e.g. ``"cuda:0"``.
+        policy: The code this site allows (``fedpeft client --allow-remote-code/--allow-plugin``);
+            default: none, so a job with ``trust_remote_code`` or a plugin file is refused.
     """
 
-    def __init__(self, name: str, data_path: str | Path, device: str = "") -> None:
+    def __init__(self, name: str, data_path: str | Path, device: str = "",
+                 policy: SitePolicy | None = None) -> None:
         self.name, self.data_path, self.device = name, str(data_path), device
+        self.policy = policy or SitePolicy()
         self._worker: tuple[str, Worker] | None = None
         self._examples: tuple[str, list[TokenizedExample]] | None = None
         self._lock = threading.Lock()
@@ -55,12 +60,14 @@ class SiteTrainer:
 
         Raises:
             ConfigError: if the request is meant for another site or the job cannot be read.
+            SiteRefusal: if the job asks for code this site did not allow (nothing is loaded).
             DataError: if the site's file is unusable.
         """
         if str(config[C.KEY_SITE]) != self.name:
             raise ConfigError(f"the server sent site {config[C.KEY_SITE]!r}'s task to site "
                               f"{self.name!r}; do two sites share a name or a key?")
         cfg, holdout = site_job_from_payload(str(config[C.KEY_JOB]))
+        check_job(cfg, self.policy, self.name)  # before any model or plugin is loaded
         with self._lock:
             worker = self._worker_for(cfg)
             examples = self._examples_for(cfg, holdout, worker)

@@ -21,7 +21,8 @@ from fedpeft.deploy.launch import CONNECTION, app_pyproject, cli_config
 from fedpeft.deploy.records import content_nbytes, record_to_state, state_to_record
 from fedpeft.deploy.secagg import error_bound, expected_noise_std
 from fedpeft.deploy.settings import SecAggConfig, load_deploy_config
-from fedpeft.deploy.trainer_service import ERROR, TrainerServer, request_training
+from fedpeft.deploy.site_policy import SiteRefusal
+from fedpeft.deploy.trainer_service import ERROR, REASON, TrainerServer, request_training
 from fedpeft.deploy.tls import fingerprint, make_node_keys, make_tls_files
 from fedpeft.deploy.wire import site_job_from_payload, site_job_payload, site_rows
 from fedpeft.errors import ConfigError
@@ -173,20 +174,49 @@ def test_counting_grid_polls_until_every_reply_or_the_timeout_and_counts_bytes(m
 
 
 def test_trainer_socket_round_trip_and_errors_report_only_their_type(tmp_path: Path) -> None:
+    from multiprocessing import AuthenticationError
+
     def train(config, state):
-        if config["fail"]:
+        if config["fail"] == "data":
             raise FileNotFoundError("/secret/path/of/the/site.jsonl")
+        if config["fail"] == "refuse":
+            raise SiteRefusal("site 'site-a' refuses the job: ... --allow-remote-code")
         return 7, {"train_loss": 1.5}, "site-a", {k: v + 1 for k, v in state.items()}
 
+    sock, key = tmp_path / "t.sock", tmp_path / "t.key"
     state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
-    with TrainerServer(tmp_path / "t.sock", train):
-        assert (tmp_path / "t.sock").stat().st_mode & 0o077 == 0  # private to the site's user
-        header, new = request_training(str(tmp_path / "t.sock"), {"fail": False}, state, 10)
+    with TrainerServer(sock, key, train):
+        for path in (sock, key):
+            assert path.stat().st_mode & 0o077 == 0  # private to the site's user
+        header, new = request_training(sock, key, {"fail": ""}, state, 10)
         assert header == {"num_examples": 7, "metrics": {"train_loss": 1.5}, "client_id": "site-a"}
         np.testing.assert_array_equal(new["w"], state["w"] + 1)
-        header, _ = request_training(str(tmp_path / "t.sock"), {"fail": True}, state, 10)
+        header, _ = request_training(sock, key, {"fail": "data"}, state, 10)
         assert header == {ERROR: "FileNotFoundError"}
-    assert not (tmp_path / "t.sock").exists()
+        header, _ = request_training(sock, key, {"fail": "refuse"}, state, 10)
+        assert header[ERROR] == "SiteRefusal" and "--allow-remote-code" in header[REASON]
+        (tmp_path / "wrong.key").write_bytes(b"x" * 32)
+        with pytest.raises(AuthenticationError):  # a process without the site's key is refused
+            request_training(sock, tmp_path / "wrong.key", {"fail": ""}, state, 10)
+        header, _ = request_training(sock, key, {"fail": ""}, state, 10)  # and the service goes on
+        assert header["num_examples"] == 7
+    assert not sock.exists() and not key.exists()
+
+
+def test_trainer_messages_are_json_and_safetensors_never_pickles(tmp_path: Path, monkeypatch) -> None:
+    import pickle
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("the trainer socket must not pickle")
+
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    monkeypatch.setattr(pickle, "dumps", no_pickle)
+    monkeypatch.setattr("multiprocessing.reduction.ForkingPickler.loads", no_pickle)
+    monkeypatch.setattr("multiprocessing.reduction.ForkingPickler.dumps", no_pickle)
+    state = {"w": np.ones(3, dtype=np.float32)}
+    with TrainerServer(tmp_path / "t.sock", tmp_path / "t.key", lambda c, s: (1, {}, "a", s)):
+        header, new = request_training(tmp_path / "t.sock", tmp_path / "t.key", {}, state, 10)
+    assert header["num_examples"] == 1 and new["w"].tolist() == [1.0, 1.0, 1.0]
 
 
 def test_certs_cover_the_given_hosts_and_key_fingerprints_match_across_formats(tmp_path: Path, capsys) -> None:
@@ -228,3 +258,4 @@ def test_a_site_gives_up_after_repeated_refusals_with_exit_code_3(sites_and_test
     assert len(calls) == site_runner._REFUSALS_TOLERATED + 1
     config = tomllib.loads((tmp_path / "ws" / "node-config.toml").read_text())
     assert config["site-name"] == "site-a" and config["trainer-socket"].endswith("trainer.sock")
+    assert config["trainer-key"].endswith("trainer.key")
