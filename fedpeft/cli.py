@@ -9,7 +9,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from fedpeft.errors import FedPeftError
+from fedpeft.errors import FedPeftError, RunInterrupted
 
 log = logging.getLogger("fedpeft")
 
@@ -41,13 +41,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedpeft.config import load_config
-    from fedpeft.loop import run_job
+    from fedpeft.simulation import run_job
     from fedpeft.results import print_results
 
     if not args.resume and _is_benchmark(args.config):  # Ianvs files or a native grid
         return _cmd_benchmark(args)
     cfg = None if args.resume else load_config(args.config, args.overrides)
-    run = run_job(cfg, resume=args.resume)
+    run = run_job(cfg, resume=args.resume, allow_config_change=tuple(getattr(args, "allow_config_change", None) or ()))
     print_results(run.path)
     return 0
 
@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="job YAML (native format)")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.learning_rate=1e-4")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    run.add_argument("--allow-config-change", metavar="KEY", action="append",
+                     help="with --resume: a dotted key of the run's config.yaml that may differ from its checkpoint's "
+                          "(e.g. federation.rounds to add rounds); repeatable")
     run.set_defaults(fn=_cmd_run)
     val = sub.add_parser("validate", help="check a job or benchmark config and list every problem")
     val.add_argument("config", help="job YAML, benchmarkingjob.yaml (Ianvs format) or configs/benchmark-*.yaml")
@@ -167,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.fn(args)
+    except RunInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
     except (FedPeftError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

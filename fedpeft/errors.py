@@ -52,3 +52,7 @@ class TrainingError(FedPeftError):
 
 class CheckpointError(FedPeftError):
     """No checkpoint can be trusted, or a run cannot be resumed as it was started."""
+
+
+class RunInterrupted(FedPeftError):
+    """The user stopped a run (Ctrl-C); the message says where it can be resumed from."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from fedpeft.constants import (
     CONFIG_FILE,
     FINAL_ADAPTER_DIR,
     KEY_ROUND,
+    LATEST_CHECKPOINT_FILE,
     LOCK_FILE,
     LOCK_HOLDER_FILE,
     METRICS_FILE,
@@ -25,6 +28,8 @@ from fedpeft.constants import (
 )
 from fedpeft.errors import ConfigError
 from fedpeft.io_utils import append_jsonl, read_jsonl, write_json, write_jsonl, write_text
+
+log = logging.getLogger(__name__)
 
 
 class RunDir:
@@ -89,6 +94,21 @@ class RunDir:
             (self.path / LOCK_HOLDER_FILE).unlink(missing_ok=True)
             self._lock.release()
             self._lock = None
+
+    def where_to_resume(self, command: str) -> str:
+        """One line: the last checkpoint of this run and the command that goes on from it."""
+        latest = self.path / CHECKPOINT_DIR / LATEST_CHECKPOINT_FILE
+        if not latest.is_file():
+            return f"no round of {self.path} was checkpointed yet; start the run again"
+        return (f"the last checkpoint is {self.path / CHECKPOINT_DIR / latest.read_text().strip()}; "
+                f"go on with: {command} {self.path}")
+
+    def remove_if_untrained(self) -> None:
+        """Delete a folder that a run created and left before its first checkpoint (nothing to resume)."""
+        if not (self.path / CHECKPOINT_DIR).exists():
+            self.release()
+            shutil.rmtree(self.path, ignore_errors=True)
+            log.info("removed %s: the run stopped before its first round was checkpointed", self.path)
 
     config_file = property(lambda self: self.path / CONFIG_FILE)
     metrics_file = property(lambda self: self.path / METRICS_FILE)

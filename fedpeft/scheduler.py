@@ -118,7 +118,9 @@ class DeviceScheduler(Generic[W]):
         failures: list[Failure] = []
         lock = threading.Lock()
         threads = [
-            threading.Thread(target=self._work, args=(d, pending, results, failures, lock), name=f"worker-{d}")
+            # daemon: Ctrl-C in the main thread ends the process without waiting for the queue
+            threading.Thread(target=self._work, args=(d, pending, results, failures, lock), name=f"worker-{d}",
+                             daemon=True)
             for d in self.devices
         ]
         for t in threads:

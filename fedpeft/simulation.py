@@ -17,6 +17,7 @@ from pathlib import Path
 from fedpeft.adapters import get_trainable_state, num_parameters, state_nbytes
 from fedpeft.config import JobConfig, load_config
 from fedpeft.constants import CONFIG_FILE
+from fedpeft.errors import RunInterrupted
 from fedpeft.data.federated import FederatedData, prepare_data
 from fedpeft.data.prompts import TokenizedExample, tokenize_examples
 from fedpeft.models import resolve_devices
@@ -104,6 +105,12 @@ def run_job(cfg: JobConfig | None, resume: str | Path | None = None, data: Feder
         pool = build_pool(cfg, data)
         _log_setup(cfg, pool)
         run_rounds(cfg, run, pool, pool.sched, data.test_rows, allow_config_change)
+    except KeyboardInterrupt:
+        raise RunInterrupted(run.where_to_resume("fedpeft run --resume")) from None
+    except BaseException:
+        if not resume:
+            run.remove_if_untrained()
+        raise
     finally:
         run.release()
     return run

@@ -128,3 +128,39 @@ def test_resume_refuses_changed_data(tmp_path):
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(CheckpointError, match="data differ from what round 2's checkpoint was trained on"):
         run_job(None, resume=run.path)
+
+
+def test_ctrl_c_prints_one_line_saying_where_to_resume(tmp_path, monkeypatch, capsys):
+    import fedpeft.simulation as simulation
+    from fedpeft.cli import main
+
+    real = simulation.SchedulerPool.train
+
+    def train(self, rnd, sampled, state):  # Ctrl-C reaches the main thread during round 2
+        if rnd == 2:
+            raise KeyboardInterrupt
+        return real(self, rnd, sampled, state)
+
+    monkeypatch.setattr(simulation.SchedulerPool, "train", train)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({**JOB, "workspace": str(tmp_path), "run_id": "c"}))
+    assert main(["run", str(path)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()  # progress bars, then the one line
+    run = tmp_path / "ckpt" / "c"
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1] == (f"interrupted: the last checkpoint is {run / 'checkpoints' / 'round-0001'}; "
+                   f"go on with: fedpeft run --resume {run}")
+    monkeypatch.setattr(simulation.SchedulerPool, "train", real)
+    assert main(["run", "--resume", str(run)]) == 0  # and the lock was released
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path, monkeypatch):
+    import fedpeft.simulation as simulation
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(simulation, "fit", broken)
+    with pytest.raises(Exception, match="boom|fewer than min_clients"):
+        run_job(validate_tree({**JOB, "workspace": str(tmp_path), "run_id": "f"}))
+    assert not (tmp_path / "ckpt" / "f").exists()
