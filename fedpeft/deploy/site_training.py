@@ -1,8 +1,8 @@
 """One site's training: the core's ``fit`` on the site's own file, the model kept between rounds.
 
 A site trains exactly like client ``i`` of the simulation: same model and seeded adapter
-(``fedpeft.loop.build_worker``), same rows (:func:`fedpeft.deploy.wire.site_rows`), same seed
-(sent by the server: ``fedpeft.loop.client_seed(cfg, round, i)``). :class:`SiteTrainer` runs in
+(``fedpeft.worker.build_worker``), same rows (:func:`fedpeft.deploy.wire.site_rows`), same seed
+(sent by the server: ``fedpeft.rounds.client_seed(cfg, round, i)``). :class:`SiteTrainer` runs in
 ``fedpeft client``'s process (behind :mod:`fedpeft.deploy.trainer_service`), so torch,
 transformers and the model are loaded once, not once per Flower message.
 """
@@ -24,7 +24,7 @@ from fedpeft.deploy import constants as C
 from fedpeft.deploy.site_policy import SitePolicy, check_job
 from fedpeft.deploy.wire import site_job_from_payload, site_rows
 from fedpeft.errors import ConfigError
-from fedpeft.loop import Worker, build_worker
+from fedpeft.worker import Worker, build_worker
 from fedpeft.models import resolve_devices
 from fedpeft.trainer import fit
 
