@@ -12,7 +12,6 @@ The site runs only the code its operator allowed here (``--allow-remote-code``,
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import signal
@@ -24,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from fedpeft.data.io import load_examples
 from fedpeft.deploy import constants as C
@@ -98,7 +99,7 @@ def write_node_config(opts: SiteOptions, trainer_socket: Path, trainer_key: Path
               C.NODE_TRAINER_KEY: str(trainer_key)}
     path = opts.workspace / "node-config.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()), encoding="utf-8")
+    path.write_text(tomli_w.dumps(values), encoding="utf-8")
     return path
 
 
