@@ -17,7 +17,7 @@ from torch import nn
 from fedpeft.config import JobConfig, ModelConfig
 from fedpeft.errors import AggregationError
 from fedpeft.io_utils import atomic_path
-from fedpeft.state import State
+from fedpeft.state import State, state_mismatch
 
 MODEL_INFO_FILE = "fedpeft_model.json"
 
@@ -40,16 +40,11 @@ def set_trainable_state(model: nn.Module, state: State) -> None:
         AggregationError: if the keys or shapes do not match the model's adapter.
     """
     params = trainable_parameters(model)
-    missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-    if missing or extra:
-        raise AggregationError(
-            f"adapter state does not fit the model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}; was it made with the same "
-            "model and peft settings?"
-        )
+    problem = state_mismatch(params, state)
+    if problem is not None:
+        raise AggregationError(f"adapter state does not fit the model: {problem}; was it made with the same "
+                               "model and peft settings?")
     for name, p in params.items():
-        if p.shape != state[name].shape:
-            raise AggregationError(f"{name}: shape {tuple(state[name].shape)} != model's {tuple(p.shape)}")
         p.copy_(state[name])
 
 

@@ -3,12 +3,31 @@ state, a client's update, and what one round of a client pool returns."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 State = dict[str, torch.Tensor]
 """Trainable adapter parameters by name: fp32, on CPU, detached."""
+
+
+def state_mismatch(reference: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str | None:
+    """How ``state``'s keys or shapes differ from ``reference``'s, or None when they agree.
+
+    The one check behind aggregation, update screening and loading a state into a model.
+    """
+    missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
+    if missing or extra:
+        return f"missing {_few(missing)}, unexpected {_few(extra)}"
+    for key, ref in reference.items():
+        if state[key].shape != ref.shape:
+            return f"tensor {key!r} has shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}"
+    return None
+
+
+def _few(keys: list[str], shown: int = 3) -> str:
+    return f"{keys[:shown]}{'...' if len(keys) > shown else ''}"
 
 
 @dataclass

@@ -15,20 +15,16 @@ import math
 import torch
 
 from fedpeft.errors import AggregationError
-from fedpeft.state import ClientUpdate, RoundResult, State
+from fedpeft.state import ClientUpdate, RoundResult, State, state_mismatch
 
 log = logging.getLogger(__name__)
 
 
 def update_problem(global_state: State, update: ClientUpdate, max_norm: float | None) -> str | None:
     """Why ``update`` cannot be aggregated into ``global_state``, or None if it can."""
-    missing = sorted(set(global_state) - set(update.state))
-    extra = sorted(set(update.state) - set(global_state))
-    if missing or extra:
-        return f"its keys differ from the global adapter's (missing {missing[:3]}, unexpected {extra[:3]})"
-    for key, ref in global_state.items():
-        if update.state[key].shape != ref.shape:
-            return f"tensor {key!r} has shape {tuple(update.state[key].shape)}, expected {tuple(ref.shape)}"
+    mismatch = state_mismatch(global_state, update.state)
+    if mismatch is not None:
+        return f"it does not fit the global adapter ({mismatch})"
     bad = [k for k, v in update.state.items() if not torch.isfinite(v).all()]
     if bad:
         return f"non-finite values (NaN or Inf) in {len(bad)} tensor(s), e.g. {bad[0]!r}"

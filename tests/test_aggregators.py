@@ -258,7 +258,7 @@ BAD_UPDATES = [
     ([_good(), upd("c2", 1, w=torch.ones(2, 2), b=torch.ones(2), z=torch.ones(1))],
      r"client 'c2' .*missing \[\], unexpected \['z'\]"),
     ([_good(), upd("c3", 1, w=torch.ones(2, 3), b=torch.ones(2))],
-     r"client 'c3': tensor 'w' has shape \(2, 3\), expected \(2, 2\)"),
+     r"client 'c3' does not match the global state: tensor 'w' has shape \(2, 3\), expected \(2, 2\)"),
 ]
 
 
@@ -270,7 +270,7 @@ def test_bad_updates_raise_aggregation_error(name: str, updates: list, message: 
 
 
 def test_weighted_mean_checks_clients_against_each_other() -> None:
-    with pytest.raises(AggregationError, match=r"client 'c3': tensor 'w' has shape \(2, 3\)"):
+    with pytest.raises(AggregationError, match=r"client 'c3' does not match the global state: tensor 'w' has shape \(2, 3\)"):
         weighted_mean([_good(), upd("c3", 1, w=torch.ones(2, 3), b=torch.ones(2))])
 
 

@@ -16,7 +16,7 @@ import torch
 
 from fedpeft.errors import AggregationError, ConfigError
 from fedpeft.registry import Registry
-from fedpeft.state import ClientUpdate, State
+from fedpeft.state import ClientUpdate, State, state_mismatch
 
 AGGREGATORS: Registry[type] = Registry("aggregators")
 """Aggregator classes by name (``fedavg``, ``fedavgm``, ...); see :mod:`fedpeft.registry`."""
@@ -71,21 +71,11 @@ def check_state(reference: State, state: State, who: str) -> None:
     Raises:
         AggregationError: naming the missing or extra keys, or the key whose shape differs.
     """
-    missing = sorted(set(reference) - set(state))
-    extra = sorted(set(state) - set(reference))
-    if missing or extra:
-        raise AggregationError(
-            f"{who} has keys that do not match the global state: missing {missing}, "
-            f"unexpected {extra}. All clients must train the same adapter (same PEFT method "
-            "and target modules)."
-        )
-    for key, ref in reference.items():
-        if state[key].shape != ref.shape:
-            raise AggregationError(
-                f"{who}: tensor {key!r} has shape {tuple(state[key].shape)}, expected "
-                f"{tuple(ref.shape)} as in the global state. All clients must use the same "
-                "adapter hyperparameters (e.g. LoRA rank)."
-            )
+    problem = state_mismatch(reference, state)
+    if problem is None:
+        return
+    raise AggregationError(f"{who} does not match the global state: {problem}. All clients must train the same adapter (same PEFT method, "
+                           "target modules and hyperparameters such as the LoRA rank).")
 
 
 def check_updates(global_state: State, updates: list[ClientUpdate]) -> None:
