@@ -129,7 +129,10 @@ def render_summary(results: dict[str, dict]) -> str:
     for name, r in results.items():
         goal = r.get("goal") or {}
         verdict = "–" if not goal else ("met" if goal.get("met") else "**missed**")
-        headline = HEADLINES[name](r) if name in HEADLINES else ""
+        try:
+            headline = HEADLINES[name](r) if name in HEADLINES else ""
+        except (KeyError, IndexError, TypeError):  # a result written before its headline's keys existed
+            headline = "(see its section)"
         rows.append([SECTIONS[name], goal.get("text", "–"), headline, verdict, r["date"]])
     return markdown_table(["section", "goal", "measured", "verdict", "date"], rows)
 
@@ -142,8 +145,9 @@ def render(results_dir: Path, path: Path) -> list[str]:
         if result is not None:
             sections[name] = render_section(result)
             results[name] = result
-    sections["summary"] = render_summary(results)
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
+    if _markers("summary")[0] in text:
+        sections["summary"] = render_summary(results)
     path.write_text(update_markdown(text, sections), encoding="utf-8")
     return list(sections)
 

@@ -208,12 +208,14 @@ def test_run_all_rewrites_only_between_markers(tmp_path):
         "markdown": "| new table |", "goal": {"text": "fast", "met": True},
     }))
     md = tmp_path / "B.md"
-    md.write_text("# Benchmarks\n\nhand-written intro\n\n<!-- bench:swap:start -->\nold\n<!-- bench:swap:end -->\n"
-                  "\nhand-written analysis\n")
+    md.write_text("# Benchmarks\n\nhand-written intro\n\n<!-- bench:summary:start -->\n<!-- bench:summary:end -->\n"
+                  "\n<!-- bench:swap:start -->\nold\n<!-- bench:swap:end -->\n\nhand-written analysis\n")
     assert run_all.main(["--render-only", "--results-dir", str(tmp_path), "--markdown", str(md)]) == 0
     text = md.read_text()
     assert "hand-written intro" in text and "hand-written analysis" in text
     assert "old" not in text and "| new table |" in text and "`python bench/swap.py`" in text
     assert text.count("<!-- bench:swap:start -->") == 1
+    summary = text.split("<!-- bench:summary:start -->")[1].split("<!-- bench:summary:end -->")[0]
+    assert "3. Adapter swap vs reload" in summary and "| fast " in summary and "| met " in summary
     assert run_all.main(["--render-only", "--results-dir", str(tmp_path), "--markdown", str(md)]) == 0
     assert md.read_text() == text  # idempotent
