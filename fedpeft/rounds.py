@@ -99,7 +99,9 @@ def run_rounds(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, test: 
         The final global adapter state.
     """
     aggregator = build_aggregator(cfg.federation.aggregation.name, cfg.federation.aggregation.params)
-    fingerprint = {"config": flatten(cfg.model_dump(mode="json")), "data": _digest([pool.fingerprint, test])}
+    where = ("job", "workspace", "run_id")  # where the folder is, not what it computes: a moved run resumes
+    config = {k: v for k, v in flatten(cfg.model_dump(mode="json")).items() if k not in where}
+    fingerprint = {"config": config, "data": _digest([pool.fingerprint, test])}
     state, start = _start(cfg, run, host, aggregator, test, fingerprint, allow_config_change)
     total, last_eval = cfg.federation.rounds, None
     for rnd in range(start, total + 1):

@@ -100,6 +100,19 @@ def test_tls_with_site_keys_equals_the_simulation_bit_for_bit_and_refuses_an_unk
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 120)
+def test_plain_deployment_equals_the_simulation_bit_for_bit(sites_and_test, simulation, tmp_path):
+    sites, test = sites_and_test
+    with Loopback(tmp_path, _server_job(sites, test), sites, env=SITE_ENV,
+                  deploy={"round_timeout_s": 150, "wait_for_sites_s": 150}) as lb:
+        lb.start()
+        _run(lb)
+    for rnd in (1, 2):
+        assert max_abs_diff(checkpoint(simulation.path, rnd), checkpoint(lb.run_dir, rnd)) == 0.0, rnd
+    records = read_jsonl(lb.run_dir / "metrics.jsonl")
+    assert [r["dropped"] for r in records] == [[], []] and not any(r["secure_aggregation"] for r in records)
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 120)
 def test_a_site_crashing_mid_round_leaves_the_round_to_the_other_two(sites_and_test, tmp_path):
     sites, test = sites_and_test
     job = _server_job(sites, test)
@@ -126,6 +139,9 @@ def _replay_round_two(job: dict, deployed: Path, workspace: Path) -> Path:
     (run / "config.yaml").write_text(dump_config(cfg))
     shutil.copytree(deployed / "checkpoints" / "round-0001", run / "checkpoints" / "round-0001")
     (run / "checkpoints" / "latest").write_text("round-0001\n")
+    meta_file = run / "checkpoints" / "round-0001" / "checkpoint.json"  # a replay on the sites' files, on purpose:
+    meta = json.loads(meta_file.read_text())  # drop the deployment's config and data fingerprints
+    meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("config", "data")}))
     with torch_threads(1):
         return run_job(None, resume=run).path
 
