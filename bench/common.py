@@ -87,6 +87,12 @@ def _git_commit() -> str | None:
         return None
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def machine_info() -> dict[str, Any]:
     """CPU, cores, threads, memory, accelerator and library versions of this process."""
     import torch
@@ -94,7 +100,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": _torch_threads(),
         "mem_total_gib": _mem_total_gib(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "os": platform.platform(),
@@ -237,7 +243,7 @@ class Recorder:
             "date": self.started.strftime("%Y-%m-%d %H:%M UTC"),
             "seconds": round(time.perf_counter() - self.t0, 1),
             "loadavg_start": self.load_start, "loadavg_end": loadavg(),
-            "machine": self.machine, "params": params, "rows": rows, "goal": goal,
+            "machine": {**self.machine, "torch_threads": _torch_threads()}, "params": params, "rows": rows, "goal": goal,
             "markdown": markdown, **(extra or {}),
         }
         results_dir = Path(results_dir)
