@@ -14,6 +14,7 @@ from fedpeft.errors import CheckpointError, ConfigError
 from fedpeft.io_utils import read_jsonl
 from fedpeft.run_dir import RunDir
 from fedpeft.simulation import run_job
+from tiny_jobs import tiny_job
 
 
 def _three_rounds(tmp_path, keep=None):
@@ -88,14 +89,7 @@ def test_one_writer_per_run_folder(tmp_path):
         RunDir.open(tmp_path)
 
 
-JOB = {
-    "job": "ckpt", "seed": 2, "model": {"name": "tiny-random-llama"}, "peft": {"method": "lora", "r": 2},
-    "data": {"train": "builtin:sample", "test_ratio": 0.1, "split_by": "focus", "max_seq_len": 64,
-             "max_test_samples": 2},
-    "federation": {"num_clients": 2, "rounds": 2, "partition": {"method": "iid"}},
-    "train": {"learning_rate": 5e-3, "batch_size": 4, "max_steps": 1},
-    "eval": {"every": 0, "zero_shot": False, "max_new_tokens": 2, "metrics": ["rougeL"], "heldout_loss": False},
-}
+JOB = tiny_job("ckpt", seed=2)
 
 
 def test_resume_refuses_an_edited_config_unless_the_change_is_allowed(tmp_path):

@@ -10,15 +10,10 @@ from fedpeft.config import JobConfig, validate_tree
 from fedpeft.io_utils import read_jsonl, write_jsonl
 from fedpeft.rounds import client_seed
 from fedpeft.simulation import run_job
+from tiny_jobs import tiny_job
 
-JOB = {
-    "job": "rounds", "seed": 5, "model": {"name": "tiny-random-llama"}, "peft": {"method": "lora", "r": 2},
-    "data": {"train": "builtin:sample", "test_ratio": 0.1, "split_by": "focus", "max_seq_len": 64,
-             "max_test_samples": 3},
-    "federation": {"num_clients": 2, "rounds": 2, "partition": {"method": "iid"}},
-    "train": {"learning_rate": 5e-3, "batch_size": 4, "max_steps": 1},
-    "eval": {"every": 1, "max_new_tokens": 4, "batch_size": 4, "metrics": ["rougeL"]},
-}
+JOB = tiny_job("rounds", seed=5, test_rows=3,
+               eval={"every": 1, "max_new_tokens": 4, "batch_size": 4, "metrics": ["rougeL"]})
 _TIMING = ("seconds", "tokens_per_s", "gen_tokens_per_s", "wall_s")
 
 

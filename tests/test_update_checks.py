@@ -14,6 +14,7 @@ from fedpeft.io_utils import read_jsonl
 from fedpeft.simulation import run_job
 from fedpeft.state import ClientReport, ClientUpdate, RoundResult
 from fedpeft.update_checks import check_global, screen
+from tiny_jobs import tiny_job
 
 G = {"a": torch.zeros(2, 2), "b": torch.zeros(3)}
 
@@ -52,14 +53,7 @@ def test_a_non_finite_secure_mean_or_global_state_stops_the_run():
         check_global({"a": torch.tensor([math.inf])}, 3)
 
 
-JOB = {
-    "job": "faulty", "seed": 1, "model": {"name": "tiny-random-llama"}, "peft": {"method": "lora", "r": 2},
-    "data": {"train": "builtin:sample", "test_ratio": 0.1, "split_by": "focus", "max_seq_len": 64,
-             "max_test_samples": 2},
-    "federation": {"num_clients": 3, "rounds": 2, "partition": {"method": "iid"}},
-    "train": {"learning_rate": 5e-3, "batch_size": 4, "max_steps": 1},
-    "eval": {"every": 0, "zero_shot": False, "max_new_tokens": 2, "metrics": ["rougeL"], "heldout_loss": False},
-}
+JOB = tiny_job("faulty", seed=1, clients=3)
 
 
 def _nan_client(monkeypatch, bad: str, value: float = math.nan):
