@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedpeft.data.io import resolve_input
-from fedpeft.errors import ConfigError
+from fedpeft.errors import ConfigError, RegistryError
 from fedpeft.problems import Loc, Problems, did_you_mean, read_yaml
 
 log = logging.getLogger(__name__)
@@ -236,14 +236,17 @@ def _section(tree: dict, *path: str) -> dict:
 
 def _named_problems(base: tuple, key: str, section: dict, default: str, registry: Any) -> list[tuple[Loc, str]]:
     """Check a ``{<key>: name, **params}`` section against its registry entry's signature."""
-    from fedpeft.params import param_errors, valid_params
+    from fedpeft.params import init_problem, param_errors, valid_params
+    from fedpeft.registry import describe_failure
 
     name = section.get(key, default)
     params = {k: v for k, v in section.items() if k != key}
     try:
         cls = registry.get(str(name))
-    except Exception as e:  # noqa: BLE001 - registry and plugin import errors alike
+    except RegistryError as e:
         return [(base + (key,), str(e))]
+    except Exception as e:  # noqa: BLE001 - a plugin file whose import raises
+        return [(base + (key,), describe_failure(str(name), "import", e))]
     problems: list[tuple[Loc, str]] = []
     for loc, msg, value in param_errors(cls, params):
         if msg.startswith("Extra inputs"):
@@ -252,6 +255,9 @@ def _named_problems(base: tuple, key: str, section: dict, default: str, registry
         else:
             msg = f"{msg} (got {value!r})"
         problems.append((base + loc, msg))
+    failed = None if problems else init_problem(cls, params, str(name))  # range checks of __init__
+    if failed is not None:
+        problems.append((base + (failed[0] or (key,)), failed[1]))
     return problems
 
 
@@ -359,8 +365,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
     path = Path(path)
     problems = Problems()
     tree, root = read_yaml(path, problems)
+    if tree is None and not problems:
+        problems.add(str(path), (), f"empty config: {path} has no keys; see configs/ for examples")
     problems.raise_if_any(str(path))
-    tree = {} if tree is None else tree
     if isinstance(tree, dict):  # anything else is reported by validate_tree
         apply_overrides(tree, overrides or [])
         resolve_data_paths(tree, path.parent)

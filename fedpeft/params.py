@@ -8,6 +8,7 @@ extra schema.
 from __future__ import annotations
 
 import inspect
+import re
 import typing
 from typing import Any
 
@@ -70,3 +71,33 @@ def instantiate(registry: Any, name: str, params: dict[str, Any] | None, kind: s
         raise ConfigError(f"invalid parameters for {kind} {name!r}: {problems}. Valid: {valid}")
     validated = params_model(cls).model_validate(params)
     return cls(**{k: getattr(validated, k) for k in params})
+
+
+def init_problem(cls: type, params: dict[str, Any], name: str) -> tuple[tuple[str, ...], str] | None:
+    """Run ``cls(**params)`` as a job would; ``(key path, message)`` if its ``__init__`` refuses.
+
+    ``params`` must already pass :func:`param_errors`. Range checks live in the constructors
+    (``beta`` in [0, 1), ``r >= 1``...), so validation calls them rather than repeating them.
+
+    Args:
+        cls: A registered class (aggregator, PEFT method, partitioner).
+        params: Its keyword parameters from YAML.
+        name: The name the config used, for messages.
+
+    Returns:
+        ``((param,), message)`` for a :class:`ConfigError` naming a given parameter, ``((), message)``
+        for any other failure (a plugin's own bug: the exception and the line it was raised on).
+    """
+    from fedpeft.errors import ConfigError
+    from fedpeft.registry import describe_failure
+
+    try:
+        validated = params_model(cls).model_validate(params)
+        cls(**{k: getattr(validated, k) for k in params})
+    except ConfigError as e:
+        msg = str(e)
+        named = [p for p in params if re.search(rf"(?<![\w]){re.escape(p)}(?![\w])", msg)]
+        return (tuple(named[:1]), msg)
+    except Exception as e:  # noqa: BLE001 - a plugin's __init__ may raise anything
+        return ((), describe_failure(name, "__init__", e))
+    return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -37,6 +38,31 @@ def plugin_file(name: str) -> Path | None:
     if ".py" not in name:
         return None
     return Path(name.partition(".py")[0] + ".py").expanduser().resolve()
+
+
+def describe_failure(name: str, what: str, error: BaseException) -> str:
+    """One line for a plugin whose import or ``__init__`` raised: the exception and where.
+
+    Args:
+        name: The registry name as the config wrote it (``path/my_agg.py:MyAgg``).
+        what: What failed (``"import"``, ``"__init__"``).
+        error: The exception.
+
+    Returns:
+        ``"plugin 'x.py:Obj' failed in __init__: ValueError: bad (x.py:7: raise ValueError('bad'))"``;
+        the place is the innermost frame inside the plugin's file when there is one.
+    """
+    where = ""
+    if isinstance(error, SyntaxError) and error.filename:
+        where = f" ({error.filename}:{error.lineno}: {(error.text or '').strip()})"
+    else:
+        frames = traceback.extract_tb(error.__traceback__)
+        file = plugin_file(name)
+        inside = [f for f in frames if file is not None and Path(f.filename).resolve() == file]
+        frame = (inside or frames or [None])[-1]
+        if frame is not None:
+            where = f" ({frame.filename}:{frame.lineno}: {(frame.line or '').strip()})"
+    return f"plugin {name!r} failed in {what}: {type(error).__name__}: {error}{where}"
 
 
 class Registry(Generic[T]):
@@ -113,7 +139,11 @@ class Registry(Generic[T]):
             assert mspec is not None and mspec.loader is not None
             module = importlib.util.module_from_spec(mspec)
             sys.modules[module_name] = module
-            mspec.loader.exec_module(module)
+            try:
+                mspec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[module_name]  # a half-run module must not be found next time
+                raise
         if attr:
             if not hasattr(module, attr):
                 public = [n for n in vars(module) if not n.startswith("_")]

@@ -160,3 +160,54 @@ def test_shipped_medquad_config_finds_its_data_from_any_directory(monkeypatch, m
     monkeypatch.chdir(medquad_dir)
     cfg = load_config(repo / "configs/medquad-lora-fedavg.yaml")
     assert Path(cfg.data.train) == medquad_dir / "train.jsonl" and Path(cfg.data.test).is_file()
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n\n# and another\n"])
+def test_an_empty_or_comment_only_config_is_refused_not_run_with_defaults(tmp_path, text):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"empty config: {path} has no keys; see configs/ for examples"):
+        load_config(path)
+
+
+def test_hyperparameter_ranges_of_aggregator_and_peft_method_are_checked_at_their_lines(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "peft:\n"
+        "  method: lora\n"
+        "  r: 0\n"                # line 3: checked in LoRA.__init__
+        "federation:\n"
+        "  aggregation:\n"
+        "    name: fedavgm\n"
+        "    beta: 5\n"           # line 7: checked in FedAvgM.__init__
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert [p.line for p in e.value.problems] == [3, 7]
+    assert f"{path}:3: peft.r: peft.r must be >= 1, got 0" in msg
+    assert f"{path}:7: federation.aggregation.beta: `beta` must be in [0, 1), got 5" in msg
+    path.write_text("peft:\n  method: lora\n  alpha: 0\n")
+    with pytest.raises(ConfigError, match=r":3: peft.alpha: peft.alpha must be > 0"):
+        load_config(path)
+
+
+def test_a_plugin_whose_import_or_init_raises_is_a_problem_naming_it_and_the_line(tmp_path):
+    broken = tmp_path / "broken_agg.py"
+    broken.write_text("import math\nX = 1 / 0\n")
+    picky = tmp_path / "picky_agg.py"
+    picky.write_text("class Picky:\n    def __init__(self, mix: float = 0.5) -> None:\n"
+                     "        raise RuntimeError('no GPU here')\n")
+    path = tmp_path / "job.yaml"
+    path.write_text(f"federation:\n  aggregation:\n    name: {broken}:Agg\n"
+                    f"peft:\n  method: {picky}:Picky\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert "Traceback" not in msg and len(e.value.problems) == 2
+    assert (f"federation.aggregation.name: plugin '{broken}:Agg' failed in import: "
+            f"ZeroDivisionError: division by zero ({broken}:2: X = 1 / 0)") in msg
+    assert (f"peft.method: plugin '{picky}:Picky' failed in __init__: RuntimeError: no GPU here "
+            f"({picky}:3: raise RuntimeError('no GPU here'))") in msg
+    with pytest.raises(ConfigError, match="ZeroDivisionError"):  # not silently half-imported the 2nd time
+        load_config(path)

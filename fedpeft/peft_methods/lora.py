@@ -39,6 +39,8 @@ class LoRA:
     ) -> None:
         if r < 1:
             raise ConfigError(f"peft.r must be >= 1, got {r}")
+        if not alpha > 0:
+            raise ConfigError(f"peft.alpha must be > 0 (the update is scaled by alpha / r), got {alpha}")
         if not 0 <= dropout < 1:
             raise ConfigError(f"peft.dropout must be in [0, 1), got {dropout}")
         self.r, self.alpha, self.dropout, self.bias = r, alpha, dropout, bias
