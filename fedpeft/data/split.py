@@ -7,6 +7,7 @@ row split, where near-duplicate questions about one topic land on both sides.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,8 @@ from fedpeft.data.io import field_values, load_examples
 from fedpeft.errors import DataError
 from fedpeft.io_utils import write_jsonl
 
+log = logging.getLogger(__name__)
+
 _REQUIRED_FIELDS = ("question", "answer")
 
 
@@ -27,7 +30,10 @@ def split_rows(
 ) -> tuple[list[dict], list[dict]]:
     """Split ``rows`` into train and test, reproducibly for a given ``seed``.
 
-    Without ``group_field`` the test side gets ``round(len(rows) * test_ratio)`` random rows.
+    Without ``group_field`` the test side gets ``round(len(rows) * test_ratio)`` random rows,
+    except that rows asking the same question (:func:`question_key`) stay on one side, with a
+    warning giving how many questions repeat: a duplicated row on both sides would be a test
+    question the model was trained on.
     With it, groups are taken in seeded random order and each is put on the test side when that
     brings the test size closer to ``len(rows) * test_ratio``. Both sides keep the input order.
 
@@ -47,7 +53,7 @@ def split_rows(
     if not 0 < test_ratio < 1:
         raise DataError(f"test_ratio must be in (0, 1), got {test_ratio}")
     if group_field is None:
-        test_idx = _random_test_indices(len(rows), test_ratio, seed)
+        test_idx = _question_test_indices(rows, test_ratio, seed)
     else:
         test_idx = _group_test_indices(rows, test_ratio, seed, group_field)
     train = [r for i, r in enumerate(rows) if i not in test_idx]
@@ -108,16 +114,48 @@ def _random_test_indices(n: int, test_ratio: float, seed: int) -> set[int]:
     return {int(i) for i in order[:n_test]}
 
 
-def _group_test_indices(rows: Sequence[dict], test_ratio: float, seed: int, field: str) -> set[int]:
-    values = field_values(rows, field, hint="Fill it in, or set data.split_by to another field (or null).")
+def question_key(row: dict) -> str:
+    """The question text two rows must share to be the same question (stripped, casefolded)."""
+    return " ".join(str(row["question"]).split()).casefold()
+
+
+def _question_test_indices(rows: Sequence[dict], test_ratio: float, seed: int) -> set[int]:
+    """Random rows, but every copy of a repeated question on one side (no train/test leak).
+
+    Without repeats this is the plain seeded row split (same rows as before for the same seed).
+    """
+    groups = _groups([question_key(r) for r in rows])
+    repeated = sum(1 for members in groups.values() if len(members) > 1)
+    if not repeated:
+        return _random_test_indices(len(rows), test_ratio, seed)
+    log.warning("%d questions appear in more than one row (%d rows in all); each is kept on one side of "
+                "the train/test split so no test question is also trained on", repeated,
+                sum(len(m) for m in groups.values() if len(m) > 1))
+    if len(groups) < 2:
+        raise DataError(f"all {len(rows)} rows ask the same question; need at least 2 different questions "
+                        "to hold some out for testing")
+    return _pick_groups(groups, test_ratio * len(rows), seed)
+
+
+def _groups(values: Sequence[Any]) -> dict[Any, list[int]]:
     groups: dict[Any, list[int]] = {}
     for i, value in enumerate(values):
         groups.setdefault(value, []).append(i)
+    return groups
+
+
+def _group_test_indices(rows: Sequence[dict], test_ratio: float, seed: int, field: str) -> set[int]:
+    values = field_values(rows, field, hint="Fill it in, or set data.split_by to another field (or null).")
+    groups = _groups(values)
     if len(groups) < 2:
         raise DataError(f"data.split_by={field!r}: every row has the same value {values[0]!r}; "
                         "need at least 2 values to hold some out; use another field or none")
+    return _pick_groups(groups, test_ratio * len(rows), seed)
+
+
+def _pick_groups(groups: dict[Any, list[int]], target: float, seed: int) -> set[int]:
+    """Whole groups, in seeded random order, each taken when it brings the test size closer to target."""
     keys = sorted(groups, key=str)  # fixed order before the seeded shuffle
-    target = test_ratio * len(rows)
     test: set[int] = set()
     for k in np.random.default_rng(seed).permutation(len(keys)):
         members = groups[keys[k]]

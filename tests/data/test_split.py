@@ -107,3 +107,38 @@ def test_split_file_bad_drop_fields(tmp_path: Path, drop: list[str], message: st
     with pytest.raises(DataError, match=message):
         split_file(SAMPLE_PATH, tmp_path, 0.2, seed=0, drop_fields=drop)
     assert not (tmp_path / TRAIN_FILE).exists()
+
+
+def _with_duplicates() -> list[dict]:
+    """30 questions; the first 10 asked twice more (verbatim, and re-cased with stray spaces)."""
+    rows = [{"question": f"What is condition {i}?", "answer": f"a{i}"} for i in range(30)]
+    rows += [{"question": f"What is condition {i}?", "answer": f"b{i}"} for i in range(10)]
+    rows += [{"question": f"  WHAT is condition {i}? ", "answer": f"c{i}"} for i in range(10)]
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_duplicated_questions_never_land_on_both_sides(seed: int, caplog: pytest.LogCaptureFixture) -> None:
+    rows = _with_duplicates()
+    with caplog.at_level("WARNING", logger="fedpeft.data.split"):
+        train, test = split_rows(rows, 0.3, seed=seed)
+    norm = lambda side: {r["question"].strip().casefold() for r in side}  # noqa: E731
+    assert not norm(train) & norm(test) and norm(test)
+    assert len(train) + len(test) == 50 and abs(len(test) - 15) <= 2
+    assert "10 questions appear in more than one row (30 rows in all)" in caplog.text
+
+
+def test_split_file_keeps_duplicated_questions_on_one_side(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "dup.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _with_duplicates()))
+    with caplog.at_level("WARNING", logger="fedpeft.data.split"):
+        split_file(path, tmp_path / "out", 0.3, seed=0)
+    train, test = read_jsonl(tmp_path / "out" / TRAIN_FILE), read_jsonl(tmp_path / "out" / TEST_FILE)
+    assert not {r["question"].strip().casefold() for r in train} & {r["question"].strip().casefold() for r in test}
+    assert "10 questions appear in more than one row" in caplog.text
+
+
+def test_without_duplicates_no_warning_and_the_same_rows_as_a_plain_row_split(sample, caplog) -> None:
+    with caplog.at_level("WARNING", logger="fedpeft.data.split"):
+        train, test = split_rows(sample, 0.2, seed=0)
+    assert "more than one row" not in caplog.text and len(test) == 16
