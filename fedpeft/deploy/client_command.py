@@ -62,9 +62,21 @@ class SiteOptions:
     allow_remote_code: bool = False  # run jobs with model.trust_remote_code
     allow_plugins: tuple[Path, ...] = ()  # plugin files (file.py[:Obj]) a job may name
 
+    def __post_init__(self) -> None:
+        # The SuperNode runs in the workspace: relative paths are taken from this directory now.
+        absolute = _absolute
+        self.data, self.workspace = absolute(self.data), absolute(self.workspace)
+        self.ca_cert = None if self.ca_cert is None else absolute(self.ca_cert)
+        self.private_key = None if self.private_key is None else absolute(self.private_key)
+        self.allow_plugins = tuple(absolute(p) for p in self.allow_plugins)
+
     def policy(self) -> SitePolicy:
         """The code this site allows (raises ConfigError for a missing plugin file)."""
         return SitePolicy.from_flags(self.allow_remote_code, self.allow_plugins)
+
+
+def _absolute(path: str | Path) -> Path:
+    return Path(path).expanduser().absolute()
 
 
 def check_site(opts: SiteOptions) -> int:
@@ -159,7 +171,7 @@ def _supervise(opts: SiteOptions, node_config: Path, echo: Callable[[str], Any])
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         code, refusals = 0, 0
-        for attempt in range(opts.restarts + 1):
+        for restarts in range(opts.restarts + 1):
             code, refused = _run_once(opts, node_config, stop, echo)
             refusals += refused
             if refused:
@@ -173,8 +185,11 @@ def _supervise(opts: SiteOptions, node_config: Path, echo: Callable[[str], Any])
                 return 0
             why = "retrying: the coordinator may still be registering keys" if refused \
                 else f"the SuperNode exited with code {code}"
-            log.warning("%s; restarting in %.0f s (%d of %d)", why, _RESTART_DELAY_S, attempt + 1,
-                        opts.restarts)
+            if restarts == opts.restarts:
+                log.error("%s; giving up after %d restarts", why, opts.restarts)
+                break
+            log.warning("%s; restarting in %.0f s (restart %d of %d)", why, _RESTART_DELAY_S,
+                        restarts + 1, opts.restarts)
             if stop.wait(_RESTART_DELAY_S):
                 return 0
         return code

@@ -32,30 +32,44 @@ serverapp_log = logging.getLogger("fedpeft.serverapp")
 
 _FLWR_LS_EVERY_S = 15.0  # each `flwr` call costs 1-3 s of CPU: ask Flower rarely
 _WATCH_POLL_S = 1.0
+_DATA_PATH_KEYS = ("data.train", "data.test")
 _LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) (.*)$")
 _REFUSED = re.compile(r"public key: b'(-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----\\n)'")
 
 
-def prepare_run(job: str | None, deploy: str | None, overrides: list[str],
-                resume: str | None) -> tuple[JobConfig, DeployConfig, RunDir]:
+def prepare_run(job: str | Path | None, deploy: str | Path | None, overrides: list[str],
+                resume: str | Path | None) -> tuple[JobConfig, DeployConfig, RunDir]:
     """Load and check both configs; create the run folder (or reuse it with ``resume``).
+
+    Relative paths (the files, a ``data.train``/``data.test`` override) are taken from the
+    working directory here: the ServerApp Flower starts runs elsewhere and gets them absolute.
 
     Raises:
         ConfigError: listing every problem of either file.
     """
+    job, deploy, resume = (Path(p).expanduser().absolute() if p else None for p in (job, deploy, resume))
     if resume:
-        run = RunDir.open(Path(resume))
+        run = RunDir.open(resume)
         cfg = load_config(run.path / CONFIG_FILE)
-        deploy = deploy or str(run.path / C.DEPLOY_CONFIG_FILE)
+        deploy = deploy or run.path / C.DEPLOY_CONFIG_FILE
     else:
         if not job or not deploy:
             raise ConfigError("fedpeft server: give JOB.yaml and --deploy DEPLOY.yaml, or --resume RUN_DIR")
-        cfg = load_config(job, overrides)
+        cfg = load_config(job, [_absolute_data_override(o) for o in overrides])
     dep = load_deploy_config(deploy, cfg)
     if not resume:
         run = RunDir.create(cfg)
     write_text(run.path / C.DEPLOY_CONFIG_FILE, dump_deploy_config(dep))
     return cfg, dep, run
+
+
+def _absolute_data_override(item: str) -> str:
+    """``data.test=x.jsonl`` typed on the command line names ``x.jsonl`` of the working directory."""
+    key, sep, value = item.partition("=")
+    value = value.strip()
+    if key.strip() not in _DATA_PATH_KEYS or not value or value.startswith(("builtin:", "hf:")):
+        return item
+    return f"{key}{sep}{Path(value).expanduser().absolute()}"
 
 
 def serve_job(cfg: JobConfig, dep: DeployConfig, run: RunDir) -> str:

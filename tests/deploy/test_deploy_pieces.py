@@ -259,3 +259,68 @@ def test_a_site_gives_up_after_repeated_refusals_with_exit_code_3(sites_and_test
     config = tomllib.loads((tmp_path / "ws" / "node-config.toml").read_text())
     assert config["site-name"] == "site-a" and config["trainer-socket"].endswith("trainer.sock")
     assert config["trainer-key"].endswith("trainer.key")
+
+
+def test_relative_paths_on_server_and_client_are_taken_from_where_the_command_was_typed(
+        sites_and_test, tmp_path, monkeypatch) -> None:
+    from fedpeft.cli import build_parser
+    from fedpeft.deploy import client_command as site_runner
+
+    typed_in = tmp_path / "typed-in"
+    (typed_in / "keys").mkdir(parents=True)
+    monkeypatch.chdir(typed_in)
+    args = build_parser().parse_args(["client", "--server", "h:1", "--data", "site.jsonl", "--name", "a",
+                                      "--root-certificates", "keys/ca.crt", "--auth-key", "keys/a",
+                                      "--allow-plugin", "p.py:Obj"])
+    assert (args.data, args.root_certificates, args.auth_key, args.allow_plugin) == (
+        typed_in / "site.jsonl", typed_in / "keys" / "ca.crt", typed_in / "keys" / "a", [typed_in / "p.py:Obj"])
+    opts = site_runner.SiteOptions(server="h:1", data=Path("site.jsonl"), name="a", workspace=Path("ws"),
+                                   ca_cert=Path("keys/ca.crt"), private_key=Path("keys/a"))
+    monkeypatch.chdir(tmp_path)  # Flower runs the SuperNode in the workspace, not where it was typed
+    assert (opts.data, opts.workspace, opts.ca_cert, opts.private_key) == (
+        typed_in / "site.jsonl", typed_in / "ws", typed_in / "keys" / "ca.crt", typed_in / "keys" / "a")
+    argv = site_runner.supernode_argv("h:1", Path("n.toml"), ca_cert=opts.ca_cert, private_key=opts.private_key,
+                                      runtime_port=1, retry_for_s=1)
+    assert str(typed_in / "keys" / "ca.crt") in argv and str(typed_in / "keys" / "a") in argv
+
+    # The server: the job, deploy.yaml and a data.test override typed relative to the working directory.
+    job_dir = tmp_path / "jobs"
+    job_dir.mkdir()
+    sites, test = sites_and_test
+    (job_dir / "job.yaml").write_text(json.dumps({**tiny_job(sites, test), "workspace": str(tmp_path / "runs")}))
+    (job_dir / "deploy.yaml").write_text(json.dumps({"insecure": True, "authenticate": False,
+                                                     "sites": [{"name": n} for n in ("site-a", "site-b", "site-c")]}))
+    (typed_in / "public-test.jsonl").write_text(test.read_text())
+    (job_dir / "public-test.jsonl").write_text(test.read_text())  # not the file the user named
+    monkeypatch.chdir(typed_in)
+    args = build_parser().parse_args(["server", "../jobs/job.yaml", "--deploy", "../jobs/deploy.yaml",
+                                      "data.test=public-test.jsonl", "federation.rounds=3"])
+    assert args.config == job_dir / "job.yaml" and args.deploy == job_dir / "deploy.yaml"
+    cfg, _, run = coordinator.prepare_run("../jobs/job.yaml", "../jobs/deploy.yaml", args.overrides, None)
+    run.release()
+    assert cfg.data.test == str(typed_in / "public-test.jsonl") and cfg.federation.rounds == 3
+    assert f"test: {typed_in / 'public-test.jsonl'}" in (run.path / "config.yaml").read_text()  # the ServerApp reads it
+
+
+def test_server_overrides_may_follow_deploy() -> None:
+    from fedpeft.cli import build_parser
+
+    for argv in (["job.yaml", "--deploy", "d.yaml", "federation.rounds=3", "seed=2"],
+                 ["--deploy", "d.yaml", "job.yaml", "federation.rounds=3", "seed=2"],
+                 ["job.yaml", "federation.rounds=3", "--deploy", "d.yaml", "seed=2"]):
+        args = build_parser().parse_args(["server", *argv])
+        assert args.config.name == "job.yaml" and args.deploy.name == "d.yaml"
+        assert args.overrides == ["federation.rounds=3", "seed=2"]
+
+
+def test_a_site_counts_its_supernode_restarts_up_to_the_limit(sites_and_test, tmp_path, monkeypatch, caplog):
+    from fedpeft.deploy import client_command as site_runner
+
+    monkeypatch.setattr(site_runner, "_RESTART_DELAY_S", 0.0)
+    monkeypatch.setattr(site_runner, "_run_once", lambda *a: (1, False))
+    opts = site_runner.SiteOptions(server="127.0.0.1:1", data=sites_and_test[0]["site-a"], name="site-a",
+                                   workspace=tmp_path / "ws", restarts=2)
+    with caplog.at_level("WARNING"):
+        assert site_runner.run_site(opts, echo=lambda line: None) == 1
+    assert "(restart 2 of 2)" in caplog.text and "3 of 2" not in caplog.text
+    assert "giving up after 2 restarts" in caplog.text
