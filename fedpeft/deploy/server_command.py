@@ -94,7 +94,8 @@ def serve_job(cfg: JobConfig, dep: DeployConfig, run: RunDir) -> str:
         if dep.authenticate:
             _register_sites(link, dep, flower / C.SITE_NODES_FILE)
         log.info("ready: sites connect to %s:%d", *dep.host_port)
-        return _follow(link, run_id, flower, tails, dep.run_timeout_s(cfg.federation.rounds))
+        return _follow(link, run_id, flower, tails, dep.run_timeout_s(cfg.federation.rounds),
+                       _registered_fingerprints(dep))
     finally:
         link.stop()
         for sig, handler in previous.items():
@@ -115,15 +116,20 @@ def _stop_on_signal(signum: int, frame: object) -> None:
                       "is checkpointed: resume with fedpeft server --resume RUN_DIR")
 
 
+def _registered_fingerprints(dep: DeployConfig) -> frozenset[str]:
+    """The fingerprints of the sites' keys in ``deploy.yaml`` (never reported as refused)."""
+    return frozenset(fingerprint(s.public_key.read_bytes()) for s in dep.sites if s.public_key is not None)
+
+
 def _follow(link: SuperLink, run_id: int, flower: Path, tails: tuple[_Tail, _Tail],
-            timeout_s: float) -> str:
+            timeout_s: float, registered: frozenset[str] = frozenset()) -> str:
     """Print the ServerApp's log and refused sites until the run ends (at most ``timeout_s``)."""
     app_log, link_log = tails
     deadline, next_ls, status = time.monotonic() + timeout_s, time.monotonic() + _FLWR_LS_EVERY_S, ""
     while time.monotonic() < deadline:
         _echo_serverapp(app_log.new_lines())
         for line in link_log.new_lines():
-            _report_refusal(line)
+            _report_refusal(line, registered)
         status = read_status(flower, run_id).get("status", "")
         if status in (C.STATUS_COMPLETED, C.STATUS_FAILED):
             break
@@ -154,8 +160,13 @@ def _echo_serverapp(lines: list[str]) -> None:
         serverapp_log.log(level if isinstance(level, int) else logging.INFO, "%s", text)
 
 
-def _report_refusal(line: str) -> None:
-    """Turn the SuperLink's "no SuperNode with this key" error into one clear line."""
+def _report_refusal(line: str, registered: frozenset[str] = frozenset()) -> None:
+    """Turn the SuperLink's "no SuperNode with this key" error into one clear line.
+
+    A site in ``deploy.yaml`` that connects before its key is registered gets the same error
+    (its SuperNode retries and joins): keys whose fingerprint is in ``registered`` are not
+    reported.
+    """
     if "No SuperNode found with the given public key" not in line:
         return
     match = _REFUSED.search(line)
@@ -165,6 +176,9 @@ def _report_refusal(line: str) -> None:
             key = fingerprint(match.group(1).replace("\\n", "\n").encode())
         except ValueError:
             key = "unparsable key"
+    if key in registered:
+        log.debug("site key %s connected before its registration finished; it will retry", key)
+        return
     log.warning("refused a site whose public key is not registered (%s); to admit it, add its "
                 ".pub file to sites in deploy.yaml", key)
 

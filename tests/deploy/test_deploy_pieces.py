@@ -243,6 +243,11 @@ def test_coordinator_names_the_fingerprint_of_a_refused_key(tmp_path: Path, capl
     with caplog.at_level("WARNING"):
         coordinator._report_refusal(line)
     assert f"refused a site whose public key is not registered ({fingerprint(key)})" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # a site of deploy.yaml that came before its registration
+        coordinator._report_refusal(line, frozenset({fingerprint(keys.public_key.read_bytes())}))
+        coordinator._report_refusal(line, frozenset({"SHA256:another-site"}))
+    assert caplog.text.count("refused a site") == 1
     assert make_tls_files(tmp_path / "tls").ca_cert.is_file()
 
 
