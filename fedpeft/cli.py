@@ -33,7 +33,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(f"{args.config}: OK (benchmark {plan.name!r}: {len(plan.cases)} test cases, "
               f"baselines: {', '.join(plan.baselines) or 'none'})")
         return 0
+    from fedpeft.preflight import preflight
+
     cfg = load_config(args.config, args.overrides)
+    for note in preflight(args.config, cfg):  # data files, model name, target_modules
+        print(f"note: {note}")
     print(f"{args.config}: OK (job {cfg.job!r}: {cfg.peft.method} x {cfg.federation.aggregation.name}, "
           f"{cfg.federation.num_clients} clients, {cfg.federation.rounds} rounds)")
     return 0

@@ -97,13 +97,18 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tok
 
 
-def tiny_random_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
-    """A 2-layer, hidden-64 Llama with seeded random weights (same weights on every call)."""
-    config = LlamaConfig(
+def tiny_config(vocab_size: int) -> LlamaConfig:
+    """The config of :func:`tiny_random_llama` (also used to list its modules without weights)."""
+    return LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
     )
+
+
+def tiny_random_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer, hidden-64 Llama with seeded random weights (same weights on every call)."""
+    config = tiny_config(vocab_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
