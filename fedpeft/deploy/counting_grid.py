@@ -4,13 +4,19 @@ flwr 1.42's ``Grid.send_and_receive`` sleeps a fixed 3 s between pulls; every ro
 of SecAgg+'s four stages) pays up to that much on top of the sites' own 3 s poll. This wrapper
 pulls every ``poll_s`` instead, and records the payload bytes of every message per node, so
 the SecAgg+ workflow (which calls ``send_and_receive`` itself) is measured too.
+
+A round's waits share one deadline (:meth:`CountingGrid.round_deadline`): SecAgg+'s four
+stages each ask for the full timeout, so without it a site that dies mid-round made the round
+wait up to four timeouts. Within a round every wait ends at the deadline; a stage that starts
+after it still gets ``stage_grace_s`` (SecAgg+ must unmask what the surviving sites sent).
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from flwr.app import Message
 from flwr.supercore.run import Run
@@ -25,11 +31,15 @@ class CountingGrid(Grid):
     Args:
         inner: The ServerApp's grid.
         poll_s: Seconds between pulls while waiting for replies.
+        stage_grace_s: Within a round, the least a wait that starts at or after the round's
+            deadline is given (SecAgg+'s last stages).
     """
 
-    def __init__(self, inner: Grid, poll_s: float = 0.5) -> None:
+    def __init__(self, inner: Grid, poll_s: float = 0.5, stage_grace_s: float = 10.0) -> None:
         self.inner = inner
         self.poll_s = poll_s
+        self.stage_grace_s = stage_grace_s
+        self.deadline: float | None = None  # time.monotonic() when the current round's waits end
         self.bytes_down: Counter[int] = Counter()  # node id -> bytes sent to it
         self.bytes_up: Counter[int] = Counter()  # node id -> bytes received from it
 
@@ -39,6 +49,15 @@ class CountingGrid(Grid):
         self.bytes_down.clear()
         self.bytes_up.clear()
         return down, up
+
+    @contextmanager
+    def round_deadline(self, timeout_s: float) -> Iterator[None]:
+        """Every ``send_and_receive`` inside ends at most ``timeout_s`` from now (see module doc)."""
+        self.deadline = time.monotonic() + timeout_s
+        try:
+            yield
+        finally:
+            self.deadline = None
 
     def set_run(self, run: Run) -> None:  # noqa: D102 - Grid interface
         self.inner.set_run(run)
@@ -69,18 +88,24 @@ class CountingGrid(Grid):
                          timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``; pull replies every ``poll_s`` until all came or ``timeout`` passed.
 
-        ``timeout=None`` is refused: a node that died would make the server wait forever.
+        Inside :meth:`round_deadline`, the wait also ends at the round's deadline (but lasts at
+        least ``stage_grace_s``, or ``timeout`` if shorter). ``timeout=None`` is refused: a node
+        that died would make the server wait forever.
         """
         if timeout is None:
             raise ValueError("send_and_receive needs a timeout (a dead node never replies)")
         pending = {mid for mid in self.push_messages(messages) if mid}
-        deadline = time.monotonic() + timeout
+        now = time.monotonic()
+        deadline = now + timeout
+        if self.deadline is not None:
+            deadline = min(deadline, max(self.deadline, now + self.stage_grace_s))
         replies: list[Message] = []
         while pending:
             got = list(self.pull_messages(pending))
             replies += got
             pending -= {m.metadata.reply_to_message_id for m in got}
-            if not pending or time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if not pending or left <= 0:
                 break
-            time.sleep(self.poll_s)
+            time.sleep(min(self.poll_s, left))
         return replies

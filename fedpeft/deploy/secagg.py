@@ -90,7 +90,8 @@ def secure_mean(grid: Grid, context: Context, state: State, fitins_config: dict[
     """Run one SecAgg+ round; return the sites' num_examples-weighted mean state.
 
     Args:
-        grid: The ServerApp's grid (each stage waits at most ``timeout_s``).
+        grid: The ServerApp's grid (each stage waits at most ``timeout_s``, and all four
+            together at most the round's deadline: :meth:`CountingGrid.round_deadline`).
         context: The ServerApp's context (its state is left untouched).
         state: The global state to send.
         fitins_config: Node id -> that node's FitIns config (site, seed, job, state keys).

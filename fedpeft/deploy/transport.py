@@ -144,10 +144,11 @@ class FlowerTransport:
     def train(self, rnd: int, tasks: list[SiteTask], state: State, job: str) -> RoundResult:
         """One round: plain (every update comes back) or SecAgg+ (only their mean)."""
         self.grid.take_traffic()
-        if self.dep.secure_aggregation.enabled:
-            result = self._train_secure(rnd, tasks, state, job)
-        else:
-            result = self._train_plain(rnd, tasks, state, job)
+        with self.grid.round_deadline(self.dep.round_timeout_s):  # SecAgg+'s 4 stages included
+            if self.dep.secure_aggregation.enabled:
+                result = self._train_secure(rnd, tasks, state, job)
+            else:
+                result = self._train_plain(rnd, tasks, state, job)
         down, up = self.grid.take_traffic()
         for report in result.reports:
             nid = self.node_of[report.client_id]

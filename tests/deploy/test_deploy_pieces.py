@@ -329,3 +329,25 @@ def test_a_site_counts_its_supernode_restarts_up_to_the_limit(sites_and_test, tm
         assert site_runner.run_site(opts, echo=lambda line: None) == 1
     assert "(restart 2 of 2)" in caplog.text and "3 of 2" not in caplog.text
     assert "giving up after 2 restarts" in caplog.text
+
+
+def test_a_round_waits_at_most_its_timeout_over_every_secagg_stage(monkeypatch) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpeft.deploy import counting_grid
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    clock = [0.0]  # a fake clock: the waits are counted, not slept
+    monkeypatch.setattr(counting_grid.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(counting_grid.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    content = RecordDict({"state": state_to_record({"w": torch.zeros(4)})})
+    grid = CountingGrid(_FakeGrid(delay_pulls=1), poll_s=0.5, stage_grace_s=2.0)
+    with grid.round_deadline(40.0):  # node 3 died: each of SecAgg+'s 4 stages asks for 40 s
+        for stage in range(4):
+            replies = grid.send_and_receive([Message(content, n, "train") for n in (1, 3)], timeout=40.0)
+            assert [r.metadata.src_node_id for r in replies] == [1]  # the survivor is never lost
+    assert clock[0] == 40.0 + 3 * 2.0  # not 4 x 40 s: one deadline, then a short grace per stage
+    clock[0] = 0.0
+    replies = grid.send_and_receive([Message(content, n, "train") for n in (1, 3)], timeout=5.0)
+    assert clock[0] == 5.0 and len(replies) == 1  # outside a round: the caller's timeout
