@@ -127,8 +127,14 @@ def _hub_or_folder_config(name: str, revision: str | None, trust_remote_code: bo
     local = Path(name).expanduser()
     if local.is_dir() and not (local / "config.json").is_file():
         raise LookupError(f"{local} is a folder without config.json, not a model folder; {_MODEL_HELP}")
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
-        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+        try:  # the hub cache first: offline, the hub's client would retry for ~30 s
+            return AutoConfig.from_pretrained(name, local_files_only=True, **kwargs)
+        except OSError:
+            if not _hub_reachable():
+                raise OSError("not in the Hugging Face cache and the hub is not reachable from here") from None
+            return AutoConfig.from_pretrained(name, **kwargs)
     except Exception as e:  # noqa: BLE001 - OSError, HFValidationError, connection errors alike
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         hint = did_you_mean(name, BUILTIN_MODELS)
@@ -136,6 +142,23 @@ def _hub_or_folder_config(name: str, revision: str | None, trust_remote_code: bo
             f"{name!r} is neither a local folder, a file, a built-in name ({', '.join(BUILTIN_MODELS)}) nor a "
             f"model reachable on the Hugging Face Hub (offline: not in the hub cache){hint} "
             f"[{type(e).__name__}: {first}]; {_MODEL_HELP}") from None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host accepts a connection (False at once when HF_HUB_OFFLINE is set)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _target_problems(targets: str | list[str], names: list[str], model: str) -> list[tuple[Loc, str]]:

@@ -80,3 +80,11 @@ def test_target_modules_are_checked_against_the_model_modules(tmp_path):
     regex = _job(tmp_path, "model:\n  name: tiny-random-llama\npeft:\n  target_modules: '.*\\.qkv'\n")
     with pytest.raises(ConfigError, match="regex '.*\\\\.qkv' matches no module"):
         preflight(regex, load_config(regex))
+
+
+def test_a_hub_id_not_in_the_cache_offline_is_a_problem_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr("fedpeft.preflight._hub_reachable", lambda timeout=3.0: False)
+    path = _job(tmp_path, "model:\n  name: someone/no-such-model\n")
+    with pytest.raises(ConfigError, match=r":2: model.name: 'someone/no-such-model' is neither .* "
+                                          r"not in the Hugging Face cache and the hub is not reachable"):
+        preflight(path, load_config(path))
