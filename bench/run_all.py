@@ -50,8 +50,10 @@ SECTIONS = {
     "quality": "6. Learning quality",
     "scaling": "7. Scaling on paper",
     "medquad": "8. The MedQuAD run",
+    "faults": "9. Fault suite",
 }
-LONG = {"quality": "python bench/quality.py", "medquad": "python bench/medquad.py"}  # run on their own
+LONG = {"quality": "python bench/quality.py", "medquad": "python bench/medquad.py",  # run on their own
+        "faults": "python bench/faults.py"}
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
 
@@ -118,6 +120,8 @@ HEADLINES = {  # one line of what each result measured, for the summary table
     "medquad": lambda r: (f"ROUGE-L {r['rows'][0]['rougeL']:.3f} → {r['rows'][1]['rougeL']:.3f}, paired gain CI "
                           f"[{r['gain_ci'][0]:+.3f}, {r['gain_ci'][1]:+.3f}]; held-out loss "
                           f"{r['rows'][0]['heldout_loss']:.2f} → {r['rows'][1]['heldout_loss']:.2f}"),
+    "faults": lambda r: f"{len(r['rows'])} cases: " + ", ".join(
+        f"{k} {n}" for k, n in sorted(r["goal"]["counts"].items(), key=lambda kv: -kv[1])),
 }
 
 
