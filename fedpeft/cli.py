@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from importlib import resources
 from pathlib import Path
 
@@ -166,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _where(error: BaseException) -> str:
+    """``file:line in function`` of the frame that raised ``error`` (a plugin's own file, say)."""
+    frame = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+    return f"raised at {frame.filename}:{frame.lineno} in {frame.name}" if frame else "no traceback"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
@@ -180,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FedPeftError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a bug or a plugin's own error: one line, -v for the traceback
+        if args.verbose:
+            raise
+        print(f"error: {type(e).__name__}: {e} ({_where(e)}; run with -v for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

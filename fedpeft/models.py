@@ -147,9 +147,9 @@ def load_base_model(
     Raises:
         ModelError: if the model cannot be found or loaded; the message says what to do.
     """
-    tok = load_tokenizer(cfg)
     dtype = "auto" if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
     try:
+        tok = load_tokenizer(cfg)
         model = _load_weights(cfg, dtype, len(tok))
     except (OSError, ValueError) as e:
         raise ModelError(

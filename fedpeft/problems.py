@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,10 +156,29 @@ def read_yaml(path: Path, problems: Problems) -> tuple[Any, yaml.Node | None]:
         return None, None
     text = path.read_text(encoding="utf-8")
     try:
-        return yaml.safe_load(text), yaml.compose(text)
+        tree, root = yaml.safe_load(text), yaml.compose(text)
     except yaml.YAMLError as e:
         problems.add(str(path), (), f"not valid YAML: {e}")
         return None, None
+    for loc, key, lines in _duplicate_keys(root, ()):
+        problems.add(str(path), (*loc, key), f"the key {key!r} is given twice, on lines {lines[0]} and {lines[1]}; "
+                     "YAML would silently keep only the last value: remove one", root)
+    return tree, root
+
+
+def _duplicate_keys(node: yaml.Node | None, loc: Loc) -> Iterator[tuple[Loc, str, tuple[int, int]]]:
+    """``(where, key, (first line, repeated line))`` of every key given twice in one mapping."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value in node.value:
+            key, line = str(key_node.value), key_node.start_mark.line + 1
+            if key in seen:
+                yield loc, key, (seen[key], line)
+            seen.setdefault(key, line)
+            yield from _duplicate_keys(value, (*loc, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            yield from _duplicate_keys(item, (*loc, i))
 
 
 def submodels(annotation: Any) -> list[type[BaseModel]]:

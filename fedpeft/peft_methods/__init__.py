@@ -10,8 +10,10 @@ import warnings
 from typing import Any, Protocol
 
 import peft
+from peft.utils.error import PeftError
 from transformers import PreTrainedModel
 
+from fedpeft.errors import ConfigError
 from fedpeft.params import instantiate
 from fedpeft.registry import Registry
 
@@ -34,4 +36,7 @@ def wrap_model(model: PreTrainedModel, method: PeftMethod) -> peft.PeftModel:
     """Wrap a frozen base model with the method's adapter (only adapter parameters train)."""
     with warnings.catch_warnings():  # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return peft.get_peft_model(model, method.peft_config(model))
+        try:
+            return peft.get_peft_model(model, method.peft_config(model))
+        except PeftError as e:  # e.g. target_modules that match no module of this model
+            raise ConfigError(f"peft: {e} (`fedpeft validate` lists the model's module names)") from e
