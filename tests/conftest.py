@@ -24,6 +24,21 @@ def tiny_base():
     return load_base_model(ModelConfig(name="tiny-random-llama"))
 
 
+@pytest.fixture(scope="session")
+def sharp(tiny_base) -> torch.nn.Module:
+    """The tiny Llama with larger random weights (read-only). The plain tiny model emits one token
+    forever and predicts almost uniformly; this one answers each prompt differently and its
+    predictions are far from uniform, so broken batching, a misaligned label or a missing adapter
+    shows well beyond float noise."""
+    model = copy.deepcopy(tiny_base[0])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
 @pytest.fixture
 def tiny_model(tiny_base):
     return copy.deepcopy(tiny_base[0])

@@ -29,19 +29,6 @@ def _perturb(params: list[torch.nn.Parameter], seed: int, std: float) -> None:
             p.add_(torch.randn(p.shape, generator=g) * std)
 
 
-@pytest.fixture(scope="module")
-def sharp(tiny_base) -> torch.nn.Module:
-    """The tiny Llama with larger random weights: its predictions are far from uniform, so a
-    misaligned label or a missing adapter moves the loss well beyond float noise (read-only)."""
-    model = copy.deepcopy(tiny_base[0])
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
-
-
 @pytest.fixture
 def base_model(sharp):
     return copy.deepcopy(sharp)

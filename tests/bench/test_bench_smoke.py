@@ -7,7 +7,6 @@ the numbers themselves are what ``bench/`` is for, not these tests.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import sys
@@ -64,16 +63,9 @@ def test_swap_and_reload_give_the_same_model(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def lively(tiny_base):
-    """(model, tokenizer): the tiny Llama with larger random weights. The plain tiny model emits
-    one token forever, whatever the prompt, so any batching (even a broken one) would match."""
-    model = copy.deepcopy(tiny_base[0])
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.eval(), tiny_base[1]
+def lively(sharp, tiny_base):
+    """(model, tokenizer): the tiny Llama with larger random weights (see ``sharp`` in conftest)."""
+    return sharp, tiny_base[1]
 
 
 def test_generation_batches_match_batch_one(tmp_path, monkeypatch, lively):
