@@ -26,6 +26,7 @@ from fedpeft.constants import (
     EVENT_EVAL, EVENT_ROUND, KEY_BYTES_DOWN, KEY_BYTES_UP, KEY_EVAL, KEY_TRAIN_LOSS, PREDICTIONS_ZERO_SHOT_FILE,
 )
 from fedpeft.errors import CheckpointError, RoundError
+from fedpeft.problems import did_you_mean
 from fedpeft.run_dir import RunDir
 from fedpeft.state import RoundResult, State
 from fedpeft.update_checks import check_global, screen
@@ -138,6 +139,10 @@ def check_same_run(ckpt: Checkpoint, fingerprint: dict, allow: tuple[str, ...]) 
     if "config" not in ckpt.meta:
         return  # written before fingerprints existed
     old, new = ckpt.meta["config"], fingerprint["config"]
+    unknown = [k for k in allow if k not in old and k not in new]
+    if unknown:
+        raise CheckpointError(f"--allow-config-change {unknown[0]}: no such config key"
+                              f"{did_you_mean(unknown[0], sorted(new))}")
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in allow]
     if changed:
         diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)

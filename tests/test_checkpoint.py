@@ -104,6 +104,8 @@ def test_resume_refuses_an_edited_config_unless_the_change_is_allowed(tmp_path):
     run.config_file.write_text(yaml.safe_dump(tree))
     with pytest.raises(CheckpointError, match="--allow-config-change federation.rounds"):
         run_job(None, resume=run.path)
+    with pytest.raises(CheckpointError, match="federation.roundz: no such config key; did you mean 'federation.rounds'"):
+        run_job(None, resume=run.path, allow_config_change=("federation.roundz",))
     run_job(None, resume=run.path, allow_config_change=("federation.rounds",))
     assert [r["round"] for r in read_jsonl(run.metrics_file)] == [1, 2, 3]
 
