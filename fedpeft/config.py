@@ -133,6 +133,29 @@ class CheckpointConfig(_Section):
     keep: int = Field(3, ge=1)  # the newest checkpoints kept in checkpoints/ (older ones are deleted)
 
 
+class PrivacyConfig(_Section):
+    """Differential privacy (see README "Privacy"); ``level: none`` (the default) turns it off.
+
+    ``example``: DP-SGD in each site's local training (Opacus): every example's gradient clipped
+    to ``max_grad_norm``, Gaussian noise of std ``noise_multiplier * max_grad_norm`` on each
+    batch's sum, batches drawn by Poisson sampling with rate ``train.batch_size / site rows``.
+    ``client``: DP-FedAvg (McMahan et al. 2018): each site clips its update's delta to
+    ``clip_norm`` (L2 over all adapter tensors) and adds its share of Gaussian noise, so the sum
+    carries std ``noise_multiplier * clip_norm``; updates are averaged with equal weights.
+    Epsilon is reported at ``delta``. With ``target_epsilon`` and no ``noise_multiplier`` the
+    noise is calibrated before the run so the last round ends at ``target_epsilon``; with both,
+    the run stops before a round that would exceed ``target_epsilon``.
+    """
+
+    level: Literal["none", "example", "client"] = "none"
+    noise_multiplier: float | None = Field(None, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)  # example level: per-example gradient clip
+    clip_norm: float = Field(0.5, gt=0)  # client level: per-update delta clip
+    delta: float = Field(1e-5, gt=0, lt=1)
+    target_epsilon: float | None = Field(None, gt=0)
+    accountant: Literal["rdp", "pld"] = "rdp"
+
+
 class JobConfig(_Section):
     job: str = "fedpeft"
     seed: int = 0
@@ -145,6 +168,7 @@ class JobConfig(_Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     def sampled_per_round(self) -> int:
         """Number of clients sampled each round."""
@@ -301,7 +325,19 @@ def _semantic_problems(cfg: JobConfig) -> list[tuple[Loc, str]]:
         problems.append((("data", "max_train_samples"),
                          f"caps training rows in total over all clients, so it must be >= federation.num_clients "
                          f"({fed.num_clients}) for each client to keep a row (got {data.max_train_samples})"))
-    return problems
+    return problems + _privacy_problems(cfg.privacy)
+
+
+def _privacy_problems(p: PrivacyConfig) -> list[tuple[Loc, str]]:
+    if p.level == "none":
+        return []
+    if p.noise_multiplier is None and p.target_epsilon is None:
+        return [(("privacy", "noise_multiplier"), f"privacy.level {p.level!r} needs a noise_multiplier, a "
+                 "target_epsilon (the noise is then calibrated before the run), or both")]
+    if p.noise_multiplier == 0:
+        return [(("privacy", "noise_multiplier"), "0 adds no noise: the epsilon would be infinite; "
+                 "give a positive noise_multiplier or set privacy.level: none")]
+    return []
 
 
 def check_tree(tree: Any, problems: Problems, source: str = "<config>", root: yaml.Node | None = None,
