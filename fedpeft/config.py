@@ -156,6 +156,23 @@ class PrivacyConfig(_Section):
     accountant: Literal["rdp", "pld"] = "rdp"
 
 
+class AuditConfig(_Section):
+    """Canary audit (Carlini et al. 2019, "The Secret Sharer"); ``canaries: 0`` (default) is off.
+
+    ``canaries`` synthetic records (a fake patient name with a random ``secret_digits``-digit
+    number, in the question/answer format of the data) are planted ``repetitions`` times each
+    into client ``client``'s training rows. ``fedpeft audit RUN_DIR`` then ranks each true secret
+    among ``candidates`` random ones by the global adapter's likelihood (exposure) and checks
+    whether greedy generation reproduces it. Canaries live only in memory and in the run folder.
+    """
+
+    canaries: int = Field(0, ge=0)
+    repetitions: int = Field(10, ge=1)
+    client: int = Field(0, ge=0)
+    candidates: int = Field(2000, ge=10)
+    secret_digits: int = Field(9, ge=3, le=18)
+
+
 class JobConfig(_Section):
     job: str = "fedpeft"
     seed: int = 0
@@ -169,6 +186,7 @@ class JobConfig(_Section):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    audit: AuditConfig = AuditConfig()
 
     def sampled_per_round(self) -> int:
         """Number of clients sampled each round."""
@@ -325,6 +343,8 @@ def _semantic_problems(cfg: JobConfig) -> list[tuple[Loc, str]]:
         problems.append((("data", "max_train_samples"),
                          f"caps training rows in total over all clients, so it must be >= federation.num_clients "
                          f"({fed.num_clients}) for each client to keep a row (got {data.max_train_samples})"))
+    if cfg.audit.canaries and cfg.audit.client >= fed.num_clients:
+        problems.append((("audit", "client"), f"must be a client index in 0..{fed.num_clients - 1} (got {cfg.audit.client})"))
     return problems + _privacy_problems(cfg.privacy)
 
 
