@@ -96,8 +96,8 @@ def init_problem(cls: type, params: dict[str, Any], name: str) -> tuple[tuple[st
         cls(**{k: getattr(validated, k) for k in params})
     except ConfigError as e:
         msg = str(e)
-        named = [p for p in params if re.search(rf"(?<![\w]){re.escape(p)}(?![\w])", msg)]
-        return (tuple(named[:1]), msg)
+        found = {p: m.start() for p in params if (m := re.search(rf"(?<![\w]){re.escape(p)}(?![\w])", msg))}
+        return (tuple(sorted(found, key=found.get)[:1]), msg)  # the parameter the message names first
     except Exception as e:  # noqa: BLE001 - a plugin's __init__ may raise anything
         return ((), describe_failure(name, "__init__", e))
     return None

@@ -187,8 +187,8 @@ def test_hyperparameter_ranges_of_aggregator_and_peft_method_are_checked_at_thei
     assert [p.line for p in e.value.problems] == [3, 7]
     assert f"{path}:3: peft.r: peft.r must be >= 1, got 0" in msg
     assert f"{path}:7: federation.aggregation.beta: `beta` must be in [0, 1), got 5" in msg
-    path.write_text("peft:\n  method: lora\n  alpha: 0\n")
-    with pytest.raises(ConfigError, match=r":3: peft.alpha: peft.alpha must be > 0"):
+    path.write_text("peft:\n  method: lora\n  r: 2\n  alpha: 0\n")  # the message names r too
+    with pytest.raises(ConfigError, match=r":4: peft.alpha: peft.alpha must be > 0"):
         load_config(path)
 
 

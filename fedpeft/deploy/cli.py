@@ -40,10 +40,14 @@ class _IntermixedParser(argparse.ArgumentParser):
 
 def _cmd_server(args: argparse.Namespace) -> int:
     from fedpeft.deploy.server_command import prepare_run, serve_job, summary_line
+    from fedpeft.errors import ConfigError
 
+    allow = tuple(args.allow_config_change or ())
+    if allow and not args.resume:
+        raise ConfigError("--allow-config-change only applies with --resume RUN_DIR")
     cfg, dep, run = prepare_run(args.config, args.deploy, args.overrides, args.resume)
     print(f"starting the deployment; run folder: {run.path}")
-    serve_job(cfg, dep, run)
+    serve_job(cfg, dep, run, allow)
     print(summary_line(run))
     return 0
 
@@ -91,6 +95,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--deploy", type=absolute_path, help="deployment YAML: sites, TLS, authentication, SecAgg+")
     srv.add_argument("--resume", metavar="RUN_DIR", type=absolute_path,
                      help="go on from the run's last completed round")
+    srv.add_argument("--allow-config-change", metavar="KEY", action="append",
+                     help="with --resume: a dotted key of the run's config.yaml that may differ from its checkpoint's "
+                          "(e.g. federation.rounds to add rounds); repeatable")
     srv.set_defaults(fn=_cmd_server)
 
     cli = sub.add_parser("client", help="run this site: train on local data for a fedpeft server")

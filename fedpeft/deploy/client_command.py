@@ -43,6 +43,7 @@ TRAINER_KEY_FILE = "trainer.key"  # the socket's key, new for every fedpeft clie
 _REFUSALS_TOLERATED = 2  # a site may start before the coordinator has registered its key
 _RESTART_DELAY_S = 10.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CONTACT_MARKERS = ("Receiving:", "Sent reply")  # the SuperNode reached the server
 _REFUSAL_MARKERS = ("Failed to activate SuperNode", "No SuperNode found with the given public key")
 
 
@@ -170,9 +171,9 @@ def _supervise(opts: SiteOptions, node_config: Path, echo: Callable[[str], Any])
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        code, refusals = 0, 0
+        code, refusals, contact = 0, 0, [time.monotonic()]
         for restarts in range(opts.restarts + 1):
-            code, refused = _run_once(opts, node_config, stop, echo)
+            code, refused = _run_once(opts, node_config, stop, echo, contact)
             refusals += refused
             if refused:
                 log.error("the server refused site %s: its public key is not registered. Send %s.pub "
@@ -183,6 +184,12 @@ def _supervise(opts: SiteOptions, node_config: Path, echo: Callable[[str], Any])
                 return EXIT_REFUSED
             if stop.is_set():
                 return 0
+            silent_s = time.monotonic() - contact[0]
+            if not refused and silent_s >= opts.retry_for_s:
+                log.error("site %s: no contact with the server at %s for %.0f s (--retry-for %.0f); giving up. "
+                          "Is `fedpeft server` running there, and are the address and --insecure / "
+                          "--root-certificates the server's?", opts.name, opts.server, silent_s, opts.retry_for_s)
+                return code or 1
             why = "retrying: the coordinator may still be registering keys" if refused \
                 else f"the SuperNode exited with code {code}"
             if restarts == opts.restarts:
@@ -199,14 +206,19 @@ def _supervise(opts: SiteOptions, node_config: Path, echo: Callable[[str], Any])
 
 
 def _run_once(opts: SiteOptions, node_config: Path, stop: threading.Event,
-              echo: Callable[[str], Any]) -> tuple[int, bool]:
-    """One SuperNode process: echo its output; return ``(exit code, refused)``."""
+              echo: Callable[[str], Any], contact: list[float]) -> tuple[int, bool]:
+    """One SuperNode process: echo its output; return ``(exit code, refused)``.
+
+    ``contact[0]`` is the last time the SuperNode showed it reached the server; the SuperNode
+    retries an unreachable server only for what is left of ``--retry-for`` since then.
+    """
+    left_s = max(1.0, opts.retry_for_s - (time.monotonic() - contact[0]))
     argv = supernode_argv(opts.server, node_config, ca_cert=opts.ca_cert, private_key=opts.private_key,
-                          runtime_port=free_port(), retry_for_s=opts.retry_for_s)
+                          runtime_port=free_port(), retry_for_s=left_s)
     proc = spawn(argv, flower_env(opts.workspace / "flwr-home"), None, opts.workspace)
     (opts.workspace / SUPERNODE_PID_FILE).write_text(f"{proc.pid}\n")  # its own process group
     refused = threading.Event()
-    reader = threading.Thread(target=_echo, args=(proc, refused, echo), daemon=True)
+    reader = threading.Thread(target=_echo, args=(proc, refused, echo, contact), daemon=True)
     reader.start()
     while proc.poll() is None and not stop.is_set():
         time.sleep(0.5)
@@ -215,9 +227,12 @@ def _run_once(opts: SiteOptions, node_config: Path, stop: threading.Event,
     return proc.returncode, refused.is_set()
 
 
-def _echo(proc: subprocess.Popen, refused: threading.Event, echo: Callable[[str], Any]) -> None:
+def _echo(proc: subprocess.Popen, refused: threading.Event, echo: Callable[[str], Any],
+          contact: list[float]) -> None:
     for raw in proc.stdout:
         line = _ANSI.sub("", raw.decode("utf-8", errors="replace")).rstrip()
+        if any(marker in line for marker in _CONTACT_MARKERS):
+            contact[0] = time.monotonic()
         if any(marker in line for marker in _REFUSAL_MARKERS):
             refused.set()
         if line.strip():

@@ -24,6 +24,7 @@ QUERY_SITE_NAME = "site-name"  # ... the site's name (answered as KEY_SITE)
 
 # Run config of the generated Flower app ([tool.flwr.app.config]): everything else is in files.
 RUN_DIR = "run-dir"  # absolute path of the run folder the ServerApp writes
+ALLOW_CONFIG_CHANGE = "allow-config-change"  # comma-joined dotted keys (fedpeft server --resume)
 
 # Node config (`flower-supernode --node-config FILE.toml`), written by `fedpeft client`.
 NODE_SITE_NAME = "site-name"

@@ -30,15 +30,18 @@ from fedpeft.worker import LocalHost, build_worker
 log = logging.getLogger(__name__)
 
 
-def serve(cfg: JobConfig, dep: DeployConfig, run: RunDir, transport: Transport) -> State:
+def serve(cfg: JobConfig, dep: DeployConfig, run: RunDir, transport: Transport,
+          allow_config_change: tuple[str, ...] = ()) -> State:
     """Run (or resume, from the run folder's latest checkpoint) every round; return the state.
+
+    ``allow_config_change``: config keys that may differ from the checkpoint's (``--resume``).
 
     Raises:
         RoundError: if a round cannot reach ``federation.min_clients`` after its retries; the
             checkpoint of the last completed round stays, so ``fedpeft server --resume`` goes on.
     """
     host = LocalHost(build_worker(cfg, resolve_devices(cfg.model.devices)[0]))
-    return run_rounds(cfg, run, FlowerPool(cfg, dep, run, transport), host, _test_rows(cfg))
+    return run_rounds(cfg, run, FlowerPool(cfg, dep, run, transport), host, _test_rows(cfg), allow_config_change)
 
 
 def _test_rows(cfg: JobConfig) -> list[dict]:

@@ -86,9 +86,13 @@ class Loopback:
         for name in self.sites:
             self.start_site(name)
 
-    def start_site(self, name: str, data: Path | None = None, key: NodeKeys | None = None) -> subprocess.Popen:
-        """Start ``fedpeft client`` for site ``name`` (its own data file and key by default)."""
-        argv = [*FEDPEFT, "client", "--server", f"127.0.0.1:{self.port}", "--name", name,
+    def start_site(self, name: str, data: Path | None = None, key: NodeKeys | None = None,
+                   command: list[str] | None = None) -> subprocess.Popen:
+        """Start ``fedpeft client`` for site ``name`` (its own data file and key by default).
+
+        ``command`` replaces ``python -m fedpeft.cli`` (the fault suite's hostile sites).
+        """
+        argv = [*(command or FEDPEFT), "client", "--server", f"127.0.0.1:{self.port}", "--name", name,
                 "--data", str(data or self.sites[name]), "--workspace", str(self.root / "sites" / name),
                 "--retry-for", "120"]
         argv += ["--insecure"] if self.tls is None else ["--root-certificates", str(self.tls.ca_cert)]

@@ -44,7 +44,8 @@ def main(grid: Grid, context: Context) -> None:
         threading.Thread(target=transport.connected, daemon=True).start()
         from fedpeft.deploy.flower_pool import serve
 
-        serve(cfg, dep, RunDir(run_dir), transport)
+        allow = tuple(k for k in str(context.run_config.get(C.ALLOW_CONFIG_CHANGE, "")).split(",") if k)
+        serve(cfg, dep, RunDir(run_dir), transport, allow)
     except (SystemExit, KeyboardInterrupt):  # Flower's SIGTERM handler: the SuperLink stops
         log.warning("the server was stopped; the last completed round is checkpointed")
         write_status(flower, context.run_id, C.STATUS_FAILED, "stopped")

@@ -72,7 +72,7 @@ def _absolute_data_override(item: str) -> str:
     return f"{key}{sep}{Path(value).expanduser().absolute()}"
 
 
-def serve_job(cfg: JobConfig, dep: DeployConfig, run: RunDir) -> str:
+def serve_job(cfg: JobConfig, dep: DeployConfig, run: RunDir, allow_config_change: tuple[str, ...] = ()) -> str:
     """Run the deployment of ``run`` to its end; return Flower's final run status.
 
     Raises:
@@ -89,7 +89,8 @@ def serve_job(cfg: JobConfig, dep: DeployConfig, run: RunDir) -> str:
         link.start()
         (flower / C.SITE_NODES_FILE).unlink(missing_ok=True)
         tails = (_Tail(flower / C.LOGS_DIR / C.SERVERAPP_LOG), _Tail(link.log_path))
-        run_id = link.run({C.RUN_DIR: str(run.path.resolve())})  # its ServerApp loads meanwhile
+        run_id = link.run({C.RUN_DIR: str(run.path.resolve()),  # its ServerApp loads meanwhile
+                           C.ALLOW_CONFIG_CHANGE: ",".join(allow_config_change)})
         log.info("Flower run %d started", run_id)
         if dep.authenticate:
             _register_sites(link, dep, flower / C.SITE_NODES_FILE)

@@ -351,3 +351,26 @@ def test_a_round_waits_at_most_its_timeout_over_every_secagg_stage(monkeypatch) 
     clock[0] = 0.0
     replies = grid.send_and_receive([Message(content, n, "train") for n in (1, 3)], timeout=5.0)
     assert clock[0] == 5.0 and len(replies) == 1  # outside a round: the caller's timeout
+
+
+def test_a_site_that_never_reaches_the_server_gives_up_after_retry_for(sites_and_test, tmp_path, monkeypatch,
+                                                                       caplog):
+    from fedpeft.deploy import client_command as site_runner
+
+    clock = [0.0]
+    monkeypatch.setattr(site_runner.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(site_runner, "_RESTART_DELAY_S", 0.0)
+    left = []
+
+    def run_once(opts, node_config, stop, echo, contact):  # each SuperNode waits out what is left, then exits
+        left.append(opts.retry_for_s - (clock[0] - contact[0]))
+        clock[0] += 4.0
+        return 1, False
+
+    monkeypatch.setattr(site_runner, "_run_once", run_once)
+    opts = site_runner.SiteOptions(server="127.0.0.1:1", data=sites_and_test[0]["site-a"], name="site-a",
+                                   workspace=tmp_path / "ws", retry_for_s=10.0)
+    with caplog.at_level("ERROR"):
+        assert site_runner.run_site(opts, echo=lambda line: None) == 1
+    assert left == [10.0, 6.0, 2.0]  # three SuperNodes, 12 s in all; not 21 restarts
+    assert "no contact with the server at 127.0.0.1:1 for 12 s (--retry-for 10)" in caplog.text

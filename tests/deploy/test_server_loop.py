@@ -152,3 +152,21 @@ def test_a_site_sending_nan_is_dropped_with_its_reason_and_the_adapter_stays_fin
         (dropped,) = record["dropped"]
         assert dropped["client"] == "site-b" and "non-finite" in dropped["reason"]
     assert all(torch.isfinite(v).all() for v in checkpoint(run.path, 2).values())
+
+
+def test_server_resume_adds_rounds_only_with_allow_config_change(sites_and_test, tmp_path):
+    from fedpeft.cli import build_parser
+    from fedpeft.errors import CheckpointError
+
+    sites, test = sites_and_test
+    job = {**tiny_job(sites, test), "eval": {**tiny_job(sites, test)["eval"], "every": 0}}
+    run = _serve(job, tmp_path, "deploy", InProcessSites(sites), _deploy(sites))
+    more = validate_tree({**job, "workspace": str(tmp_path), "run_id": "deploy",
+                          "federation": {**job["federation"], "rounds": 3}})
+    with pytest.raises(CheckpointError, match="federation.rounds"):
+        serve(more, _deploy(sites), run, InProcessSites(sites))
+    with torch_threads(1):
+        serve(more, _deploy(sites), run, InProcessSites(sites), ("federation.rounds",))
+    assert [r["round"] for r in read_jsonl(run.metrics_file)] == [1, 2, 3]
+    args = build_parser().parse_args(["server", "--resume", "r", "--allow-config-change", "federation.rounds"])
+    assert args.allow_config_change == ["federation.rounds"]
