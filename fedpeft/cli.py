@@ -1,4 +1,4 @@
-"""Command line: ``fedpeft run | validate | demo | data split | generate``."""
+"""Command line: ``fedpeft run | validate | demo | data split | generate | audit``."""
 
 from __future__ import annotations
 
@@ -115,6 +115,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from fedpeft.audit.report import audit_run, audit_tables, report_path
+
+    reports = [audit_run(args.run_dir, candidates=args.candidates)]
+    if args.compare:
+        reports.append(audit_run(args.compare, candidates=args.candidates))
+    print(audit_tables(reports))
+    print(f"\nreport: {report_path(args.run_dir)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedpeft", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -150,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--repetition-penalty", type=float, default=1.1)
     gen.set_defaults(fn=_cmd_generate)
+    audit = sub.add_parser("audit", help="canary memorisation audit of a run trained with audit.canaries > 0")
+    audit.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (workspace/<job>/<run-id>)")
+    audit.add_argument("--candidates", type=int, metavar="N",
+                       help="random secrets each canary is ranked against (default: the job's audit.candidates)")
+    audit.add_argument("--compare", metavar="DIR", help="another run with the same canaries (e.g. the job without DP), "
+                                                        "shown side by side")
+    audit.set_defaults(fn=_cmd_audit)
     bench = sub.add_parser("benchmark", help="run a benchmark job: Ianvs benchmarkingjob.yaml or a native grid")
     bench.add_argument("config", help="benchmarkingjob.yaml (Ianvs format) or configs/benchmark-*.yaml")
     bench.add_argument("overrides", nargs="*", help="key=value applied to every test case, e.g. eval.max_samples=8")

@@ -17,6 +17,7 @@ import logging
 import random
 from dataclasses import dataclass
 
+from fedpeft.audit.canary import make_canaries, plant
 from fedpeft.config import DataConfig, JobConfig
 from fedpeft.data.io import load_client_files, load_examples, resolve_source
 from fedpeft.data.partitioners import partition_rows, partition_summary
@@ -64,6 +65,19 @@ def client_file_rows(rows: list[dict], data: DataConfig, seed: int, holdout: boo
     return cap_rows(train, cap, seed), test
 
 
+def plant_canaries(cfg: JobConfig, parts: list[list[dict]]) -> list[list[dict]]:
+    """``parts`` with ``audit.canaries`` canaries planted ``audit.repetitions`` times into client ``audit.client``."""
+    audit = cfg.audit
+    if not audit.canaries:
+        return parts
+    planted, _ = make_canaries(audit, cfg.seed)
+    parts = list(parts)
+    parts[audit.client] = plant(parts[audit.client], planted, audit.repetitions, cfg.seed)
+    log.info("audit: planted %d canary rows (%d canaries x %d) into client-%d", audit.canaries * audit.repetitions,
+             audit.canaries, audit.repetitions, audit.client)
+    return parts
+
+
 def prepare_data(cfg: JobConfig) -> FederatedData:
     """Load, split, cap and partition the job's data as its config says.
 
@@ -87,6 +101,7 @@ def prepare_data(cfg: JobConfig) -> FederatedData:
         p = fed.partition
         parts = partition_rows(train, fed.num_clients, cfg.seed, p.method, p.params)
     test = cap_rows(test, d.max_test_samples, cfg.seed + 1)
+    parts = plant_canaries(cfg, parts)  # after the split and the caps: never in the test rows
     field = fed.partition.params.get("field")
     return FederatedData(
         client_ids=[f"client-{i}" for i in range(len(parts))],
