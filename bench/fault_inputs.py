@@ -166,3 +166,65 @@ def _split_missing(d: Path) -> tuple[str, str]:
 def _split_ratio(d: Path) -> tuple[str, str]:
     write_jsonl(d / "in.jsonl")
     return expect_error(cli(d, "data", "split", "in.jsonl", "--test-ratio", "1.5", "--out", "out"), "test.ratio")
+
+
+# --- more inputs: odd values, privacy and audit settings, other commands -------------------
+
+for _name, _over, _needles in [
+    ("run_id that climbs out of the workspace ('../../escape')", {"run_id": "../../escape"}, ("run_id",)),
+    ("LoRA's r given to P-Tuning", {"peft": {"method": "ptuning", "r": 2}}, ("\\br\\b",)),
+    ("fedadam with server_lr: -1", {"federation.aggregation": {"name": "fedadam", "server_lr": -1}}, ("server_lr",)),
+    ("max_update_norm: -1", {"federation.max_update_norm": -1}, ("max_update_norm",)),
+    ("privacy level client without noise or target", {"privacy": {"level": "client"}}, ("noise_multiplier",)),
+    ("privacy noise_multiplier: 0", {"privacy": {"level": "example", "noise_multiplier": 0}}, ("noise_multiplier",)),
+    ("privacy delta: 2", {"privacy": {"level": "client", "noise_multiplier": 1, "delta": 2}}, ("delta",)),
+    ("audit.client beyond num_clients", {"audit": {"canaries": 2, "client": 5}}, ("audit\\.client",)),
+]:
+    error_case("config", _name, lambda d, o=_over: job(**o), *_needles)
+
+error_case("config", "override federation.rounds=abc", lambda d: job(), "rounds", args=("federation.rounds=abc",))
+
+
+@case("config", "workspace is a file")
+def _workspace_file(d: Path) -> tuple[str, str]:
+    (d / "ws").write_text("not a folder")
+    return expect_error(cli(d, "run", write_job(d, job())), "ws")
+
+
+@case("config", "seed: -1")
+def _negative_seed(d: Path) -> tuple[str, str]:
+    p = cli(d, "run", write_job(d, job(seed=-1)))
+    return check_run(d, p) if p.rc == 0 else expect_error(p, "seed")
+
+
+@case("data", "a question longer than max_seq_len")
+def _long_question(d: Path) -> tuple[str, str]:
+    rows = [{"question": "Why? " * 400, "answer": r["answer"]} if i == 3 else r for i, r in enumerate(ROWS)]
+    return check_run(d, cli(d, "run", write_job(d, data_job(rows=rows)(d))))
+
+
+@case("data", "invalid UTF-8 on line 2")
+def _bad_utf8(d: Path) -> tuple[str, str]:
+    (d / "train.jsonl").write_bytes(json.dumps(ROWS[0]).encode() + b"\n{\"question\": \"\xff\xfe\", \"answer\": \"a\"}\n"
+                                    + "".join(json.dumps(r) + "\n" for r in ROWS[1:]).encode())
+    return expect_error(cli(d, "run", write_job(d, job(**{"data.train": str(d / "train.jsonl")}))),
+                        "train\\.jsonl", "\\b2\\b|utf")
+
+
+@case("data", "an empty answer")
+def _empty_answer(d: Path) -> tuple[str, str]:
+    rows = ROWS[:5] + [{"question": "Q?", "answer": ""}] + ROWS[5:]
+    p = cli(d, "run", write_job(d, data_job(rows=rows)(d)))
+    return check_run(d, p) if p.rc == 0 else expect_error(p, "train\\.jsonl", "\\b6\\b")
+
+
+@case("commands", "leaderboard of a folder without results")
+def _leaderboard_empty(d: Path) -> tuple[str, str]:
+    (d / "empty").mkdir()
+    return expect_error(cli(d, "leaderboard", "empty"), "empty")
+
+
+@case("commands", "generate with an empty adapter folder")
+def _gen_empty(d: Path) -> tuple[str, str]:
+    (d / "adapter").mkdir()
+    return expect_error(cli(d, "generate", "--adapter", "adapter", "What is it?"), "adapter")

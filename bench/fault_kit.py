@@ -139,6 +139,8 @@ def expect_error(p: Proc, *needles: str, accepted: str = "exit 0: the fault was 
         return TRACEBACK, exception_line(p.out)
     if p.rc == 0:
         return SILENT, accepted
+    if p.rc == 124 and p.out.startswith("timed out"):
+        return UNCLEAR, p.out[:220]
     flat = re.sub(r"\s+", " ", p.out)
     missing = [n for n in needles if not re.search(n, flat, re.I)]
     line = first_error_line(p.out)

@@ -144,6 +144,38 @@ def _kill_case(name: str, after: int) -> None:
 
 
 _kill_case("kill -9 when round 1's checkpoint appears, then --resume", 1)
+
+
+@case("clients", "learning rate 1e30: a NaN training loss")
+def _nan_loss(d: Path) -> tuple[str, str]:
+    return expect_error(cli(d, "run", write_job(d, job(**{"train.learning_rate": 1e30, "federation.rounds": 3}))),
+                        "client-\\d", "loss")
+
+
+@case("resume", "Ctrl-C when round 1's checkpoint appears, then --resume")
+def _ctrl_c(d: Path) -> tuple[str, str]:
+    reference = ref(3)
+    p = start(d, "run", write_job(d, job(**{"federation.rounds": 3})))
+    target, deadline = d / RUN / "checkpoints" / "round-0001", time.monotonic() + TIMEOUT_S
+    while not target.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if p.poll() is not None:
+        return UNCLEAR, f"the run ended (exit {p.returncode}) before Ctrl-C"
+    os.kill(p.pid, signal.SIGINT)
+    stopped = finish(p, 60)
+    if "Traceback (most recent call last)" in stopped.out or stopped.rc != 130 or "--resume" not in stopped.out:
+        return UNCLEAR, f"Ctrl-C: exit {stopped.rc}, {first_error_line(stopped.out)}"
+    kind, detail = check_run(d, cli(d, "run", "--resume", str(RUN)), rounds=3, ref=reference)
+    return kind, f"Ctrl-C said: {first_error_line(stopped.out)[:80]}; {detail}"
+
+
+@case("resume", "metrics.jsonl cut mid-line (a kill while writing), then --resume")
+def _cut_metrics(d: Path) -> tuple[str, str]:
+    run = partial(d, rounds=3, keep=2)
+    text = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(text + text.splitlines()[-1][:25])
+    kind, detail = check_run(d, cli(d, "run", "--resume", str(RUN)), rounds=3, ref=ref(3))
+    return kind, detail
 _kill_case("kill -9 when round 2's checkpoint appears, then --resume", 2)
 
 

@@ -32,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from bench import fault_inputs, fault_runs  # noqa: E402,F401  (register the cases)
+from bench import fault_deploy, fault_inputs, fault_runs  # noqa: E402,F401  (register the cases)
 from bench.common import Column, Recorder, base_parser, markdown_table  # noqa: E402
 from bench.fault_kit import (  # noqa: E402
     _REF_ROOT, _REFS, CASES, CATEGORIES, GOAL_TEXT, LOST, SILENT, TRACEBACK, UNCLEAR, Case,
@@ -61,10 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     groups = sorted({c.group for c in CASES})
     p.add_argument("--only", nargs="+", choices=groups, help="run only these groups")
     p.add_argument("--quick", action="store_true", help="about 6 fast cases")
+    p.add_argument("--case", help="run only the cases whose name matches this regex")
     p.add_argument("--jobs", type=int, default=1, help="cases run at once")
     args = p.parse_args(argv)
     rec = Recorder("faults", argv)
-    cases = [c for c in CASES if (not args.quick or c.quick) and (not args.only or c.group in args.only)]
+    cases = [c for c in CASES if (not args.quick or c.quick) and (not args.only or c.group in args.only)
+             and (not args.case or re.search(args.case, c.name, re.I))]
     with tempfile.TemporaryDirectory(prefix="fedpeft-faults-") as tmp:
         _REF_ROOT[:] = [Path(tmp)]
         _REFS.clear()

@@ -100,7 +100,7 @@ def load_examples(
         what = "is a directory, not a file" if path.is_dir() else "not found"
         raise DataError(f"data file {what}: {path}; expected a JSONL file with one "
                         '{"question": ..., "answer": ...} object per line')
-    return _to_examples(_read_objects(path), str(path), question_field, answer_field, max_rows)
+    return _to_examples(read_objects(path), str(path), question_field, answer_field, max_rows)
 
 
 def resolve_source(
@@ -276,7 +276,7 @@ def _field_list(record: dict) -> str:
     return ", ".join(repr(k) for k in record) if record else "(none)"
 
 
-def _read_objects(path: Path) -> Iterator[tuple[str, dict]]:
+def read_objects(path: Path) -> Iterator[tuple[str, dict]]:
     """Yield ``("file:line", object)`` for every non-blank line of a JSONL file."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -26,12 +28,12 @@ from typing import Any
 
 import tomli_w
 
-from fedpeft.data.io import load_examples
+from fedpeft.data.io import load_examples, read_objects
 from fedpeft.deploy import constants as C
 from fedpeft.deploy.launch import flower_env, free_port, spawn, stop_group, supernode_argv
 from fedpeft.deploy.settings import SITE_NAME_PATTERN
 from fedpeft.deploy.site_policy import SitePolicy
-from fedpeft.deploy.trainer_service import TrainerServer
+from fedpeft.deploy.trainer_service import MAX_SOCKET_PATH, TrainerServer
 from fedpeft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -97,12 +99,29 @@ def check_site(opts: SiteOptions) -> int:
             raise ConfigError(f"{flag}: file not found: {path}")
     if not opts.data.is_file():
         raise DataError(f"--data: file not found: {opts.data}")
+    if sum(1 for _ in read_objects(opts.data)) == 0:  # every line: JSON, UTF-8, an object; whatever the fields
+        raise DataError(f"--data {opts.data}: no rows (empty, or only blank lines); expected one JSON object "
+                        "per line with a question and an answer")
     try:
         return len(load_examples(opts.data))
     except DataError as e:  # the job may name other fields: only the server's config knows
         log.warning("could not read %s with the default field names (%s); the job's "
                     "data.question_field/answer_field apply when training", opts.data, e)
         return -1
+
+
+def trainer_socket_path(workspace: Path) -> Path:
+    """The trainer's socket: in the workspace, or in a private temporary folder if that path is too long.
+
+    A Unix socket path holds at most about 100 bytes; the socket's key stays in the workspace, so
+    only a process that can read the workspace may still ask for training.
+    """
+    path = workspace / TRAINER_SOCKET_FILE
+    if len(str(path)) <= MAX_SOCKET_PATH:
+        return path
+    short = Path(tempfile.mkdtemp(prefix="fedpeft-site-")) / TRAINER_SOCKET_FILE  # mode 0700
+    log.info("the workspace path is too long for a Unix socket; the trainer listens on %s", short)
+    return short
 
 
 def write_node_config(opts: SiteOptions, trainer_socket: Path, trainer_key: Path) -> Path:
@@ -152,12 +171,16 @@ def run_site(opts: SiteOptions, echo: Callable[[str], Any] = sys.stderr.write) -
         log.warning("INSECURE: --insecure sends this site's updates in clear text; use it only on "
                     "a loopback test")
     opts.workspace.mkdir(parents=True, exist_ok=True)
-    socket_path, key_path = opts.workspace / TRAINER_SOCKET_FILE, opts.workspace / TRAINER_KEY_FILE
+    socket_path, key_path = trainer_socket_path(opts.workspace), opts.workspace / TRAINER_KEY_FILE
     node_config = write_node_config(opts, socket_path, key_path)
     log.info("site %s: %s (%s rows) -> %s", opts.name, opts.data, rows if rows >= 0 else "?", opts.server)
     _log_policy(opts.policy())
-    with TrainerServer(socket_path, key_path, _LazyTrainer(opts)):
-        return _supervise(opts, node_config, echo)
+    try:
+        with TrainerServer(socket_path, key_path, _LazyTrainer(opts)):
+            return _supervise(opts, node_config, echo)
+    finally:
+        if socket_path.parent != opts.workspace:
+            shutil.rmtree(socket_path.parent, ignore_errors=True)
 
 
 def _log_policy(policy: SitePolicy) -> None:

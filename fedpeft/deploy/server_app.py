@@ -21,6 +21,7 @@ from fedpeft.deploy import constants as C
 from fedpeft.deploy.launch import write_status
 from fedpeft.deploy.settings import load_deploy_config
 from fedpeft.deploy.transport import FlowerTransport
+from fedpeft.errors import FedPeftError
 from fedpeft.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ def main(grid: Grid, context: Context) -> None:
     except (SystemExit, KeyboardInterrupt):  # Flower's SIGTERM handler: the SuperLink stops
         log.warning("the server was stopped; the last completed round is checkpointed")
         write_status(flower, context.run_id, C.STATUS_FAILED, "stopped")
+        raise
+    except FedPeftError as e:  # a known failure (a round below min_clients...): its message says it all
+        log.error("the server stopped: %s", e)
+        write_status(flower, context.run_id, C.STATUS_FAILED, f"{type(e).__name__}: {e}")
         raise
     except BaseException as e:
         log.exception("the server stopped")

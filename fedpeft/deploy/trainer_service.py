@@ -43,7 +43,7 @@ ERROR = "error"  # reply header: the exception type of a failed request
 REASON = "reason"  # reply header: why, for errors whose message may leave the site (SiteRefusal)
 FAMILY = "AF_UNIX"
 _KEY_BYTES = 32
-_MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to ~104-108 bytes
+MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to ~104-108 bytes
 
 
 def write_authkey(path: Path) -> bytes:
@@ -107,8 +107,8 @@ class TrainerServer:
     """
 
     def __init__(self, socket_path: Path, key_path: Path, train_fn: TrainFn) -> None:
-        if len(str(socket_path)) > _MAX_SOCKET_PATH:
-            raise OSError(f"socket path {socket_path} is longer than {_MAX_SOCKET_PATH} bytes; "
+        if len(str(socket_path)) > MAX_SOCKET_PATH:
+            raise OSError(f"socket path {socket_path} is longer than {MAX_SOCKET_PATH} bytes; "
                           "give fedpeft client a shorter --workspace")
         self.path, self.key_path, self._train = socket_path, key_path, train_fn
         self._authkey = write_authkey(key_path)

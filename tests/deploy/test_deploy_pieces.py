@@ -374,3 +374,14 @@ def test_a_site_that_never_reaches_the_server_gives_up_after_retry_for(sites_and
         assert site_runner.run_site(opts, echo=lambda line: None) == 1
     assert left == [10.0, 6.0, 2.0]  # three SuperNodes, 12 s in all; not 21 restarts
     assert "no contact with the server at 127.0.0.1:1 for 12 s (--retry-for 10)" in caplog.text
+
+
+def test_a_workspace_too_long_for_a_unix_socket_gets_a_short_private_socket_folder(tmp_path):
+    from fedpeft.deploy.client_command import trainer_socket_path
+    from fedpeft.deploy.trainer_service import MAX_SOCKET_PATH
+
+    short = trainer_socket_path(tmp_path / "ws")
+    assert short == tmp_path / "ws" / "trainer.sock"
+    long = trainer_socket_path(tmp_path / ("x" * 120))
+    assert len(str(long)) <= MAX_SOCKET_PATH and oct(long.parent.stat().st_mode & 0o777) == "0o700"
+    long.parent.rmdir()
