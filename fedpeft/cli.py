@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from importlib import resources
@@ -212,5 +213,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """The ``fedpeft`` command: :func:`main`, then exit.
+
+    After Ctrl-C a worker thread may still be inside a torch kernel; a normal interpreter exit
+    would then abort ("terminate called without an active exception", exit -6). The checkpoint
+    and the lock are already settled, so the process leaves at once with 130.
+    """
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -11,6 +11,7 @@ valid (:mod:`fedpeft.problems`).
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -174,8 +175,8 @@ class AuditConfig(_Section):
 
 
 class JobConfig(_Section):
-    job: str = "fedpeft"
-    seed: int = 0
+    job: str = "fedpeft"  # the folder <workspace>/<job>
+    seed: int = Field(0, ge=0)
     workspace: str = "workspace"
     run_id: str | None = None  # None: a timestamp
     model: ModelConfig = ModelConfig()
@@ -187,6 +188,14 @@ class JobConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     audit: AuditConfig = AuditConfig()
+
+    @field_validator("job", "run_id")
+    @classmethod
+    def _folder_name(cls, name: str | None) -> str | None:
+        if name is None or re.fullmatch(r"\w[\w.-]*", name):
+            return name
+        raise ValueError(f"{name!r} is not a plain folder name: use letters, digits, '_', '-' and '.', "
+                         "starting with a letter or digit (no '/' or '..')")
 
     def sampled_per_round(self) -> int:
         """Number of clients sampled each round."""

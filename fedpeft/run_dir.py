@@ -48,7 +48,11 @@ class RunDir:
         """
         run_id = cfg.run_id or dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         path = Path(cfg.workspace) / cfg.job / run_id
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as e:
+            raise ConfigError(f"cannot make the run folder {path}: {e.filename} is a file, not a folder; "
+                              "set workspace (or job / run_id) to name a folder") from None
         run = cls(path)
         run.acquire()
         if (path / CHECKPOINT_DIR).exists() or (path / METRICS_FILE).exists():
@@ -121,9 +125,16 @@ class RunDir:
 
     def truncate_metrics_after(self, rnd: int) -> None:
         """Drop records of rounds after ``rnd`` (left by a run that died before checkpointing)."""
-        if self.metrics_file.is_file():
-            keep = [r for r in read_jsonl(self.metrics_file) if r.get(KEY_ROUND, 0) <= rnd]
-            write_jsonl(self.metrics_file, keep)
+        if not self.metrics_file.is_file():
+            return
+        text = self.metrics_file.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        if lines and not text.endswith("\n"):  # a kill while appending: the last record is cut
+            log.warning("%s: dropped its last line, cut by an interrupted write (%d characters)",
+                        self.metrics_file, len(lines[-1]))
+            lines.pop()
+        records = [json.loads(line) for line in lines if line.strip()]
+        write_jsonl(self.metrics_file, [r for r in records if r.get(KEY_ROUND, 0) <= rnd])
 
     def write_predictions(self, rows: list[dict], name: str = PREDICTIONS_FILE) -> None:
         write_jsonl(self.path / name, rows)

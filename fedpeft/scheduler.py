@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from fedpeft.errors import RoundError
+from fedpeft.errors import FedPeftError, RoundError
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,10 @@ class DeviceScheduler(Generic[W]):
             log.info("device %s trains client %s (attempt %d)", device, task.client_id, attempt + 1)
             try:
                 return task.fn(resource), None
+            except FedPeftError as e:  # a known failure (e.g. a NaN loss): its message says what to do
+                tb = f"{type(e).__name__}: {e}"
+                log.debug("client %s failed:\n%s", task.client_id, traceback.format_exc())
+                log.warning("client %s failed on %s (attempt %d): %s", task.client_id, device, attempt + 1, e)
             except Exception:  # noqa: BLE001 - recorded with its traceback, never swallowed
                 tb = traceback.format_exc()
                 log.warning("client %s failed on %s (attempt %d):\n%s", task.client_id, device, attempt + 1, tb)

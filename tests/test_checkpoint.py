@@ -160,3 +160,25 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path,
     with pytest.raises(Exception, match="boom|fewer than min_clients"):
         run_job(validate_tree({**JOB, "workspace": str(tmp_path), "run_id": "f"}))
     assert not (tmp_path / "ckpt" / "f").exists()
+
+
+def test_resume_drops_a_metrics_line_cut_by_a_kill(tmp_path, caplog):
+    run = RunDir(tmp_path)
+    run.metrics_file.write_text('{"round": 1, "x": 1}\n{"round": 2, "x": 2}\n{"round": 3, "x"')
+    with caplog.at_level("WARNING"):
+        run.truncate_metrics_after(2)
+    assert read_jsonl(run.metrics_file) == [{"round": 1, "x": 1}, {"round": 2, "x": 2}]
+    assert "cut by an interrupted write" in caplog.text
+
+
+@pytest.mark.parametrize("tree, key", [({"run_id": "../../escape"}, "run_id"), ({"job": "a/b"}, "job"),
+                                       ({"seed": -1}, "seed")])
+def test_names_that_leave_the_workspace_and_negative_seeds_are_refused(tree, key):
+    with pytest.raises(ConfigError, match=rf"{key}: "):
+        validate_tree(tree)
+
+
+def test_a_workspace_that_is_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "ws").write_text("not a folder")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        RunDir.create(validate_tree({"workspace": str(tmp_path / "ws"), "run_id": "r"}))

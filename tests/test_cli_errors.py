@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from fedpeft.cli import main
@@ -39,3 +40,15 @@ def test_a_plugin_raising_at_run_time_is_one_line_naming_its_file(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ValueError: bad metric (raised at ") and f"{plugin}:2" in err
     assert "run with -v for the traceback" in err
+
+
+def test_the_command_leaves_at_once_after_ctrl_c(monkeypatch):
+    """A worker thread may still be in a torch kernel: a normal exit would abort with -6."""
+    from fedpeft import cli
+
+    exits = []
+    monkeypatch.setattr(cli, "main", lambda: 130)
+    monkeypatch.setattr(cli.os, "_exit", lambda code: exits.append(code))
+    with pytest.raises(SystemExit):
+        cli.entry()
+    assert exits == [130]

@@ -103,3 +103,16 @@ def test_worker_build_error_is_raised():
 def test_cpu_workers_share_the_main_malloc_arena_on_glibc():
     # glibc accepts the setting (mallopt returns 1); worker threads then allocate like the main thread
     assert share_malloc_arena() is True
+
+
+def test_a_known_failure_is_logged_in_one_line_without_a_traceback(caplog):
+    from fedpeft.errors import TrainingError
+
+    def nan_loss(resource):
+        raise TrainingError("client bad: the training loss is nan")
+
+    sched = DeviceScheduler(["cpu"], Resource)
+    with caplog.at_level("WARNING"):
+        _, failures = sched.run([Task("good", lambda r: 1), Task("bad", nan_loss)], min_success=1)
+    assert "Traceback" not in caplog.text and "the training loss is nan" in caplog.text
+    assert failures[0].traceback == "TrainingError: client bad: the training loss is nan"
