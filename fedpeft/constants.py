@@ -41,3 +41,10 @@ EVENT_SETUP = "setup"
 
 # Environment variable pointing at the model cache (GGUF -> safetensors conversions).
 ENV_CACHE_DIR = "FEDPEFT_CACHE"
+
+# Example-level DP metrics of one client's round (fedpeft.privacy.example_level)
+KEY_DP_STEPS = "dp_steps"
+KEY_DP_SAMPLE_RATE = "dp_sample_rate"
+KEY_DP_NOISE = "dp_noise_multiplier"
+KEY_DP_EXAMPLES = "dp_examples"  # examples drawn over the round (Poisson: varies around q * n * steps)
+KEY_EPSILON = "epsilon"

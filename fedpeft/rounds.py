@@ -23,9 +23,12 @@ from fedpeft.aggregators import Aggregator, aggregate, build_aggregator
 from fedpeft.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint
 from fedpeft.config import JobConfig, flatten
 from fedpeft.constants import (
-    EVENT_EVAL, EVENT_ROUND, KEY_BYTES_DOWN, KEY_BYTES_UP, KEY_EVAL, KEY_TRAIN_LOSS, PREDICTIONS_ZERO_SHOT_FILE,
+    EVENT_EVAL, EVENT_ROUND, KEY_BYTES_DOWN, KEY_BYTES_UP, KEY_EPSILON, KEY_EVAL, KEY_TRAIN_LOSS,
+    PREDICTIONS_ZERO_SHOT_FILE,
 )
 from fedpeft.errors import CheckpointError, RoundError
+from fedpeft.io_utils import read_jsonl
+from fedpeft.privacy.ledger import Ledger
 from fedpeft.problems import did_you_mean
 from fedpeft.run_dir import RunDir
 from fedpeft.state import RoundResult, State
@@ -34,7 +37,7 @@ from fedpeft.worker import Host, evaluate_global
 
 log = logging.getLogger(__name__)
 
-Evaluation = tuple[dict, list[dict]]  # (metrics, predictions)
+Evaluation = tuple[dict, list[dict], int]  # (metrics, predictions, round)
 
 
 class ClientPool(Protocol):
@@ -104,8 +107,11 @@ def run_rounds(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, test: 
     config = {k: v for k, v in flatten(cfg.model_dump(mode="json")).items() if k not in where}
     fingerprint = {"config": config, "data": _digest([pool.fingerprint, test])}
     state, start = _start(cfg, run, host, aggregator, test, fingerprint, allow_config_change)
-    total, last_eval = cfg.federation.rounds, None
+    total, last_eval, ledger = cfg.federation.rounds, None, _ledger(cfg, run)
     for rnd in range(start, total + 1):
+        if _budget_spent(ledger, rnd, total):
+            last_eval = last_eval if last_eval and last_eval[2] == rnd - 1 else None
+            break
         t0 = time.perf_counter()
         sampled = sample_clients(cfg, rnd, pool.client_ids)
         result = screen(pool.train(rnd, sampled, state), state, cfg.federation.max_update_norm,
@@ -114,17 +120,61 @@ def run_rounds(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, test: 
         new_state = aggregate(aggregator, state, result.updates, mean=result.mean)
         check_global(new_state, rnd)
         record = round_record(rnd, result, time.perf_counter() - t0)
+        _account(ledger, record, len(sampled))
         state = new_state
         if test and (rnd == total or (cfg.eval.every and rnd % cfg.eval.every == 0)):
-            last_eval = host.call(lambda w: evaluate_global(w, state, cfg, test))
+            last_eval = (*host.call(lambda w: evaluate_global(w, state, cfg, test)), rnd)
             record[KEY_EVAL] = last_eval[0]
         run.log_metrics(record)
         log_round(rnd, total, record)
         save_checkpoint(run.path, rnd, state, aggregator.state_dict(), fingerprint, keep=cfg.checkpoint.keep)
         run.write_partitions(pool.partitions())
-    _finish(cfg, run, pool, host, state, last_eval, test)
+    _finish(cfg, run, pool, host, state, last_eval, test, _privacy_summary(ledger))
     return state
 
+
+def _ledger(cfg: JobConfig, run: RunDir) -> Ledger:
+    """The run's privacy ledger, with the rounds already in ``metrics.jsonl`` (a resumed run)."""
+    ledger = Ledger(cfg)
+    if ledger.enabled and run.metrics_file.is_file():
+        for record in read_jsonl(run.metrics_file):
+            if record.get("event") == EVENT_ROUND:
+                ledger.add(record)
+    return ledger
+
+
+def _budget_spent(ledger: Ledger, rnd: int, total: int) -> bool:
+    """Stop before a round that would take epsilon past ``privacy.target_epsilon``."""
+    projected = ledger.over_target()
+    if projected is None:
+        return False
+    ledger.stopped_before = rnd
+    log.warning("privacy: stopping before round %d/%d: epsilon would reach %.4g, above privacy.target_epsilon "
+                "%.4g; the adapter of round %d is the run's result", rnd, total, projected,
+                ledger.privacy.target_epsilon, rnd - 1)
+    return True
+
+
+def _account(ledger: Ledger, record: dict, sampled: int) -> None:
+    """Add the round's privacy entry and the run's epsilon so far to its record."""
+    if ledger.enabled:
+        record["privacy"] = ledger.round_privacy(sampled, len(record["clients"]))
+        ledger.add(record)
+        record[KEY_EPSILON] = ledger.epsilon()
+
+
+def _privacy_summary(ledger: Ledger) -> dict:
+    """``summary.json``'s ``epsilon`` and ``privacy`` fields (none without DP)."""
+    if not ledger.enabled:
+        return {}
+    eps = ledger.epsilon()
+    entry = {**ledger.round_privacy(0, 0), KEY_EPSILON: eps, "target_epsilon": ledger.privacy.target_epsilon,
+             "stopped_before_round": ledger.stopped_before}
+    if ledger.privacy.level == "example":
+        entry["client_epsilon"] = ledger.per_client()
+    for key in ("shares", "summed", "effective_noise_multiplier"):
+        entry.pop(key, None)
+    return {KEY_EPSILON: eps, "privacy": entry}
 
 def _digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
@@ -192,14 +242,14 @@ def zero_shot(cfg: JobConfig, run: RunDir, host: Host, test: list[dict]) -> dict
 
 
 def _finish(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, state: State,
-            last_eval: Evaluation | None, test: list[dict]) -> None:
+            last_eval: Evaluation | None, test: list[dict], privacy: dict) -> None:
     """Final predictions, the adapter folder and ``summary.json``."""
     if test and last_eval is None:  # resumed after the last round had already been evaluated
         last_eval = host.call(lambda w: evaluate_global(w, state, cfg, test))
     if last_eval is not None:
         run.write_predictions(last_eval[1])
     host.call(lambda w: save_adapter(w.model, state, run.adapter_dir, cfg))
-    write_summary(cfg, run, state, last_eval[0] if last_eval else {}, **pool.runtime)
+    write_summary(cfg, run, state, last_eval[0] if last_eval else {}, **pool.runtime, **privacy)
 
 
 def write_summary(cfg: JobConfig, run: RunDir, state: State | None, final: dict, **fields: object) -> None:
@@ -232,5 +282,7 @@ def log_round(rnd: int, total: int, record: dict) -> None:
     ev = record.get(KEY_EVAL) or {}
     shown = " ".join(f"{k}={v:.4f}" for k, v in ev.items() if isinstance(v, float))
     dropped = f" dropped={[d['client'] for d in record['dropped']]}" if record["dropped"] else ""
+    if KEY_EPSILON in record:
+        shown += f" epsilon={record[KEY_EPSILON]:.4g} (delta={record['privacy']['delta']:.0e})"
     log.info("[round %d/%d] clients=%d%s train_loss=%.4f %s (%.1fs)", rnd, total, len(record["clients"]),
              dropped, record[KEY_TRAIN_LOSS], shown, record["seconds"])

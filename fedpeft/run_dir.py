@@ -27,7 +27,7 @@ from fedpeft.constants import (
     SUMMARY_FILE,
 )
 from fedpeft.errors import ConfigError
-from fedpeft.io_utils import append_jsonl, read_jsonl, write_json, write_jsonl, write_text
+from fedpeft.io_utils import append_jsonl, write_json, write_jsonl, write_text
 
 log = logging.getLogger(__name__)
 

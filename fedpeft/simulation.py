@@ -21,6 +21,7 @@ from fedpeft.errors import RunInterrupted
 from fedpeft.data.federated import FederatedData, prepare_data
 from fedpeft.data.prompts import TokenizedExample, tokenize_examples
 from fedpeft.models import resolve_devices
+from fedpeft.privacy.ledger import resolve_noise
 from fedpeft.rounds import client_seed, run_rounds
 from fedpeft.run_dir import RunDir
 from fedpeft.scheduler import DeviceScheduler, Task
@@ -52,8 +53,8 @@ class SchedulerPool:
 
     def train(self, rnd: int, sampled: list[str], global_state: State) -> RoundResult:
         """Train ``sampled`` from ``global_state``; updates in sampled order (deterministic sums)."""
-        tasks = [Task(cid, partial(self._fit, index=self.client_ids.index(cid), rnd=rnd, state=global_state))
-                 for cid in sampled]
+        tasks = [Task(cid, partial(self._fit, index=self.client_ids.index(cid), rnd=rnd, state=global_state,
+                                   shares=len(sampled))) for cid in sampled]
         results, failures = self.sched.run(tasks, min_success=self.cfg.federation.min_clients)
         updates = [results[c] for c in sampled if c in results]
         down = state_nbytes(global_state)
@@ -61,9 +62,10 @@ class SchedulerPool:
         dropped = [{"client": f.client_id, "reason": f.reason} for f in failures]
         return RoundResult(reports, updates=updates, dropped=dropped)
 
-    def _fit(self, worker: Worker, index: int, rnd: int, state: State) -> ClientUpdate:
+    def _fit(self, worker: Worker, index: int, rnd: int, state: State, shares: int) -> ClientUpdate:
         return fit(worker.model, self.tokenized[index], self.cfg.train, state, seed=client_seed(self.cfg, rnd, index),
-                   pad_token_id=worker.tokenizer.pad_token_id, client_id=self.client_ids[index])
+                   pad_token_id=worker.tokenizer.pad_token_id, client_id=self.client_ids[index],
+                   privacy=self.cfg.privacy, rounds=self.cfg.federation.rounds, shares=shares)
 
     def partitions(self) -> list[dict]:
         return self.data.summary
@@ -97,6 +99,7 @@ def run_job(cfg: JobConfig | None, resume: str | Path | None = None, data: Feder
         run = RunDir.open(Path(resume))
         cfg = load_config(run.path / CONFIG_FILE)
     else:
+        cfg = resolve_noise(cfg)  # config.yaml holds the calibrated noise
         run = RunDir.create(cfg)
     log.info("run directory: %s", run.path)
     try:

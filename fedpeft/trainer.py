@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fedpeft.adapters import get_trainable_state, set_trainable_state, trainable_parameters
-from fedpeft.config import TrainConfig
+from fedpeft.config import PrivacyConfig, TrainConfig
 from fedpeft.constants import KEY_DEVICE, KEY_SECONDS, KEY_STEPS, KEY_TRAIN_LOSS
 from fedpeft.data.prompts import TokenizedExample, collate
 from fedpeft.errors import TrainingError
@@ -75,6 +75,9 @@ def fit(
     pad_token_id: int,
     client_id: str = "client",
     progress: bool = True,
+    privacy: PrivacyConfig | None = None,
+    rounds: int = 1,
+    shares: int = 1,
 ) -> ClientUpdate:
     """Train the model's adapter on ``examples`` starting from ``global_state``.
 
@@ -87,15 +90,31 @@ def fit(
         pad_token_id: Token id used to pad batches (labels mask padding by position).
         client_id: Name used in the update and the progress bar.
         progress: Show a progress bar over optimizer steps.
+        privacy: Differential privacy (``level: example``: DP-SGD steps; ``client``: the update
+            clipped and noised before it leaves, with weight 1); ``None``: none.
+        rounds: The job's rounds (example level calibrates its noise over them).
+        shares: Clients sampled this round (client level: each adds its share of the noise).
 
     Returns:
-        The client's update: its new adapter state, example count and training metrics.
+        The client's update: its new adapter state, weight (example count) and training metrics.
     """
     set_trainable_state(model, global_state)  # swap the global adapter in
     anchor = global_state if cfg.fedprox_mu > 0 else None
-    metrics = local_steps(model, examples, cfg, seed=seed, pad_token_id=pad_token_id, anchor=anchor,
-                          client_id=client_id, progress=progress)
-    return ClientUpdate(client_id, get_trainable_state(model), len(examples), metrics)  # and out
+    level = privacy.level if privacy is not None else "none"
+    steps = local_steps
+    if level == "example":
+        from fedpeft.privacy.example_level import private_steps
+
+        steps = private_steps(privacy, len(examples), cfg, rounds)
+    metrics = steps(model, examples, cfg, seed=seed, pad_token_id=pad_token_id, anchor=anchor,
+                    client_id=client_id, progress=progress)
+    state, weight = get_trainable_state(model), len(examples)  # and out
+    if level == "client":
+        from fedpeft.privacy.client_level import release
+
+        state, dp_metrics = release(state, global_state, privacy, shares, seed)
+        metrics, weight = {**metrics, **dp_metrics, "examples": len(examples)}, 1
+    return ClientUpdate(client_id, state, weight, metrics)
 
 
 def local_steps(

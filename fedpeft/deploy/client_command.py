@@ -33,7 +33,7 @@ from fedpeft.deploy import constants as C
 from fedpeft.deploy.launch import flower_env, free_port, spawn, stop_group, supernode_argv
 from fedpeft.deploy.settings import SITE_NAME_PATTERN
 from fedpeft.deploy.site_policy import SitePolicy
-from fedpeft.deploy.trainer_service import MAX_SOCKET_PATH, TrainerServer
+from fedpeft.deploy.trainer_service import MAX_SOCKET_PATH, TrainerServer, write_authkey
 from fedpeft.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 EXIT_REFUSED = 3
 SUPERNODE_PID_FILE = "supernode.pid"
 TRAINER_SOCKET_FILE = "trainer.sock"
+NOISE_KEY_FILE = "dp-noise.key"
 TRAINER_KEY_FILE = "trainer.key"  # the socket's key, new for every fedpeft client process (0600)
 _REFUSALS_TOLERATED = 2  # a site may start before the coordinator has registered its key
 _RESTART_DELAY_S = 10.0
@@ -124,6 +125,19 @@ def trainer_socket_path(workspace: Path) -> Path:
     return short
 
 
+def noise_key(workspace: Path) -> bytes:
+    """This site's secret for its DP noise (``dp-noise.key``, mode 0600), made once and kept.
+
+    Kept across restarts, so a replayed round draws the same noise (a resumed deployment stays
+    exact); never sent anywhere.
+    """
+    path = workspace / NOISE_KEY_FILE
+    if not path.is_file():
+        workspace.mkdir(parents=True, exist_ok=True)
+        write_authkey(path)
+    return path.read_bytes()
+
+
 def write_node_config(opts: SiteOptions, trainer_socket: Path, trainer_key: Path) -> Path:
     """The SuperNode's node config as a TOML file (any path survives quoting)."""
     values = {C.NODE_SITE_NAME: opts.name, C.NODE_DATA_PATH: str(opts.data.resolve()),
@@ -148,7 +162,7 @@ class _LazyTrainer:
                 from fedpeft.deploy.site_training import SiteTrainer
 
                 self._trainer = SiteTrainer(self.opts.name, self.opts.data, self.opts.device,
-                                            policy=self.opts.policy())
+                                            policy=self.opts.policy(), noise_key=noise_key(self.opts.workspace))
             return self._trainer
 
     def __call__(self, config: dict, state: dict) -> tuple:

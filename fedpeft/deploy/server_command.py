@@ -25,6 +25,7 @@ from fedpeft.deploy.settings import DeployConfig, dump_deploy_config, load_deplo
 from fedpeft.deploy.tls import fingerprint
 from fedpeft.errors import ConfigError, RoundError
 from fedpeft.io_utils import write_json, write_text
+from fedpeft.privacy.ledger import resolve_noise
 from fedpeft.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def prepare_run(job: str | Path | None, deploy: str | Path | None, overrides: li
         cfg = load_config(job, [_absolute_data_override(o) for o in overrides])
     dep = load_deploy_config(deploy, cfg)
     if not resume:
+        cfg = resolve_noise(cfg)  # the sites get the calibrated noise with the job
         run = RunDir.create(cfg)
     write_text(run.path / C.DEPLOY_CONFIG_FILE, dump_deploy_config(dep))
     return cfg, dep, run

@@ -24,6 +24,7 @@ from fedpeft.deploy import constants as C
 from fedpeft.deploy.site_policy import SitePolicy, check_job
 from fedpeft.deploy.wire import site_job_from_payload, site_rows
 from fedpeft.errors import ConfigError
+from fedpeft.privacy.client_level import private_seed
 from fedpeft.worker import Worker, build_worker
 from fedpeft.models import resolve_devices
 from fedpeft.trainer import fit
@@ -42,11 +43,13 @@ class SiteTrainer:
         device: ``""`` for the job's ``model.devices``, or e.g. ``"cuda:0"``.
         policy: The code this site allows (``fedpeft client --allow-remote-code/--allow-plugin``);
             default: none, so a job with ``trust_remote_code`` or a plugin file is refused.
+        noise_key: This site's secret, mixed into the seed of its DP noise
+            (:func:`fedpeft.privacy.client_level.private_seed`); ``None``: the server's seed alone.
     """
 
     def __init__(self, name: str, data_path: str | Path, device: str = "",
-                 policy: SitePolicy | None = None) -> None:
-        self.name, self.data_path, self.device = name, str(data_path), device
+                 policy: SitePolicy | None = None, noise_key: bytes | None = None) -> None:
+        self.name, self.data_path, self.device, self.noise_key = name, str(data_path), device, noise_key
         self.policy = policy or SitePolicy()
         self._worker: tuple[str, Worker] | None = None
         self._examples: tuple[str, list[TokenizedExample]] | None = None
@@ -74,8 +77,13 @@ class SiteTrainer:
             log.info("site %s: round %s, %d examples on %s", self.name,
                      config.get(C.KEY_SERVER_ROUND), len(examples), worker.device)
             global_state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}
-            update = fit(worker.model, examples, cfg.train, global_state, seed=int(config[C.KEY_SEED]),
-                         pad_token_id=worker.tokenizer.pad_token_id, client_id=self.name, progress=False)
+            seed = int(config[C.KEY_SEED])
+            if cfg.privacy.level != "none" and self.noise_key:  # noise the coordinator cannot recompute
+                seed = private_seed(seed, self.noise_key)
+            update = fit(worker.model, examples, cfg.train, global_state, seed=seed,
+                         pad_token_id=worker.tokenizer.pad_token_id, client_id=self.name, progress=False,
+                         privacy=cfg.privacy, rounds=cfg.federation.rounds,
+                         shares=int(config.get(C.KEY_SHARES, 1)))
         new_state = {k: update.state[k].numpy() for k in state}
         return update.num_examples, update.metrics, update.client_id, new_state
 

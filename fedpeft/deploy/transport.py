@@ -155,16 +155,16 @@ class FlowerTransport:
             report.bytes_down, report.bytes_up = down.get(nid, 0), up.get(nid, 0)
         return result
 
-    def _config(self, rnd: int, task: SiteTask, job: str) -> dict:
+    def _config(self, rnd: int, task: SiteTask, job: str, shares: int) -> dict:
         return {C.KEY_SERVER_ROUND: rnd, C.KEY_SITE: task.name, C.KEY_SEED: task.seed, C.KEY_JOB: job,
-                C.KEY_TIMEOUT: self.dep.round_timeout_s}
+                C.KEY_TIMEOUT: self.dep.round_timeout_s, C.KEY_SHARES: shares}
 
     def _train_plain(self, rnd: int, tasks: list[SiteTask], state: State, job: str) -> RoundResult:
         from fedpeft.state import ClientReport, ClientUpdate, RoundResult
 
         ttl, record = self.dep.round_timeout_s + 60, state_to_record(state)
         msgs = [Message(RecordDict({C.RECORD_STATE: record,
-                                    C.RECORD_CONFIG: ConfigRecord(self._config(rnd, t, job))}),
+                                    C.RECORD_CONFIG: ConfigRecord(self._config(rnd, t, job, len(tasks)))}),
                         self.node_of[t.name], MessageType.TRAIN, ttl=ttl, group_id=str(rnd))
                 for t in tasks]
         replies = self.grid.send_and_receive(msgs, timeout=self.dep.round_timeout_s)
@@ -192,7 +192,7 @@ class FlowerTransport:
         sa = self.dep.secure_aggregation
         extra = {C.KEY_STATE_KEYS: "\n".join(state), C.KEY_CLIP: sa.clipping_range,
                  C.KEY_MAX_WEIGHT: sa.max_weight}
-        fitins = {self.node_of[t.name]: {**self._config(rnd, t, job), **extra} for t in tasks}
+        fitins = {self.node_of[t.name]: {**self._config(rnd, t, job, len(tasks)), **extra} for t in tasks}
         mean, results = secure_mean(self.grid, self.context, state, fitins, rnd, sa,
                                     self.dep.round_timeout_s)
         name_of = {nid: name for name, nid in self.node_of.items()}

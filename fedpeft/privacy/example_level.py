@@ -36,6 +36,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,9 @@ from tqdm.auto import tqdm
 
 from fedpeft.adapters import trainable_parameters
 from fedpeft.config import PrivacyConfig, TrainConfig
-from fedpeft.constants import KEY_DEVICE, KEY_SECONDS, KEY_STEPS, KEY_TRAIN_LOSS
+from fedpeft.constants import (
+    KEY_DEVICE, KEY_DP_EXAMPLES, KEY_DP_NOISE, KEY_DP_SAMPLE_RATE, KEY_DP_STEPS, KEY_SECONDS, KEY_STEPS, KEY_TRAIN_LOSS,
+)
 from fedpeft.data.prompts import IGNORE_INDEX, TokenizedExample, collate
 from fedpeft.errors import TrainingError
 from fedpeft.privacy.accounting import Accountant, calibrate_noise, epsilon
@@ -58,10 +61,6 @@ from fedpeft.trainer import _autocast, num_optimizer_steps
 
 log = logging.getLogger(__name__)
 
-KEY_DP_STEPS = "dp_steps"
-KEY_DP_SAMPLE_RATE = "dp_sample_rate"
-KEY_DP_NOISE = "dp_noise_multiplier"
-KEY_DP_EXAMPLES = "dp_examples"  # examples drawn over the round (Poisson: varies around q * n * steps)
 MICRO_BATCH_FACTOR = 2  # a micro-batch holds at most this many times train.batch_size rows
 OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample", "summed_grad")
 OPACUS_MODULE_ATTRS = ("activations", "max_batch_len", "ft_compute_sample_grad", "autograd_grad_sample_hooks")
@@ -316,3 +315,22 @@ def _to_dp_lstm(lstm: nn.LSTM) -> DPLSTM:
     dp.load_state_dict(lstm.state_dict())
     weight = next(lstm.parameters())
     return dp.to(device=weight.device, dtype=weight.dtype)
+
+
+def private_steps(privacy_cfg: PrivacyConfig, num_examples: int, train_cfg: TrainConfig, rounds: int):
+    """:func:`dp_local_steps` with the noise bound in: ``local_steps``'s signature (``trainer.fit`` calls it).
+
+    Without ``noise_multiplier`` the client calibrates its own noise to reach ``target_epsilon``
+    after training in every one of ``rounds`` rounds (a client sampled less often spends less).
+    """
+    noise = privacy_cfg.noise_multiplier
+    if noise is None:
+        steps, rate = dp_schedule(num_examples, train_cfg)
+        noise = _calibrated(privacy_cfg.target_epsilon, rate, steps * rounds, privacy_cfg.delta, privacy_cfg.accountant)
+    return partial(dp_local_steps, privacy_cfg=privacy_cfg, noise_multiplier=noise)
+
+
+@lru_cache(maxsize=256)
+def _calibrated(target_epsilon: float, rate: float, steps: int, delta: float, accountant: Accountant) -> float:
+    """Calibrated once per client and run, rounded up (stays within the target)."""
+    return math.ceil(calibrate_noise(target_epsilon, rate, steps, delta, accountant) * 1e6) / 1e6
