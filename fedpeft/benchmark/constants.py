@@ -37,8 +37,12 @@ COL_PEAK_MEMORY = "peak_memory_mb"
 COL_PEAK_GPU_MEMORY = "peak_gpu_memory_mb"
 COL_HELDOUT_LOSS = "heldout_loss"
 COL_PCT_CENTRALIZED = "pct_of_centralized"
+COL_EPSILON = "epsilon"  # privacy budget spent (summary.json); inf: trained without DP
+COL_DP = "dp"  # the DP level and delta the epsilon is at, e.g. "client, δ=1e-05"; "none"
 EXTRA_COLUMNS = (COL_ROUNDS, COL_CLIENTS, COL_TRAINABLE, COL_BYTES_PER_ROUND, COL_WALL_SECONDS,
-                 COL_PEAK_MEMORY, COL_PEAK_GPU_MEMORY, COL_HELDOUT_LOSS, COL_PCT_CENTRALIZED)
+                 COL_PEAK_MEMORY, COL_PEAK_GPU_MEMORY, COL_HELDOUT_LOSS, COL_PCT_CENTRALIZED, COL_EPSILON, COL_DP)
 # Columns where smaller is better (default sort direction and the 'worst client' rule).
 ASCENDING_COLUMNS = frozenset({COL_BYTES_PER_ROUND, COL_WALL_SECONDS, COL_PEAK_MEMORY, COL_PEAK_GPU_MEMORY,
-                               COL_HELDOUT_LOSS, COL_TRAINABLE})
+                               COL_HELDOUT_LOSS, COL_TRAINABLE, COL_EPSILON})
+# The privacy entry of a run's summary.json and round records (written by fedpeft.rounds).
+KEY_PRIVACY = "privacy"

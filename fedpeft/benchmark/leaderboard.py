@@ -9,6 +9,12 @@ peak memory (MB; GPU memory too when CUDA ran), held-out loss and ``pct_of_centr
 first metric of ``sort_by`` as a percentage of the centralised baseline trained the same way;
 for a lower-is-better metric, centralised / row). ``local_only`` adds one row per client plus
 ``local_only (mean)`` and ``local_only (worst)`` (per column, the worst client).
+
+When any test case trained with differential privacy, two more extras follow: ``epsilon`` (the
+budget spent, from the run's ``summary.json``; lower is more private, so it sorts like a cost;
+``inf`` for a run without DP, which has no guarantee, and 0 for zero-shot, which trains on
+nothing) and ``dp`` (the level and the delta the epsilon is at). The selected view shows them
+too, whatever ``selected_dataitem`` lists: a DP score read without its epsilon misleads.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,26 +35,35 @@ from fedpeft.benchmark.constants import (
     ALL_RANK,
     ASCENDING_COLUMNS,
     CENTRALIZED,
+    COL_DP,
+    COL_EPSILON,
     COL_HELDOUT_LOSS,
     COL_PCT_CENTRALIZED,
     COL_PEAK_GPU_MEMORY,
     COL_PEAK_MEMORY,
     COL_WALL_SECONDS,
     EXTRA_COLUMNS,
+    KEY_PRIVACY,
     LOCAL_ONLY,
     PLAN_FILE,
     RANK_DIR,
     SELECTED_RANK,
     TESTCASE_FILE,
+    ZERO_SHOT,
 )
 from fedpeft.benchmark.plan import BenchmarkPlan
 from fedpeft.benchmark.schema import RankSpec
+from fedpeft.constants import KEY_EPSILON, SUMMARY_FILE
 from fedpeft.errors import ConfigError
 from fedpeft.io_utils import write_json, write_text
 from fedpeft.problems import did_you_mean
 from fedpeft.tables import markdown_table
 
-HIDDEN = ("_kind", "_group", "_session", "_dir", "_zs")  # row keys for grouping and the report, never shown
+# row keys for grouping and the report, never shown (_privacy: summary.json's privacy entry)
+HIDDEN = ("_kind", "_group", "_session", "_dir", "_zs", "_privacy")
+PRIVACY_COLUMNS = (COL_EPSILON, COL_DP)
+PRIVACY_NOTE = ("epsilon: privacy budget spent, at the delta in column dp (lower is more private); "
+                "∞: trained without differential privacy, no guarantee; 0: zero-shot, trained on nothing")
 ONE_DECIMAL = frozenset({COL_WALL_SECONDS, COL_PEAK_MEMORY, COL_PEAK_GPU_MEMORY, COL_PCT_CENTRALIZED})
 
 
@@ -62,8 +78,12 @@ class Board:
     def cell(self, row: dict, column: str, precise: bool = False) -> str:
         """One cell as text (see :func:`format_cell`)."""
         style = "metric" if column in self.metrics or column == COL_HELDOUT_LOSS else (
-            "cost" if column in ONE_DECIMAL else "plain")
+            "cost" if column in ONE_DECIMAL else "epsilon" if column == COL_EPSILON else "plain")
         return format_cell(row.get(column), precise, style)
+
+    def notes(self) -> list[str]:
+        """Footnotes the table needs to be read right (the ``epsilon`` legend when it is shown)."""
+        return [PRIVACY_NOTE] if COL_EPSILON in self.columns else []
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,7 +132,31 @@ def _flat(record: dict) -> dict[str, Any]:
            "time": record.get("time", ""), "url": record.get("url", "")}
     row.update({"_kind": record.get("kind"), "_group": record.get("group"), "_session": record.get("session"),
                 "_dir": record.get("_dir"), "_zs": record.get("zero_shot_group")})
+    row.update(_privacy_cells(record))
     return row
+
+
+def _privacy_cells(record: dict) -> dict[str, Any]:
+    """``epsilon``, ``dp`` and ``_privacy`` of a test case, from its run's ``summary.json``
+    (nothing when the run folder has none)."""
+    path = Path(record["_dir"]) / SUMMARY_FILE if record.get("_dir") else None
+    if path is None or not path.is_file():
+        return {}
+    summary = json.loads(path.read_text(encoding="utf-8"))  # json reads the Infinity it writes
+    privacy = summary.get(KEY_PRIVACY)
+    if not privacy:
+        no_training = record.get("kind") == ZERO_SHOT  # released nothing trained on private data
+        return {COL_EPSILON: 0.0 if no_training else math.inf, COL_DP: "no training" if no_training else "none",
+                "_privacy": None}
+    dp = f"{privacy['level']}, δ={privacy['delta']:g}"
+    if privacy.get("stopped_before_round") is not None:
+        dp += f", stopped before round {privacy['stopped_before_round']} (target ε {privacy['target_epsilon']:g})"
+    return {COL_EPSILON: summary.get(KEY_EPSILON, privacy.get(KEY_EPSILON)), COL_DP: dp, "_privacy": privacy}
+
+
+def uses_dp(rows: list[dict]) -> bool:
+    """Whether any row trained with differential privacy."""
+    return any(r.get("_privacy") for r in rows)
 
 
 def _worse(column: str, a: Any, b: Any) -> Any:
@@ -198,7 +242,7 @@ def build_board(job_dir: Path, sort_by: list[tuple[str, str]] | None = None) -> 
     meta = read_plan_file(job_dir)
     metrics = [m["column"] for m in meta["metrics"]]
     rows = [_flat(r) for r in load_records(job_dir)]
-    rows += _local_only_summaries(rows, metrics + list(EXTRA_COLUMNS))
+    rows += _local_only_summaries(rows, metrics + [c for c in EXTRA_COLUMNS if c != COL_DP])
     _add_pct_of_centralized(rows, primary_metric(meta))
     keys = sort_by or [next(iter(i.items())) for i in meta["rank"].get("sort_by", [])]
     keys = keys or ([(metrics[0], "descend")] if metrics else [])
@@ -214,8 +258,10 @@ def all_columns(meta: dict, rows: list[dict]) -> list[str]:
     metrics = [m["column"] for m in meta["metrics"]]
     seen = {k for r in rows for k in r} - fixed - set(metrics)
     hyper = [h for h in meta["hyperparameters"] if h in seen] + sorted(seen - set(meta["hyperparameters"]))
-    extras = [c for c in EXTRA_COLUMNS if any(r.get(c) is not None for r in rows)
-              or c not in (COL_PEAK_GPU_MEMORY, COL_PCT_CENTRALIZED)]
+    hidden = {c for c in (COL_PEAK_GPU_MEMORY, COL_PCT_CENTRALIZED) if all(r.get(c) is None for r in rows)}
+    if not uses_dp(rows):
+        hidden |= set(PRIVACY_COLUMNS)  # every epsilon is inf (or 0): nothing to compare
+    extras = [c for c in EXTRA_COLUMNS if c not in hidden]
     return ["rank", "algorithm", *metrics, "paradigm", *meta["modules"], *hyper, *extras, "time", "url"]
 
 
@@ -237,6 +283,7 @@ def select(board: Board, meta: dict) -> Board:
     extras = [c for c in board.columns if c in EXTRA_COLUMNS]
     hyper = hyperparameter_columns(board.columns, meta)
     chosen_metrics = pick(sel.metrics, metrics + extras)
+    chosen_metrics += [c for c in PRIVACY_COLUMNS if c in extras and c not in chosen_metrics]
     columns = ["rank", "algorithm", *[c for c in chosen_metrics if c in metrics], "paradigm",
                *pick(sel.modules, meta["modules"]), *pick(sel.hyperparameters, hyper),
                *[c for c in chosen_metrics if c in extras], "time", "url"]
@@ -251,8 +298,9 @@ def select(board: Board, meta: dict) -> Board:
 
 
 def format_cell(value: Any, precise: bool, style: str = "metric") -> str:
-    """A cell as text: full precision for CSV (``precise``); for people, ``metric`` with 4
-    decimals, ``cost`` with 1, ``plain`` (hyperparameters) as written."""
+    """A cell as text: full precision for CSV (``precise``; infinity as ``inf``, which CSV readers
+    parse); for people, ``metric`` with 4 decimals, ``cost`` with 1, ``epsilon`` with 2, ``plain``
+    (hyperparameters) as written, and infinity as ``∞``."""
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -263,10 +311,14 @@ def format_cell(value: Any, precise: bool, style: str = "metric") -> str:
         return str(value)
     if precise:
         return str(value) if isinstance(value, int) else f"{value:.6g}"
+    if math.isinf(value):
+        return "∞" if value > 0 else "-∞"
     if isinstance(value, int):
         return f"{value:,}" if abs(value) >= 10_000 else str(value)
     if style == "cost":
         return f"{value:,.1f}"
+    if style == "epsilon":
+        return f"{value:,.2f}"
     return f"{value:.4f}" if style == "metric" else f"{value:g}"
 
 
@@ -282,7 +334,7 @@ def to_csv(board: Board) -> str:
 def to_markdown(board: Board) -> str:
     """The leaderboard as a Markdown table, cells as :meth:`Board.cell` writes them for people."""
     rows = [[board.cell(r, c) for c in board.columns] for r in board.rows]
-    return markdown_table(board.columns, rows) + "\n"
+    return markdown_table(board.columns, rows) + "\n" + "".join(f"\n{note}\n" for note in board.notes())
 
 
 def write_board(job_dir: Path) -> tuple[Board, Board, dict]:
@@ -307,7 +359,7 @@ def print_board(board: Board, title: str, console: Console | None = None) -> Non
     """Print a leaderboard as a table (every column but ``url``, which the CSV keeps)."""
     columns = [c for c in board.columns if c != "url"]
     cells = [[board.cell(r, c) for c in columns] for r in board.rows]
-    table = Table(title=title, show_lines=False)
+    table = Table(title=title, show_lines=False, caption="\n".join(board.notes()) or None)
     for c in columns:
         table.add_column(c, no_wrap=True, justify="right" if c == "rank" else "left")
     for row in cells:
@@ -354,6 +406,9 @@ def print_leaderboards(workspace: str | Path, sort_by: list[str] | None = None, 
     for job_dir in dirs:
         board, meta = build_board(job_dir, keys)
         for name, _ in keys or []:
+            if name in PRIVACY_COLUMNS and name not in board.columns:
+                raise ConfigError(f"--sort-by {name}: no test case of {job_dir} trained with differential "
+                                  "privacy (add a privacy: section to the job), so every epsilon is ∞")
             if name not in board.columns:
                 raise ConfigError(f"--sort-by {name!r}: no such column{did_you_mean(name, board.columns)} "
                                   f"Columns: {', '.join(board.columns)}")

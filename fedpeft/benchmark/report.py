@@ -3,7 +3,10 @@
 Sections: the selected leaderboard (and every column under a fold), final metrics as bars,
 metric-vs-round curves of every test case (centralised dashed, zero-shot dotted), per-client
 train loss curves of every federated test case, and the data partition sizes per client
-(stacked by the partition field when there is one). Figures are matplotlib PNGs (Agg backend)
+(stacked by the partition field when there is one). When any test case trained with differential
+privacy, a privacy section adds epsilon vs round (one line per DP run, from ``metrics.jsonl``)
+and the main metric vs final epsilon (runs without DP in a side panel at ε = ∞); without DP
+the page is as before. Figures are matplotlib PNGs (Agg backend)
 embedded as base64; the page loads nothing from anywhere.
 
 The page is the Jinja2 template ``templates/report.html.j2`` (package data), rendered with
@@ -18,6 +21,7 @@ import datetime as dt
 import io
 import json
 import logging
+import math
 from pathlib import Path
 
 import jinja2
@@ -28,10 +32,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedpeft.benchmark.constants import (  # noqa: E402
-    CENTRALIZED, COL_HELDOUT_LOSS, KIND_FEDERATED, LOCAL_ONLY, REPORT_FILE, ZERO_SHOT,
+    CENTRALIZED, COL_EPSILON, COL_HELDOUT_LOSS, KIND_FEDERATED, LOCAL_ONLY, REPORT_FILE, ZERO_SHOT,
 )
-from fedpeft.benchmark.leaderboard import build_board, hyperparameter_columns, select  # noqa: E402
-from fedpeft.constants import EVENT_ROUND, KEY_EVAL, KEY_EVENT, METRICS_FILE, PARTITIONS_FILE  # noqa: E402
+from fedpeft.benchmark.leaderboard import (  # noqa: E402
+    build_board, hyperparameter_columns, primary_metric, select, uses_dp,
+)
+from fedpeft.constants import (  # noqa: E402
+    EVENT_ROUND, KEY_EPSILON, KEY_EVAL, KEY_EVENT, METRICS_FILE, PARTITIONS_FILE,
+)
 from fedpeft.io_utils import read_jsonl, write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -185,6 +193,80 @@ def partitions_figure(rows: list[dict]) -> str | None:
     return _png(fig)
 
 
+def _epsilon_curve(run_dir: str | None) -> list[tuple[int, float]]:
+    """(round, epsilon so far) of a run's round records, from (0, 0) (finite values only: ∞ cannot be drawn)."""
+    if not run_dir or not (Path(run_dir) / METRICS_FILE).is_file():
+        return []
+    curve = [(r["round"], r[KEY_EPSILON]) for r in read_jsonl(Path(run_dir) / METRICS_FILE)
+             if r.get(KEY_EVENT) == EVENT_ROUND and isinstance(r.get(KEY_EPSILON), (int, float))
+             and math.isfinite(r[KEY_EPSILON])]
+    return [(0, 0.0)] + curve if curve else []  # nothing is spent before the first round
+
+
+def epsilon_figure(rows: list[dict], labels: dict[int, str]) -> str | None:
+    """Epsilon spent vs round, one line per DP run, its ``target_epsilon`` dashed in the same
+    colour (``None``: no run recorded an epsilon)."""
+    curves = {i: _epsilon_curve(r["_dir"]) for i, r in enumerate(rows) if r.get("_privacy")}
+    curves = {i: c for i, c in curves.items() if c}
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), layout="constrained")
+    for i, curve in curves.items():
+        p = rows[i]["_privacy"]
+        (line,) = ax.plot(*zip(*curve), marker="o", label=f"{labels[i]} ({p['level']}, δ={p['delta']:g})")
+        if p.get("target_epsilon") is not None:
+            ax.axhline(p["target_epsilon"], color=line.get_color(), linestyle="--", linewidth=1)
+    ax.set_ylabel("epsilon spent so far")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Epsilon vs round (dashed: target_epsilon)")
+    ax.legend(fontsize=8)
+    _round_axis(ax)
+    return _png(fig)
+
+
+def score_epsilon_figure(rows: list[dict], labels: dict[int, str], metric: str | None) -> str | None:
+    """``metric`` against final epsilon, one point per federated or centralised run; runs without
+    DP in a narrow panel at ε = ∞, zero-shot as a dotted line (``None``: no DP run or no metric)."""
+    if metric is None or not uses_dp(rows):
+        return None
+    points = [(i, r[COL_EPSILON], r[metric]) for i, r in enumerate(rows) if r["_kind"] in (KIND_FEDERATED, CENTRALIZED)
+              and isinstance(r.get(COL_EPSILON), (int, float)) and isinstance(r.get(metric), (int, float))]
+    finite = [p for p in points if math.isfinite(p[1])]
+    infinite = [p for p in points if not math.isfinite(p[1])]
+    fig, axes = plt.subplots(1, 2 if infinite else 1, sharey=True, squeeze=False, figsize=(8.5, 4.2),
+                             width_ratios=[5, 1] if infinite else [1], layout="constrained")
+    ax, *side = list(axes.flat)
+    for n, (i, eps, score) in enumerate(finite + infinite):  # one colour per run across both panels
+        panel, x, label = (ax, eps, labels[i]) if math.isfinite(eps) else (side[0], 0, f"{labels[i]} (no DP)")
+        panel.scatter(x, score, s=40, color=f"C{n % 10}", label=label,
+                      marker="D" if rows[i]["_kind"] == CENTRALIZED else "o")
+    _epsilon_axis(ax, [eps for _, eps, _ in finite])
+    if side:
+        side[0].set_xticks([0], ["∞"])
+        side[0].set_xlabel("no DP")
+        side[0].grid(alpha=0.3)
+    for r in rows:
+        if r["_kind"] == ZERO_SHOT and isinstance(r.get(metric), (int, float)):
+            for a in axes.flat:
+                a.axhline(r[metric], color="gray", linestyle=":", label="zero-shot (ε = 0)" if a is ax else None)
+    ax.set_ylabel(metric)
+    fig.suptitle(f"{metric} vs final epsilon (diamonds: centralised)")
+    legend = [a.get_legend_handles_labels() for a in axes.flat]
+    fig.legend([h for hs, _ in legend for h in hs], [n for _, ns in legend for n in ns], loc="upper center",
+               ncol=2, fontsize=8, bbox_to_anchor=(0.5, 0.0))
+    return _png(fig)
+
+
+def _epsilon_axis(ax: plt.Axes, epsilons: list[float]) -> None:
+    """Log scale when the epsilons span more than a factor 10 (0.5, 8 and 64 all readable), else from 0."""
+    if epsilons and min(epsilons) > 0 and max(epsilons) / min(epsilons) > 10:
+        ax.set_xscale("log")
+    else:
+        ax.set_xlim(left=0)
+    ax.set_xlabel("final epsilon (lower is more private)")
+    ax.grid(alpha=0.3)
+
+
 def render_report(job_dir: Path) -> str:
     """The report page of ``job_dir`` as HTML text."""
     board, meta = build_board(job_dir)
@@ -197,6 +279,8 @@ def render_report(job_dir: Path) -> str:
         "curves": curves_figure(rows, labels, metric_keys),
         "train_loss": train_loss_figure(rows, labels),
         "partitions": partitions_figure(rows),
+        "epsilon": epsilon_figure(rows, labels),
+        "score_epsilon": score_epsilon_figure(rows, labels, primary_metric(meta)),
     }
     return _TEMPLATES.get_template(TEMPLATE).render(
         name=meta["name"], source=meta.get("source", ""), job_dir=str(job_dir), n_rows=len(rows),
