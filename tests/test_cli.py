@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
                                              ("configs/benchmark-sample.yaml", 2)])
 def test_validate_accepts_the_benchmark_files_run_accepts(path, cases, capsys):
     assert main(["validate", str(REPO / path)]) == 0
-    assert f": OK (benchmark '" in capsys.readouterr().out
+    assert ": OK (benchmark '" in capsys.readouterr().out
     assert main(["validate", str(REPO / path), "eval.max_samples=0"]) == 2  # overrides reach every test case
     err = capsys.readouterr().err
     assert err.startswith(f"error: {cases} problems in") and err.count("eval.max_samples: Input should be") == cases

@@ -6,7 +6,6 @@ import copy
 import json
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from peft import PeftModel

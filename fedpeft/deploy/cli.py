@@ -64,7 +64,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
         server=args.server, data=args.data, name=args.name, workspace=workspace,
         ca_cert=args.root_certificates, private_key=args.auth_key, device=args.device or "",
         retry_for_s=args.retry_for, allow_remote_code=args.allow_remote_code,
-        allow_plugins=tuple(args.allow_plugin)))
+        allow_plugins=tuple(args.allow_plugin), max_epsilon=args.max_epsilon,
+        require_secure_aggregation=args.require_secure_aggregation))
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
@@ -116,6 +117,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cli.add_argument("--allow-plugin", action="append", type=absolute_path, default=[], metavar="FILE.py",
                      help="a plugin file a job may name as PEFT method, aggregator, metric or "
                           "partitioner (repeatable); other plugin files are refused")
+    cli.add_argument("--max-epsilon", type=float, metavar="EPS",
+                     help="refuse a job whose differential privacy would spend more than EPS (at the job's delta) "
+                          "of this site's data over all its rounds; jobs without DP are refused")
+    cli.add_argument("--require-secure-aggregation", action="store_true",
+                     help="refuse rounds the server does not run with secure aggregation (SecAgg+)")
     cli.set_defaults(fn=_cmd_client)
 
     certs = sub.add_parser("certs", help="make a CA and a server certificate for a deployment")

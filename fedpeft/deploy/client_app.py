@@ -117,6 +117,7 @@ def _train(context: Context, config: dict[str, Any], state: Arrays) -> tuple[int
 
 def _train_plain(msg: Message, context: Context) -> Message:
     config = dict(msg.content.config_records[C.RECORD_CONFIG])
+    config[C.KEY_SECURE] = False  # whatever the server wrote: this is the plain path
     state = {k: a.numpy() for k, a in msg.content.array_records[C.RECORD_STATE].items()}
     n, metrics, new_state = _train(context, config, state)
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -139,6 +140,7 @@ def _train_legacy(msg: Message, context: Context) -> Message:
     config = dict(fitins.config)
     keys = str(config[C.KEY_STATE_KEYS]).split("\n")
     state = dict(zip(keys, parameters_to_ndarrays(fitins.parameters), strict=True))
+    config[C.KEY_SECURE] = True  # set here, by the site's own code: it sees the SecAgg+ protocol run
     n, metrics, new_state = _train(context, config, state)
     deltas = [(new_state[k] - state[k].astype(np.float32)) for k in keys]
     metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}

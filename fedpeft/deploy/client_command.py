@@ -65,6 +65,8 @@ class SiteOptions:
     restarts: int = 20  # restart the SuperNode at most this often
     allow_remote_code: bool = False  # run jobs with model.trust_remote_code
     allow_plugins: tuple[Path, ...] = ()  # plugin files (file.py[:Obj]) a job may name
+    max_epsilon: float | None = None  # refuse jobs that would spend more epsilon of this site's data
+    require_secure_aggregation: bool = False  # refuse rounds without SecAgg+
 
     def __post_init__(self) -> None:
         # The SuperNode runs in the workspace: relative paths are taken from this directory now.
@@ -76,7 +78,8 @@ class SiteOptions:
 
     def policy(self) -> SitePolicy:
         """The code this site allows (raises ConfigError for a missing plugin file)."""
-        return SitePolicy.from_flags(self.allow_remote_code, self.allow_plugins)
+        return SitePolicy.from_flags(self.allow_remote_code, self.allow_plugins, self.max_epsilon,
+                                     self.require_secure_aggregation)
 
 
 def _absolute(path: str | Path) -> Path:
@@ -202,6 +205,11 @@ def _log_policy(policy: SitePolicy) -> None:
         log.warning("--allow-remote-code: a job with model.trust_remote_code runs its model's code here")
     for path in sorted(policy.plugins):
         log.info("--allow-plugin: a job may run %s", path)
+    if policy.max_epsilon is not None:
+        log.info("--max-epsilon %g: jobs that would spend more of this site's privacy budget are refused",
+                 policy.max_epsilon)
+    if policy.require_secure_aggregation:
+        log.info("--require-secure-aggregation: rounds without SecAgg+ are refused")
 
 
 def _supervise(opts: SiteOptions, node_config: Path, echo: Callable[[str], Any]) -> int:

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 ALLOW_REMOTE_CODE_FLAG = "--allow-remote-code"
 ALLOW_PLUGIN_FLAG = "--allow-plugin"
+MAX_EPSILON_FLAG = "--max-epsilon"
+REQUIRE_SECAGG_FLAG = "--require-secure-aggregation"
 
 
 class SiteRefusal(ConfigError):
@@ -46,9 +48,12 @@ class SitePolicy:
 
     allow_remote_code: bool = False
     plugins: frozenset[Path] = frozenset()
+    max_epsilon: float | None = None  # --max-epsilon: refuse a job that would spend more on this site
+    require_secure_aggregation: bool = False  # --require-secure-aggregation
 
     @classmethod
-    def from_flags(cls, allow_remote_code: bool = False, plugins: Iterable[str | Path] = ()) -> SitePolicy:
+    def from_flags(cls, allow_remote_code: bool = False, plugins: Iterable[str | Path] = (),
+                   max_epsilon: float | None = None, require_secure_aggregation: bool = False) -> SitePolicy:
         """The policy of ``fedpeft client --allow-remote-code --allow-plugin FILE ...``.
 
         Args:
@@ -66,7 +71,9 @@ class SitePolicy:
                 raise ConfigError(f"{ALLOW_PLUGIN_FLAG} {spec}: expected an existing Python file "
                                   "(path/to/file.py or path/to/file.py:Object)")
             resolved.append(path)
-        return cls(allow_remote_code, frozenset(resolved))
+        if max_epsilon is not None and not max_epsilon > 0:
+            raise ConfigError(f"{MAX_EPSILON_FLAG} {max_epsilon}: expected a positive number, e.g. 8")
+        return cls(allow_remote_code, frozenset(resolved), max_epsilon, require_secure_aggregation)
 
 
 def named_code(cfg: JobConfig) -> list[tuple[str, str]]:
@@ -99,5 +106,38 @@ def check_job(cfg: JobConfig, policy: SitePolicy, site: str) -> None:
             file_part = name.partition(".py")[0] + ".py"
             problems.append(f"{key} {name!r} is a plugin file this site did not allow (allow it "
                             f"with: fedpeft client ... {ALLOW_PLUGIN_FLAG} {file_part})")
+    if problems:
+        raise SiteRefusal(f"site {site!r} refuses the job: " + "; ".join(problems))
+
+
+def check_privacy(cfg: JobConfig, policy: SitePolicy, site: str, *, secure: bool, num_examples: int,
+                  shares: int) -> None:
+    """Refuse a round that breaks this site's privacy rules (``--max-epsilon``, ``--require-secure-aggregation``).
+
+    The epsilon is what this site's data would reach over every round of the job, against the
+    coordinator (:func:`fedpeft.privacy.ledger.site_epsilon`); the noise is added here, on the
+    site, so the bound holds even if the coordinator is dishonest.
+
+    Args:
+        secure: The update goes through SecAgg+ (seen by this site's own ClientApp).
+        num_examples: This site's training examples (example level).
+        shares: Sites sampled this round (client level without SecAgg+: the coordinator sees
+            this site's update with only its share of the noise).
+
+    Raises:
+        SiteRefusal: naming the rule and what the job would give.
+    """
+    problems = []
+    if policy.require_secure_aggregation and not secure:
+        problems.append(f"this site requires secure aggregation ({REQUIRE_SECAGG_FLAG}) and the server sent a "
+                        "plain round (set secure_aggregation: {enabled: true} in deploy.yaml)")
+    if policy.max_epsilon is not None:
+        from fedpeft.privacy.ledger import site_epsilon
+
+        eps = site_epsilon(cfg, num_examples, shares, secure)
+        if not eps <= policy.max_epsilon:
+            problems.append(f"the job would spend epsilon {eps:.3g} (delta {cfg.privacy.delta:g}, privacy.level "
+                            f"{cfg.privacy.level!r}) of this site's data over {cfg.federation.rounds} rounds; this "
+                            f"site allows at most {MAX_EPSILON_FLAG} {policy.max_epsilon:g}")
     if problems:
         raise SiteRefusal(f"site {site!r} refuses the job: " + "; ".join(problems))

@@ -21,7 +21,7 @@ import torch
 
 from fedpeft.data.prompts import TokenizedExample, tokenize_examples
 from fedpeft.deploy import constants as C
-from fedpeft.deploy.site_policy import SitePolicy, check_job
+from fedpeft.deploy.site_policy import SitePolicy, check_job, check_privacy
 from fedpeft.deploy.wire import site_job_from_payload, site_rows
 from fedpeft.errors import ConfigError
 from fedpeft.privacy.client_level import private_seed
@@ -74,6 +74,8 @@ class SiteTrainer:
         with self._lock:
             worker = self._worker_for(cfg)
             examples = self._examples_for(cfg, holdout, worker)
+            check_privacy(cfg, self.policy, self.name, secure=bool(config.get(C.KEY_SECURE, False)),
+                          num_examples=len(examples), shares=int(config.get(C.KEY_SHARES, 1)))
             log.info("site %s: round %s, %d examples on %s", self.name,
                      config.get(C.KEY_SERVER_ROUND), len(examples), worker.device)
             global_state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}

@@ -118,3 +118,27 @@ class Ledger:
             return None
         projected = self.epsilon(extra_round=True)
         return projected if projected > p.target_epsilon * (1 + 1e-9) else None
+
+
+def site_epsilon(cfg: JobConfig, num_examples: int, shares: int, secure: bool) -> float:
+    """The epsilon one site's data would reach over all ``federation.rounds`` rounds of ``cfg``.
+
+    Assumes the site trains in every round (the most it can spend). Example level: its DP-SGD
+    steps (noise given, or calibrated to ``target_epsilon``). Client level: the subsampled
+    Gaussian with the job's noise; without secure aggregation the coordinator sees this site's
+    update with only its share of the noise, ``noise / sqrt(shares)``. No DP: infinite.
+    """
+    p, rounds = cfg.privacy, cfg.federation.rounds
+    if p.level == "none":
+        return math.inf
+    from fedpeft.privacy.accounting import epsilon
+
+    if p.level == "example":
+        from fedpeft.privacy.example_level import dp_schedule, private_steps
+
+        noise = private_steps(p, num_examples, cfg.train, rounds).keywords["noise_multiplier"]
+        steps, rate = dp_schedule(num_examples, cfg.train)
+        return epsilon(noise, rate, steps * rounds, p.delta, p.accountant)
+    noise = resolve_noise(cfg).privacy.noise_multiplier
+    noise = noise if secure else noise / math.sqrt(max(shares, 1))
+    return epsilon(noise, cfg.sampled_per_round() / cfg.federation.num_clients, rounds, p.delta, p.accountant)

@@ -175,3 +175,30 @@ def test_secure_aggregation_stays_within_the_documented_error(sites_and_test, si
     state_bytes = state_nbytes(sim1)
     for site in records[0]["clients"]:  # masked int64 vectors: about twice the fp32 state
         assert site["bytes_up"] > 1.5 * state_bytes
+
+
+@pytest.mark.timeout(2 * RUN_TIMEOUT_S + 180)
+@pytest.mark.parametrize("privacy, secure", [
+    ({"level": "client", "target_epsilon": 8.0, "clip_norm": 0.05}, True),  # noise shares under SecAgg+
+    ({"level": "example", "target_epsilon": 8.0}, False),  # DP-SGD on every site
+], ids=["client-level-secagg", "example-level"])
+def test_a_dp_deployment_reports_the_epsilon_of_the_simulation(sites_and_test, tmp_path, privacy, secure):
+    sites, test = sites_and_test
+    deploy = {"round_timeout_s": 150, "wait_for_sites_s": 150}
+    if secure:
+        deploy["secure_aggregation"] = SecAggConfig(enabled=True, clipping_range=0.5, max_weight=1).model_dump(
+            mode="json")
+    with Loopback(tmp_path / "lb", {**_server_job(sites, test), "privacy": privacy}, sites, env=SITE_ENV,
+                  deploy=deploy) as lb:
+        lb.start()
+        _run(lb)
+    sim = run_job(validate_tree({**tiny_job(sites, test), "privacy": privacy, "workspace": str(tmp_path / "sim")}))
+    deployed, simulated = read_jsonl(lb.run_dir / "metrics.jsonl"), read_jsonl(sim.metrics_file)
+    assert [r["epsilon"] for r in deployed] == pytest.approx([r["epsilon"] for r in simulated])
+    assert json.loads((lb.run_dir / "summary.json").read_text())["epsilon"] == pytest.approx(
+        sim.read_summary()["epsilon"]) and 7.9 < sim.read_summary()["epsilon"] <= 8.0
+    assert all(r["secure_aggregation"] == secure and not r["dropped"] for r in deployed)
+    if privacy["level"] == "client":  # equal weights; each site clipped its own delta
+        assert all(c["num_examples"] == 1 for r in deployed for c in r["clients"])
+    else:
+        assert all(c["dp_steps"] > 0 for r in deployed for c in r["clients"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
 from fedpeft.cli import build_parser
 from fedpeft.config import validate_tree
@@ -155,3 +155,45 @@ def test_the_allowance_comes_from_fedpeft_clients_own_flags(tmp_path, plugin, mo
     assert trainer.policy == SitePolicy(False, frozenset({plugin.resolve()}))
     args = build_parser().parse_args(["client", "--server", "h:1", "--data", "d", "--name", "a", "--insecure"])
     assert args.fn(args) == 0 and seen[1].policy() == SitePolicy()
+
+
+def _dp_job(privacy: dict, **federation):
+    from fedpeft.config import validate_tree
+
+    return validate_tree({"privacy": privacy, "federation": {"num_clients": 3, "rounds": 4, **federation},
+                          "train": {"batch_size": 4, "max_steps": 5}})
+
+
+def test_a_site_refuses_a_job_over_its_max_epsilon_or_without_secure_aggregation():
+    from fedpeft.deploy.site_policy import SitePolicy, SiteRefusal, check_privacy
+    from fedpeft.privacy.ledger import site_epsilon
+
+    strict = SitePolicy(max_epsilon=8.0)
+    with pytest.raises(SiteRefusal, match=r"epsilon inf .*--max-epsilon 8"):  # no DP at all
+        check_privacy(_dp_job({"level": "none"}), strict, "a", secure=True, num_examples=40, shares=3)
+    weak = _dp_job({"level": "example", "noise_multiplier": 0.3})
+    with pytest.raises(SiteRefusal, match=r"would spend epsilon \d+.*at most --max-epsilon 8"):
+        check_privacy(weak, strict, "a", secure=True, num_examples=40, shares=3)
+    check_privacy(_dp_job({"level": "example", "target_epsilon": 8.0}), strict, "a", secure=False,
+                  num_examples=40, shares=3)  # calibrated on this site to 8: allowed
+    # Client level: without SecAgg+ the coordinator sees this site's update with 1/sqrt(3) of the noise.
+    client = _dp_job({"level": "client", "noise_multiplier": 2.0})
+    assert site_epsilon(client, 40, 3, secure=False) > site_epsilon(client, 40, 3, secure=True)
+    limit = SitePolicy(max_epsilon=site_epsilon(client, 40, 3, secure=True) * 1.01)
+    check_privacy(client, limit, "a", secure=True, num_examples=40, shares=3)
+    with pytest.raises(SiteRefusal, match="--max-epsilon"):
+        check_privacy(client, limit, "a", secure=False, num_examples=40, shares=3)
+    with pytest.raises(SiteRefusal, match="requires secure aggregation"):
+        check_privacy(client, SitePolicy(require_secure_aggregation=True), "a", secure=False, num_examples=40,
+                      shares=3)
+
+
+def test_client_flags_make_the_privacy_policy():
+    from fedpeft.cli import build_parser
+    from fedpeft.errors import ConfigError
+
+    args = build_parser().parse_args(["client", "--server", "h:1", "--data", "d.jsonl", "--name", "a", "--insecure",
+                                      "--max-epsilon", "8", "--require-secure-aggregation"])
+    assert args.max_epsilon == 8.0 and args.require_secure_aggregation
+    with pytest.raises(ConfigError, match="--max-epsilon -1"):
+        SitePolicy.from_flags(max_epsilon=-1)
