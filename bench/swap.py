@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
            "`get_trainable_state`, which the trainer calls after training to return the update in either "
            "design. 'max logit diff': swapped vs reloaded model on the same prompt (same adapter). Goal: "
            f"swap in ≥ 50× faster than reload: **{'met' if met else 'missed'}**"
-           + ("" if met_both else f"; with the copy out as well: **missed** for "
+           + ("" if met_both else "; with the copy out as well: **missed** for "
               + ", ".join(r["method"] for r in rows if r["ratio_both"] < GOAL)) + ".")
     return rec.finish(
         args.results_dir, title="Adapter swap vs reload", rows=rows, markdown=md,
