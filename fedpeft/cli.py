@@ -31,7 +31,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if _is_benchmark(args.config):  # what `fedpeft run` accepts, `validate` checks: every test case
         from fedpeft.benchmark import load_plan
 
+        from fedpeft.benchmark.plan import settings_label
+        from fedpeft.preflight import preflight_cases
+
         plan = load_plan(args.config, args.overrides)
+        cases = [(f"{i + 1}: {settings_label(c.settings)}", c.cfg) for i, c in enumerate(plan.cases)]
+        for note in preflight_cases(args.config, cases):
+            print(f"note: {note}")
         print(f"{args.config}: OK (benchmark {plan.name!r}: {len(plan.cases)} test cases, "
               f"baselines: {', '.join(plan.baselines) or 'none'})")
         return 0

@@ -46,6 +46,30 @@ def preflight(path: str | Path, cfg: JobConfig) -> list[str]:
     return notes
 
 
+def preflight_cases(path: str | Path, cases: list[tuple[str, JobConfig]]) -> list[str]:
+    """:func:`preflight` for every test case of a benchmark; one error listing each problem once.
+
+    Args:
+        path: The benchmark file (named in the messages).
+        cases: ``(test case name, its job config)`` pairs.
+
+    Raises:
+        ConfigError: a problem shared by several test cases (the same data file...) is listed
+            once, with the cases it concerns.
+    """
+    found: dict[tuple, list[str]] = {}
+    notes: list[str] = []
+    for name, cfg in cases:
+        for loc, msg in _data_problems(cfg, notes) + _model_problems(cfg, notes):
+            found.setdefault((loc, msg), []).append(name)
+    problems = Problems()
+    for (loc, msg), names in found.items():
+        shown = "; ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        problems.add(str(path), loc, f"{msg} (test case {shown})")
+    problems.raise_if_any(str(path))
+    return sorted(set(notes))
+
+
 def _data_problems(cfg: JobConfig, notes: list[str]) -> list[tuple[Loc, str]]:
     """Load every data file as ``fedpeft run`` would; then split and partition the rows."""
     from fedpeft.data.federated import prepare_data
@@ -169,5 +193,5 @@ def _target_problems(targets: str | list[str], names: list[str], model: str) -> 
         if any(re.fullmatch(targets, n) for n in names):
             return []
         return [(("peft", "target_modules"), f"regex {targets!r} matches no module; {valid}")]
-    return [(("peft", "target_modules", i), f"{t!r} matches no module{did_you_mean(t, leaves)} {valid}")
+    return [(("peft", "target_modules", i), f"{t!r} matches no module of the model{did_you_mean(t, leaves)} {valid}")
             for i, t in enumerate(targets) if not any(n == t or n.endswith("." + t) for n in names)]

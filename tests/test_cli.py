@@ -32,3 +32,15 @@ def test_validate_lists_the_problems_of_every_test_case(tmp_path, capsys):
     assert "2 problems in" in err
     assert "(test case 1: peft.method=lora, peft.r=big): peft.r:" in err
     assert "(test case 3: peft.method=ptuning, peft.num_virtual_tokens=many): peft.num_virtual_tokens:" in err
+
+
+def test_validate_runs_the_preflight_checks_on_every_test_case(tmp_path, capsys):
+    """Data files and target_modules are checked per test case, as for a single job."""
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(f"job: b\nmodel: {{name: tiny-random-llama}}\ndata: {{train: {tmp_path / 'gone.jsonl'}}}\n"
+                     "grid:\n  peft:\n    - {method: lora, r: 2, target_modules: [nowhere]}\n"
+                     "    - {method: lora, r: 4}\n")
+    assert main(["validate", str(bench)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("gone.jsonl") == 1 and "test case" in err  # one data problem, listed once for both cases
+    assert "nowhere" in err
