@@ -193,5 +193,5 @@ def _target_problems(targets: str | list[str], names: list[str], model: str) -> 
         if any(re.fullmatch(targets, n) for n in names):
             return []
         return [(("peft", "target_modules"), f"regex {targets!r} matches no module; {valid}")]
-    return [(("peft", "target_modules", i), f"{t!r} matches no module of the model{did_you_mean(t, leaves)} {valid}")
+    return [(("peft", "target_modules", i), f"{t!r} matches no module{did_you_mean(t, leaves) or ';'} {valid}")
             for i, t in enumerate(targets) if not any(n == t or n.endswith("." + t) for n in names)]
