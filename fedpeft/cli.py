@@ -61,6 +61,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = None if args.resume else load_config(args.config, args.overrides)
     run = run_job(cfg, resume=args.resume, allow_config_change=tuple(getattr(args, "allow_config_change", None) or ()))
     print_results(run.path)
+    if (cfg or load_config(run.path / "config.yaml")).audit.canaries:  # `audit:` in the job: audit it now
+        from fedpeft.audit.report import audit_run, audit_tables, report_path
+
+        print(audit_tables([audit_run(run.path)]) + f"\ncanary audit: {report_path(run.path)}")
     return 0
 
 

@@ -75,3 +75,15 @@ def test_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path, capsys):
 def test_too_few_candidates_is_a_clear_error(finished_run, capsys):
     assert main(["audit", str(finished_run), "--candidates", "3"]) == 2
     assert "--candidates must be at least 10" in capsys.readouterr().err
+
+
+def test_fedpeft_run_of_a_job_with_canaries_audits_it_at_the_end(tmp_path, capsys):
+    import yaml
+
+    job = tiny_job("canary-cli", clients=2)
+    job.update(workspace=str(tmp_path), run_id="r", audit=AUDIT)
+    job["federation"]["rounds"] = 1
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["run", str(tmp_path / "job.yaml")]) == 0
+    assert (tmp_path / "canary-cli" / "r" / "audit" / "report.json").is_file()
+    assert "canary audit:" in capsys.readouterr().out
