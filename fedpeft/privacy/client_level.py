@@ -30,7 +30,7 @@ from fedpeft.config import PrivacyConfig
 from fedpeft.state import State
 
 KEY_UPDATE_NORM = "dp_update_norm"  # L2 norm of the delta before clipping (not covered by DP)
-KEY_CLIPPED = "dp_clipped"
+KEY_CLIPPED = "dp_clipped"  # 1 if the delta was clipped (an int: Flower metrics take no bools)
 KEY_SHARES = "dp_shares"
 
 
@@ -62,7 +62,7 @@ def release(new: State, old: State, privacy: PrivacyConfig, shares: int, seed: i
     generator = torch.Generator().manual_seed(seed)
     std = share_std(privacy.noise_multiplier or 0.0, privacy.clip_norm, shares)
     state, norm = clip_and_noise(new, old, privacy.clip_norm, std, generator)
-    return state, {KEY_UPDATE_NORM: round(norm, 6), KEY_CLIPPED: norm > privacy.clip_norm, KEY_SHARES: shares}
+    return state, {KEY_UPDATE_NORM: round(norm, 6), KEY_CLIPPED: int(norm > privacy.clip_norm), KEY_SHARES: shares}
 
 
 def private_seed(seed: int, key: bytes) -> int:

@@ -27,7 +27,7 @@ def test_client_level_clipping_bounds_every_update_and_leaves_small_ones_alone()
     for scale, clipped in ((10.0, True), (0.001, False)):
         new = _state(scale)
         sent, metrics = release(new, old, no_noise, shares=3, seed=1)
-        assert metrics["dp_clipped"] is clipped and metrics["dp_update_norm"] == pytest.approx(delta_norm(new, old), rel=1e-4)
+        assert metrics["dp_clipped"] == clipped and metrics["dp_update_norm"] == pytest.approx(delta_norm(new, old), rel=1e-4)
         assert delta_norm(sent, old) == pytest.approx(min(0.5, delta_norm(new, old)), rel=1e-5)
 
 
