@@ -143,6 +143,10 @@ def _train_legacy(msg: Message, context: Context) -> Message:
     config[C.KEY_SECURE] = True  # set here, by the site's own code: it sees the SecAgg+ protocol run
     n, metrics, new_state = _train(context, config, state)
     deltas = [(new_state[k] - state[k].astype(np.float32)) for k in keys]
+    bad = [k for k, d in zip(keys, deltas) if not np.isfinite(d).all()]
+    if bad:  # masked and quantised, NaN would become finite garbage in the sum nobody can screen
+        raise SiteFailure(f"site {site_name(context)!r}: non-finite values (NaN or Inf) in {len(bad)} tensor(s) of "
+                          f"its update, e.g. {bad[0]!r}; not sent (under SecAgg+ the server cannot check updates)")
     metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
     metrics[KEY_CLIENT_ID] = site_name(context)
     metrics[C.KEY_CLIPPED] = _clipped(deltas, n, config)

@@ -37,6 +37,10 @@ from flwr.serverapp import Grid
 from fedpeft.deploy.records import state_to_record
 from fedpeft.deploy.settings import SecAggConfig
 from fedpeft.errors import RoundError
+
+
+class SecAggHalted(RoundError):
+    """The protocol stopped: a site was lost before enough key shares were out (nothing usable)."""
 from fedpeft.state import State
 
 log = logging.getLogger(__name__)
@@ -117,7 +121,7 @@ def secure_mean(grid: Grid, context: Context, state: State, fitins_config: dict[
         max_weight=settings.max_weight, clipping_range=settings.clipping_range,
         quantization_range=settings.quantization_range, timeout=timeout_s)(grid, legacy)
     if strategy.mean is None:
-        raise RoundError(f"round {rnd}: SecAgg+ halted with {len(fitins_config)} sites (too few "
+        raise SecAggHalted(f"round {rnd}: SecAgg+ halted with {len(fitins_config)} sites (too few "
                          "replies at some stage; see the server log)")
     over = [r.num_examples for r in strategy.results if r.num_examples > settings.max_weight]
     if over:

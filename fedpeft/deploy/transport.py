@@ -186,15 +186,21 @@ class FlowerTransport:
         return RoundResult(reports, updates=updates, dropped=dropped)
 
     def _train_secure(self, rnd: int, tasks: list[SiteTask], state: State, job: str) -> RoundResult:
-        from fedpeft.deploy.secagg import secure_mean
+        from fedpeft.deploy.secagg import SecAggHalted, secure_mean
         from fedpeft.state import ClientReport, RoundResult
 
         sa = self.dep.secure_aggregation
         extra = {C.KEY_STATE_KEYS: "\n".join(state), C.KEY_CLIP: sa.clipping_range,
                  C.KEY_MAX_WEIGHT: sa.max_weight}
         fitins = {self.node_of[t.name]: {**self._config(rnd, t, job, len(tasks)), **extra} for t in tasks}
-        mean, results = secure_mean(self.grid, self.context, state, fitins, rnd, sa,
-                                    self.dep.round_timeout_s)
+        try:
+            mean, results = secure_mean(self.grid, self.context, state, fitins, rnd, sa,
+                                        self.dep.round_timeout_s)
+        except SecAggHalted as e:  # nothing of this attempt is usable; the pool may retry without the lost site
+            log.warning("%s", e)
+            return RoundResult([], mean=None, dropped=[{"client": t.name, "reason": "SecAgg+ halted: nothing of this attempt is usable"}
+                                                             for t in tasks],
+                               secure=True)
         name_of = {nid: name for name, nid in self.node_of.items()}
         by_name = {name_of[r.node_id]: r for r in results}
         reports = [ClientReport(t.name, by_name[t.name].num_examples,
