@@ -198,9 +198,8 @@ class FlowerTransport:
                                         self.dep.round_timeout_s)
         except SecAggHalted as e:  # nothing of this attempt is usable; the pool may retry without the lost site
             log.warning("%s", e)
-            return RoundResult([], mean=None, dropped=[{"client": t.name, "reason": "SecAgg+ halted: nothing of this attempt is usable"}
-                                                             for t in tasks],
-                               secure=True)
+            why = "SecAgg+ halted: nothing of this attempt is usable"
+            return RoundResult([], dropped=[{"client": t.name, "reason": why} for t in tasks], secure=True)
         name_of = {nid: name for name, nid in self.node_of.items()}
         by_name = {name_of[r.node_id]: r for r in results}
         reports = [ClientReport(t.name, by_name[t.name].num_examples,
