@@ -89,7 +89,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
-    from fedpeft.benchmark.leaderboard import print_leaderboards
+    from fedpeft.benchmark.leaderboard_command import print_leaderboards
 
     return print_leaderboards(args.workspace, args.sort_by, show_all=args.all)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.benchmark.leaderboard import build_board, print_leaderboards, select, sort_rows, write_board
+from fedpeft.benchmark.leaderboard import build_board, select, sort_rows, write_board
+from fedpeft.benchmark.leaderboard_command import print_leaderboards
 from fedpeft.errors import ConfigError
 
 META = {

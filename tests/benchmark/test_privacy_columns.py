@@ -15,7 +15,8 @@ import pytest
 from rich.console import Console
 
 from fedpeft.benchmark import report
-from fedpeft.benchmark.leaderboard import build_board, parse_sort_by, print_leaderboards, write_board
+from fedpeft.benchmark.leaderboard import build_board, write_board
+from fedpeft.benchmark.leaderboard_command import parse_sort_by, print_leaderboards
 from fedpeft.benchmark.report import write_report
 from fedpeft.errors import ConfigError
 
