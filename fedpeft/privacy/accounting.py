@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
@@ -154,3 +155,23 @@ def _calibrate(target_epsilon: float, sample_rate: float, steps: int, delta: flo
             lambda noise: dp_event(noise, sample_rate, steps),
             target_epsilon, delta, ExplicitBracketInterval(lower, upper), tol=_CALIBRATION_TOL,
         ))
+
+
+def composed_epsilon(events: list[tuple[float, float, int]], delta: float, accountant: Accountant = "rdp") -> float:
+    """Epsilon at ``delta`` of several ``(noise_multiplier, sample_rate, steps)`` mechanisms composed.
+
+    Rounds of one run may differ (a client that dropped out took its noise share with it;
+    sites with other row counts sample at other rates); equal events are grouped first.
+    """
+    for noise, rate, steps in events:
+        _check(noise, rate, steps, delta, accountant)
+    events = [e for e in events if e[1] > 0 and e[2] > 0]
+    if not events:
+        return 0.0
+    if any(noise == 0 for noise, _, _ in events):
+        return math.inf
+    with _quiet_absl():
+        acc = make_accountant(accountant)
+        for (noise, rate, steps), count in sorted(Counter(events).items()):
+            acc.compose(dp_event(noise, rate, steps * count))
+        return float(acc.get_epsilon(delta))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
 
 from fedpeft.config import JobConfig, PrivacyConfig
 from fedpeft.constants import KEY_DP_NOISE, KEY_DP_SAMPLE_RATE, KEY_DP_STEPS
@@ -29,17 +28,10 @@ Event = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
 
 
 def events_epsilon(events: list[Event], delta: float, accountant: str = "rdp") -> float:
-    """Epsilon at ``delta`` of the composition of ``events`` (equal events are grouped)."""
-    from fedpeft.privacy.accounting import dp_event, make_accountant
+    """Epsilon at ``delta`` of the composition of ``events`` (:func:`~fedpeft.privacy.accounting.composed_epsilon`)."""
+    from fedpeft.privacy.accounting import composed_epsilon
 
-    if not events:
-        return 0.0
-    if any(noise == 0 for noise, rate, steps in events if rate > 0 and steps > 0):
-        return math.inf
-    acc = make_accountant(accountant)  # type: ignore[arg-type]
-    for (noise, rate, steps), count in sorted(Counter(events).items()):
-        acc.compose(dp_event(noise, rate, steps * count))
-    return float(acc.get_epsilon(delta))
+    return composed_epsilon(events, delta, accountant)  # type: ignore[arg-type]
 
 
 def resolve_noise(cfg: JobConfig) -> JobConfig:

@@ -92,3 +92,14 @@ def test_example_level_run_accounts_each_clients_steps(tmp_path):
         epsilon(1.0, rate, 2 * steps, 1e-5))
     assert summary["epsilon"] == max(summary["privacy"]["client_epsilon"].values())
     assert math.isfinite(summary["epsilon"]) and records[0]["epsilon"] < records[1]["epsilon"]
+
+
+def test_the_budget_of_unequal_rounds_composes_them(caplog):
+    from fedpeft.privacy.accounting import composed_epsilon
+
+    same = composed_epsilon([(1.0, 0.5, 3), (1.0, 0.5, 3)], 1e-5)
+    assert same == pytest.approx(epsilon(1.0, 0.5, 6, 1e-5))
+    less_noise = composed_epsilon([(1.0, 0.5, 3), (0.7, 0.5, 3)], 1e-5)  # a share of the noise went missing
+    assert same < less_noise < epsilon(0.7, 0.5, 6, 1e-5)
+    assert composed_epsilon([], 1e-5) == 0.0 and composed_epsilon([(0.0, 0.5, 1)], 1e-5) == math.inf
+    assert "epsilon computation" not in caplog.text  # dp_accounting's warnings stay out of the run log
