@@ -13,7 +13,7 @@ from fedpeft.errors import RegistryError
 from fedpeft.metrics import METRICS, bootstrap_ci, compute_metrics, paired_bootstrap_ci
 from fedpeft.metrics.rouge import rouge_scores
 
-BUILTIN = ["rouge1", "rouge2", "rougeL", "bleu4"]
+BUILTIN = ["rouge1", "rouge2", "rougeL", "bleu4", "bleu4_smoothed"]
 # A short prediction whose words are a prefix of the longer reference.
 SHORT = "the patient should drink"
 LONG = "the patient should drink more water every day"
@@ -84,7 +84,7 @@ def test_unknown_metric_lists_the_valid_names():
 
 def _corpus() -> tuple[list[str], list[str]]:
     rng = np.random.default_rng(0)
-    words = "the patient should drink more water every day to avoid kidney stones and pain".split()
+    words = "the patient should drink more water".split()  # few words: some 4-grams match (BLEU > 0)
     predictions = [" ".join(rng.choice(words, 12)) for _ in range(30)]
     references = [" ".join(rng.choice(words, 16)) for _ in range(30)]
     return predictions, references
@@ -102,17 +102,19 @@ def test_bootstrap_interval_contains_the_estimate_and_is_reproducible(name):
     assert low <= narrow[0] <= narrow[1] <= high
 
 
-def test_bleu_bootstrap_recomputes_corpus_bleu_on_each_resample():
+@pytest.mark.parametrize(("name", "smooth"), [("bleu4", "none"), ("bleu4_smoothed", "exp")])
+def test_bleu_bootstrap_recomputes_corpus_bleu_on_each_resample(name, smooth):
     """The fast path (summed sufficient statistics) equals calling sacrebleu on each resample."""
     predictions, references = _corpus()
     n, seed = 50, 7
     samples = np.random.default_rng(seed).integers(0, len(predictions), size=(n, len(predictions)))
     values = [
-        sacrebleu.corpus_bleu([predictions[i] for i in idx], [[references[i] for i in idx]]).score / 100
+        sacrebleu.corpus_bleu([predictions[i] for i in idx], [[references[i] for i in idx]],
+                              smooth_method=smooth).score / 100
         for idx in samples
     ]
     expected = tuple(np.quantile(values, [0.025, 0.975]))
-    got = bootstrap_ci("bleu4", predictions=predictions, references=references, n_resamples=n, seed=seed)
+    got = bootstrap_ci(name, predictions=predictions, references=references, n_resamples=n, seed=seed)
     assert got == pytest.approx(expected, abs=1e-12)
 
 
