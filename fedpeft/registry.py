@@ -17,12 +17,15 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Generic, TypeVar
 
 from fedpeft.errors import RegistryError
+from fedpeft.plugin_stand_ins import stand_ins
 from fedpeft.problems import closest
 
 T = TypeVar("T")
+CLASS_FACTORY_ATTR = "__fedpeft_class_factory__"  # on a plugin module: what it registered with ClassFactory
 
 
 def plugin_file(name: str) -> Path | None:
@@ -70,11 +73,14 @@ class Registry(Generic[T]):
 
     Args:
         kind: Plural noun used in errors and as the entry-point group suffix (``"aggregators"``).
+        adapt: ``adapt(plugin, name) -> T`` applied to what a plugin file or entry point gives
+            (metrics wrap Ianvs-style functions); it raises ``RegistryError`` for an unusable one.
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, adapt: Callable[[object, str], T] | None = None) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._adapt = adapt
 
     @property
     def entry_point_group(self) -> str:
@@ -108,12 +114,10 @@ class Registry(Generic[T]):
         key = name.lower()
         if key in self._items:
             return self._items[key]
-        if ".py" in name:
-            return self._load_file(name)
-        plugin = self._load_entry_point(name)
-        if plugin is not None:
-            return plugin
-        raise RegistryError(self.unknown_message(name))
+        plugin = self._load_file(name) if ".py" in name else self._load_entry_point(name)
+        if plugin is None:
+            raise RegistryError(self.unknown_message(name))
+        return self._adapt(plugin, name) if self._adapt else plugin
 
     def unknown_message(self, name: str) -> str:
         """The error text for an unknown ``name``: closest match and every valid name."""
@@ -132,29 +136,22 @@ class Registry(Generic[T]):
         if not path.is_file():
             raise RegistryError(f"{self.kind[:-1]} plugin file not found: {path} (from {spec!r})")
         before = dict(self._items)
-        module_name = f"fedpeft_plugin_{self.kind}_{path.stem}_{abs(hash(str(path)))}"
-        module = sys.modules.get(module_name)
-        if module is None:
-            mspec = importlib.util.spec_from_file_location(module_name, path)
-            assert mspec is not None and mspec.loader is not None
-            module = importlib.util.module_from_spec(mspec)
-            sys.modules[module_name] = module
-            try:
-                mspec.loader.exec_module(module)
-            except BaseException:
-                del sys.modules[module_name]  # a half-run module must not be found next time
-                raise
+        module = _import_file(path, f"fedpeft_plugin_{self.kind}_{path.stem}_{abs(hash(str(path)))}")
+        aliases = getattr(module, CLASS_FACTORY_ATTR, {})
         if attr:
+            if attr in aliases:  # Ianvs looks a plugin up by its ClassFactory alias
+                return aliases[attr]
             if not hasattr(module, attr):
                 public = [n for n in vars(module) if not n.startswith("_")]
-                raise RegistryError(f"{path} has no object {attr!r}; it defines: {', '.join(public)}")
+                registered = f"; registered with ClassFactory: {', '.join(aliases)}" if aliases else ""
+                raise RegistryError(f"{path} has no object {attr!r}; it defines: {', '.join(public)}{registered}")
             return getattr(module, attr)
-        added = [v for k, v in self._items.items() if k not in before]
+        added = [v for k, v in self._items.items() if k not in before] or list(aliases.values())
         if len(added) == 1:
             return added[0]
         raise RegistryError(
             f"{path}: name the object to use as '{path}:NAME' (the file registered "
-            f"{len(added)} {self.kind} through fedpeft's registry, expected exactly 1)"
+            f"{len(added)} {self.kind} through fedpeft's registry or ClassFactory, expected exactly 1)"
         )
 
     def _load_entry_point(self, name: str) -> T | None:
@@ -162,3 +159,24 @@ class Registry(Generic[T]):
             if ep.name.lower() == name.lower():
                 return ep.load()
         return None
+
+
+def _import_file(path: Path, module_name: str) -> ModuleType:
+    """Import ``path`` once as ``module_name``, with sedna's and Ianvs's imports stood in for
+    (:mod:`fedpeft.plugin_stand_ins`); what it registers with ``ClassFactory`` is kept on the
+    module as ``{alias: object}``."""
+    module = sys.modules.get(module_name)
+    if module is not None:
+        return module
+    mspec = importlib.util.spec_from_file_location(module_name, path)
+    assert mspec is not None and mspec.loader is not None
+    module = importlib.util.module_from_spec(mspec)
+    sys.modules[module_name] = module
+    try:
+        with stand_ins() as registered:
+            mspec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]  # a half-run module must not be found next time
+        raise
+    setattr(module, CLASS_FACTORY_ATTR, {k: v for items in registered.values() for k, v in items.items()})
+    return module

@@ -42,6 +42,7 @@ from fedpeft.benchmark.ianvs_schema import (AlgorithmFile, AlgorithmRef, Benchma
 from fedpeft.benchmark.schema import check_rank_names, parse_file_model
 from fedpeft.config import check_tree, resolve_data_paths
 from fedpeft.data.io import resolve_input
+from fedpeft.errors import RegistryError
 from fedpeft.problems import Problems, did_you_mean, read_yaml
 
 log = logging.getLogger(__name__)
@@ -80,23 +81,50 @@ def _devices(gpu_num: int | None) -> str | list[str] | None:
     return [f"cuda:{i}" for i in range(min(gpu_num, available))]
 
 
+def _metric_plugin(url: str, name: str, base_dir: Path, src: str, loc: tuple, root: yaml.Node | None,
+                   problems: Problems) -> str | None:
+    """``file.py:name`` of a metric file that loads and can be called; None (a problem recorded) if not."""
+    from fedpeft.metrics import METRICS
+    from fedpeft.registry import describe_failure
+
+    path = resolve_input(url, base_dir)
+    if not os.path.isfile(path):
+        problems.add(src, loc, f"metric file not found: {url!r} is neither beside {Path(src).name} (in "
+                     f"{os.path.abspath(base_dir)}) nor in the working directory ({os.getcwd()})", root)
+        return None
+    spec = f"{path}:{name}"  # Ianvs finds the function by its ClassFactory alias: the metric's name
+    try:
+        METRICS.get(spec)
+    except RegistryError as e:
+        problems.add(src, loc, str(e), root)
+        return None
+    except Exception as e:  # noqa: BLE001 - the plugin's own import error, with its file and line
+        missing = f"; {e.name!r} is not installed where fedpeft runs" if isinstance(e, ModuleNotFoundError) else ""
+        problems.add(src, loc, describe_failure(spec, "import", e) + missing, root)
+        return None
+    return spec
+
+
 def _metric_columns(env: TestEnv, base_dir: Path, src: str, root: yaml.Node | None,
                     problems: Problems) -> list[MetricColumn]:
+    """One column per testenv metric: its file when it has a ``url`` (always, as in Ianvs, even
+    for a name fedpeft has built in), else the built-in metric of that name."""
     from fedpeft.metrics import METRICS
+    from fedpeft.metrics.plugin import EXPECTED
 
     columns = []
     for i, m in enumerate(env.metrics):
-        if m.name in BUILTIN_METRICS or m.name in METRICS:
-            if m.url:
-                problems.ignored.append(f"{src}: testenv.metrics.{i}.url (built-in metric {m.name!r} needs no file)")
+        if m.url:
+            spec = _metric_plugin(m.url, m.name, base_dir, src, ("testenv", "metrics", i, "url"), root, problems)
+            if spec is not None:
+                columns.append(MetricColumn(m.name, spec))
+        elif m.name in BUILTIN_METRICS or m.name in METRICS:
             columns.append(MetricColumn(m.name, BUILTIN_METRICS.get(m.name, m.name)))
-        elif m.url:
-            columns.append(MetricColumn(m.name, _plugin_spec(m.url, m.name, base_dir)))
         else:
             problems.add(src, ("testenv", "metrics", i, "name"),
                          f"unknown metric {m.name!r}{did_you_mean(m.name, BUILTIN_METRICS)} Built in: "
                          f"{', '.join(BUILTIN_METRICS)}; or give a `url` to a Python file defining "
-                         "fn(*, predictions, references) -> float", root)
+                         f"the function, {EXPECTED}", root)
     return columns
 
 

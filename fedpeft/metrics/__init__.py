@@ -31,6 +31,7 @@ from typing import Protocol
 import numpy as np
 import scipy.stats
 
+from fedpeft.metrics.plugin import plugin_metric
 from fedpeft.registry import Registry
 
 
@@ -42,8 +43,10 @@ class Metric(Protocol):
 
 PerExample = Callable[..., list[float]]
 
-METRICS: Registry[Metric] = Registry("metrics")
-"""Metrics by name (``rouge1``, ``rouge2``, ``rougeL``, ``bleu4``); see :mod:`fedpeft.registry`."""
+METRICS: Registry[Metric] = Registry("metrics", adapt=plugin_metric)
+"""Metrics by name (``rouge1``, ``rouge2``, ``rougeL``, ``bleu4``, ``bleu4_smoothed``); see
+:mod:`fedpeft.registry`. A plugin function is called by its parameter names, or Ianvs's way
+(:mod:`fedpeft.metrics.plugin`)."""
 
 
 def check_pairs(predictions: Sequence[str], references: Sequence[str]) -> None:
