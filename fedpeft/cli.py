@@ -58,6 +58,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if not args.resume and _is_benchmark(args.config):  # Ianvs files or a native grid
         return _cmd_benchmark(args)
+    if getattr(args, "dry_run", False) and not args.resume:
+        return _cmd_validate(args)
     cfg = None if args.resume else load_config(args.config, args.overrides)
     run = run_job(cfg, resume=args.resume, allow_config_change=tuple(getattr(args, "allow_config_change", None) or ()))
     print_results(run.path)
@@ -148,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-config-change", metavar="KEY", action="append",
                      help="with --resume: a dotted key of the run's config.yaml that may differ from its checkpoint's "
                           "(e.g. federation.rounds to add rounds); repeatable")
+    run.add_argument("--dry-run", action="store_true",
+                     help="check the config and exit; a benchmark file also lists its test cases")
     run.set_defaults(fn=_cmd_run)
     val = sub.add_parser("validate", help="check a job or benchmark config and list every problem")
     val.add_argument("config", help="job YAML, benchmarkingjob.yaml (Ianvs format) or configs/benchmark-*.yaml")

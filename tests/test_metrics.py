@@ -12,6 +12,7 @@ import sacrebleu
 from fedpeft.errors import RegistryError
 from fedpeft.metrics import METRICS, bootstrap_ci, compute_metrics, paired_bootstrap_ci
 from fedpeft.metrics.rouge import rouge_scores
+from hf_bleu import hf_bleu
 
 BUILTIN = ["rouge1", "rouge2", "rougeL", "bleu4", "bleu4_smoothed"]
 # A short prediction whose words are a prefix of the longer reference.
@@ -50,6 +51,35 @@ def test_bleu_brevity_penalty_applies_to_the_shorter_prediction():
     assert compute_metrics(["bleu4"], predictions=[SHORT], references=[LONG])["bleu4"] == pytest.approx(math.exp(-1))
     swapped = compute_metrics(["bleu4"], predictions=[LONG], references=[SHORT])["bleu4"]
     assert swapped == pytest.approx((4 / 8 * 3 / 7 * 2 / 6 * 1 / 5) ** 0.25)  # no penalty, lower precisions
+
+
+# No 4-gram of the first prediction is in its reference; the second matches exactly.
+NO_4GRAM = ("drink more water daily", "drink more water every day")
+EXACT = ("stay in bed all day", "stay in bed all day")
+
+
+def test_bleu4_is_unsmoothed_corpus_bleu_as_ianvs_reports_it_and_smoothing_changes_only_bleu4_smoothed():
+    # Alone, NO_4GRAM has precisions 3/4, 2/3, 1/2, 0/1 and brevity penalty exp(1 - 5/4): BLEU 0;
+    # exp smoothing counts the 4-gram precision as 1 / (2 * 1).
+    one = {"predictions": [NO_4GRAM[0]], "references": [NO_4GRAM[1]]}
+    assert METRICS.get("bleu4")(**one) == 0.0 == hf_bleu(one["predictions"], one["references"])
+    smoothed = math.exp(1 - 5 / 4) * (3 / 4 * 2 / 3 * 1 / 2 * 1 / 2) ** 0.25
+    assert METRICS.get("bleu4_smoothed")(**one) == pytest.approx(smoothed, abs=1e-9)
+    # Corpus BLEU sums before dividing: 8/9, 6/7, 4/5, 2/3, brevity penalty exp(1 - 10/9)
+    # (a mean of sentence BLEUs would be (0 + 1) / 2).
+    both = {"predictions": [NO_4GRAM[0], EXACT[0]], "references": [NO_4GRAM[1], EXACT[1]]}
+    corpus = math.exp(1 - 10 / 9) * (8 / 9 * 6 / 7 * 4 / 5 * 2 / 3) ** 0.25
+    assert METRICS.get("bleu4")(**both) == pytest.approx(corpus, abs=1e-9)
+    assert hf_bleu(both["predictions"], both["references"]) == pytest.approx(corpus, abs=1e-9)
+    assert abs(hf_bleu(both["predictions"], both["references"], smooth=True) - corpus) > 1e-3  # add-one differs
+
+
+def test_bleu4_equals_evaluate_bleu_on_tokenised_text():
+    predictions, references = _corpus()
+    predictions += ["Drink 2 litres of water, daily!", "BP < 120/80 mm Hg is normal (usually)."]
+    references += ["Drink 2 litres of water daily.", "A BP < 120/80 mm Hg is normal."]
+    got = compute_metrics(["bleu4"], predictions=predictions, references=references)["bleu4"]
+    assert got > 0.1 and got == pytest.approx(hf_bleu(predictions, references), abs=1e-9)
 
 
 def test_metric_arguments_are_keyword_only():

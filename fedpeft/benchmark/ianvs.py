@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import torch
 import yaml
 
@@ -38,7 +39,7 @@ from fedpeft.config import flatten
 from fedpeft.benchmark.plan import (BenchmarkPlan, Dimension, MetricColumn, Setting, TestCase, expand,
                                     rank_columns, settings_label)
 from fedpeft.benchmark.ianvs_schema import (AlgorithmFile, AlgorithmRef, BenchmarkingJob, BenchmarkingJobFile, Module,
-                                            TestEnv, TestEnvFile)
+                                            NamedUrl, TestEnv, TestEnvFile)
 from fedpeft.benchmark.schema import check_rank_names, parse_file_model
 from fedpeft.config import check_tree, resolve_data_paths
 from fedpeft.data.io import resolve_input
@@ -105,7 +106,7 @@ def _metric_plugin(url: str, name: str, base_dir: Path, src: str, loc: tuple, ro
     return spec
 
 
-def _metric_columns(env: TestEnv, base_dir: Path, src: str, root: yaml.Node | None,
+def _metric_columns(metrics: list[NamedUrl], base_dir: Path, src: str, root: yaml.Node | None,
                     problems: Problems) -> list[MetricColumn]:
     """One column per testenv metric: its file when it has a ``url`` (always, as in Ianvs, even
     for a name fedpeft has built in), else the built-in metric of that name."""
@@ -113,7 +114,9 @@ def _metric_columns(env: TestEnv, base_dir: Path, src: str, root: yaml.Node | No
     from fedpeft.metrics.plugin import EXPECTED
 
     columns = []
-    for i, m in enumerate(env.metrics):
+    for i, m in enumerate(metrics):
+        if m is None:  # malformed: reported by the file's validation
+            continue
         if m.url:
             spec = _metric_plugin(m.url, m.name, base_dir, src, ("testenv", "metrics", i, "url"), root, problems)
             if spec is not None:
@@ -309,14 +312,28 @@ def _check_algorithm_names(job: BenchmarkingJob, src: str, root: yaml.Node | Non
                          f"algorithm name {name!r} is {'a baseline name' if name in BASELINES else 'used twice'}", root)
 
 
+def _raw_metrics(tree: Any) -> list[NamedUrl | None]:
+    """``testenv.metrics`` of a testenv.yaml that failed validation; None for a malformed entry."""
+    raw = tree.get("testenv") if isinstance(tree, dict) else None
+    raw = raw.get("metrics") if isinstance(raw, dict) else None
+    out: list[NamedUrl | None] = []
+    for item in raw if isinstance(raw, list) else []:
+        try:
+            out.append(NamedUrl.model_validate(item))
+        except pydantic.ValidationError:
+            out.append(None)
+    return out
+
+
 def _read_testenv(job: BenchmarkingJob, job_path: Path, problems: Problems) -> tuple[list[MetricColumn], dict]:
     """The metric columns and the base job tree (``fedpeft.config`` + what testenv.yaml sets)."""
     env_path = Path(resolve_input(job.testenv, job_path.parent))
     env_tree, env_root = read_yaml(env_path, problems)
     env_file = parse_file_model(env_tree, TestEnvFile, str(env_path), env_root, problems) if env_tree else None
-    if env_file is None:
+    if env_file is None:  # its metric files are still checked: one error lists every problem
+        _metric_columns(_raw_metrics(env_tree), env_path.parent, str(env_path), env_root, problems)
         return [], {}
-    metrics = _metric_columns(env_file.testenv, env_path.parent, str(env_path), env_root, problems)
+    metrics = _metric_columns(env_file.testenv.metrics, env_path.parent, str(env_path), env_root, problems)
     own = resolve_data_paths({"job": job.name, "workspace": job.workspace, **copy.deepcopy(job.fedpeft.config)},
                              job_path.parent)
     return metrics, _merge(own, _testenv_tree(env_file.testenv, env_path.parent, metrics))
