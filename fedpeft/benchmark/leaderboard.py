@@ -2,7 +2,10 @@
 (and ``.md``), and the terminal table.
 
 The leaderboard is rebuilt from the test case folders (``<algorithm>/<uuid>/testcase.json``), so
-re-running a job adds its rows and never duplicates old ones. Columns, in this order:
+re-running a job adds its rows and never duplicates old ones. The selected view, like Ianvs's
+``selected_rank``, then keeps one row of those that read the same in every selected column.
+Rows are ranked on the values the tables show (metrics to 4 decimals), so a tie in the first
+sort key as shown is broken by the next key. Columns, in this order:
 ``rank, algorithm, <metrics>, paradigm, <modules>, <hyperparameters>, <extras>, time, url``,
 where the extras are rounds, clients, trainable parameters, bytes per round, wall seconds,
 peak memory (MB; GPU memory too when CUDA ran), held-out loss and ``pct_of_centralized`` (the
@@ -64,6 +67,21 @@ PRIVACY_COLUMNS = (COL_EPSILON, COL_DP)
 PRIVACY_NOTE = ("epsilon: privacy budget spent, at the delta in column dp (lower is more private); "
                 "∞: trained without differential privacy, no guarantee; 0: zero-shot, trained on nothing")
 ONE_DECIMAL = frozenset({COL_WALL_SECONDS, COL_PEAK_MEMORY, COL_PEAK_GPU_MEMORY, COL_PCT_CENTRALIZED})
+DECIMALS = {"metric": 4, "cost": 1, "epsilon": 2}  # what the tables show of a float, by cell style
+
+
+def cell_style(column: str, metrics: frozenset[str] | set[str]) -> str:
+    """How a column's numbers are shown: ``metric`` (4 decimals), ``cost`` (1), ``epsilon`` (2) or ``plain``."""
+    if column in metrics or column == COL_HELDOUT_LOSS:
+        return "metric"
+    return "cost" if column in ONE_DECIMAL else "epsilon" if column == COL_EPSILON else "plain"
+
+
+def as_shown(value: Any, style: str) -> Any:
+    """``value`` rounded as the tables show it (``0.30004`` -> ``0.3``): rows that look tied sort as tied."""
+    if not isinstance(value, float) or not math.isfinite(value) or style not in DECIMALS:
+        return value
+    return float(f"{value:.{DECIMALS[style]}f}")
 
 
 @dataclass
@@ -76,9 +94,7 @@ class Board:
 
     def cell(self, row: dict, column: str, precise: bool = False) -> str:
         """One cell as text (see :func:`format_cell`)."""
-        style = "metric" if column in self.metrics or column == COL_HELDOUT_LOSS else (
-            "cost" if column in ONE_DECIMAL else "epsilon" if column == COL_EPSILON else "plain")
-        return format_cell(row.get(column), precise, style)
+        return format_cell(row.get(column), precise, cell_style(column, self.metrics))
 
     def notes(self) -> list[str]:
         """Footnotes the table needs to be read right (the ``epsilon`` legend when it is shown)."""
@@ -213,12 +229,17 @@ def _add_pct_of_centralized(rows: list[dict], metric: str | None) -> None:
         r[COL_PCT_CENTRALIZED] = round(100.0 * ratio, 1)
 
 
-def sort_rows(rows: list[dict], keys: list[tuple[str, str]]) -> list[dict]:
-    """Sort by ``[(column, ascend|descend), ...]`` (first has priority); missing values last; stable."""
+def sort_rows(rows: list[dict], keys: list[tuple[str, str]], metrics: frozenset[str] = frozenset()) -> list[dict]:
+    """Sort by ``[(column, ascend|descend), ...]`` (first has priority); missing values last; stable.
+
+    Values are compared as the tables show them (:func:`as_shown`; ``metrics`` are the metric
+    columns): two rows whose first key reads the same are ordered by the next key, never by a
+    difference in a digit nobody sees.
+    """
     def key(row: dict) -> tuple:
         parts: list[Any] = []
         for col, direction in keys:
-            v = row.get(col)
+            v = as_shown(row.get(col), cell_style(col, metrics))
             ok = isinstance(v, (int, float))
             parts += [0 if ok else 1, (v if direction == "ascend" else -v) if ok else 0]
         return tuple(parts)
@@ -245,7 +266,7 @@ def build_board(job_dir: Path, sort_by: list[tuple[str, str]] | None = None) -> 
     _add_pct_of_centralized(rows, primary_metric(meta))
     keys = sort_by or [next(iter(i.items())) for i in meta["rank"].get("sort_by", [])]
     keys = keys or ([(metrics[0], "descend")] if metrics else [])
-    rows = sort_rows(rows, keys)
+    rows = sort_rows(rows, keys, frozenset(metrics))
     for i, r in enumerate(rows, 1):
         r["rank"] = i
     return Board(all_columns(meta, rows), rows, frozenset(metrics)), meta
@@ -272,7 +293,8 @@ def hyperparameter_columns(columns: list[str], meta: dict) -> list[str]:
 
 
 def select(board: Board, meta: dict) -> Board:
-    """The ``selected_dataitem`` view: rows of the selected paradigms, the selected columns, re-ranked."""
+    """The ``selected_dataitem`` view: rows of the selected paradigms, the selected columns, without
+    duplicate rows, re-ranked."""
     sel = RankSpec.model_validate(meta["rank"]).selected_dataitem
     metrics = [m["column"] for m in meta["metrics"]]
 
@@ -287,9 +309,24 @@ def select(board: Board, meta: dict) -> Board:
                *pick(sel.modules, meta["modules"]), *pick(sel.hyperparameters, hyper),
                *[c for c in chosen_metrics if c in extras], "time", "url"]
     rows = [dict(r) for r in board.rows if sel.paradigms == ["all"] or r["paradigm"] in sel.paradigms]
+    rows = _drop_duplicates(rows, [c for c in columns if c not in ("rank", "time", "url")])
     for i, r in enumerate(rows, 1):
         r["rank"] = i
     return Board(columns, rows, board.metrics)
+
+
+def _drop_duplicates(rows: list[dict], columns: list[str]) -> list[dict]:
+    """The rows that differ from every better-ranked row in one of ``columns``, as Ianvs's
+    ``selected_rank`` keeps them (``drop_duplicates`` over every selected column but time and url):
+    a re-run that reproduced its numbers, or test cases that differ only in columns not selected."""
+    seen: set[str] = set()
+    kept = []
+    for r in rows:
+        key = json.dumps([r.get(c) for c in columns], sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            kept.append(r)
+    return kept
 
 
 # --------------------------------------------------------------------------------------------

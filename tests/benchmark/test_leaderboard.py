@@ -82,6 +82,27 @@ def test_rows_are_sorted_by_every_sort_key_with_missing_values_last(job_dir):
     assert mean["rougel_metric"] == pytest.approx(0.20) and mean["clients"] == 1 and mean["rounds"] == 2
 
 
+def test_a_tie_as_the_table_shows_it_is_broken_by_the_next_sort_key(job_dir):
+    _record(job_dir, "federated", "fedavgm-peft", 0.30004, 2.1, beta=0.5)  # shown as 0.3000, like 0.30
+    board, meta = build_board(job_dir)
+    got = [(r["algorithm"], board.cell(r, "rougel_metric"), r["heldout_loss"]) for r in board.rows[1:4]]
+    assert got == [("fedavg-peft", "0.3000", 1.8), ("fedavgm-peft", "0.3000", 2.0), ("fedavgm-peft", "0.3000", 2.1)]
+    assert [r["heldout_loss"] for r in select(board, meta).rows[:3]] == [1.8, 2.0, 2.1]
+
+
+def test_selected_rank_drops_rows_that_read_the_same_in_every_selected_column(job_dir):
+    # A re-run reproducing its numbers, and a run differing only in a column not selected (beta):
+    # Ianvs's selected_rank keeps the first of them (drop_duplicates), all_rank keeps every row.
+    _record(job_dir, "federated", "fedavgm-peft", 0.30, 2.0, beta=0.7, session="s2", time="2025-01-02 00:00:00")
+    _record(job_dir, "federated", "fedavgm-peft", 0.30, 2.0, beta=0.5, session="s3", time="2025-01-03 00:00:00")
+    board, meta = build_board(job_dir)
+    assert sum(r["algorithm"] == "fedavgm-peft" and r["rougel_metric"] == 0.30 for r in board.rows) == 3
+    selected = select(board, meta)
+    assert [(r["rank"], r["algorithm"], r["rougel_metric"]) for r in selected.rows] == [
+        (1, "fedavg-peft", 0.30), (2, "fedavgm-peft", 0.30), (3, "fedavgm-peft", 0.20), (4, "fedavg-peft", None)]
+    assert selected.rows[1]["time"] == "2025-01-01 00:00:00"  # the first, as pandas' drop_duplicates keeps
+
+
 def test_pct_of_centralized_compares_rows_trained_the_same_way(job_dir):
     board, _ = build_board(job_dir)
     pct = {(r["algorithm"], r.get("basemodel-peft_method")): r["pct_of_centralized"] for r in board.rows}
@@ -123,6 +144,9 @@ def test_csv_and_markdown_files_and_rerun_adds_rows_without_duplicates(job_dir):
 def test_sort_rows_handles_ascend_descend_and_missing():
     rows = [{"a": 1, "b": 2}, {"a": None, "b": 0}, {"a": 1, "b": 1}, {"a": 3}]
     assert sort_rows(rows, [("a", "descend"), ("b", "ascend")]) == [rows[3], rows[2], rows[0], rows[1]]
+    close = [{"m": 0.50001, "b": 2}, {"m": 0.5, "b": 1}]
+    assert sort_rows(close, [("m", "descend"), ("b", "ascend")], frozenset({"m"})) == [close[1], close[0]]
+    assert sort_rows(close, [("m", "descend"), ("b", "ascend")]) == close  # not a metric: every digit counts
 
 
 def test_leaderboard_command_prints_and_checks_sort_names(job_dir, capsys):
