@@ -279,6 +279,7 @@ def _registry_problems(tree: dict) -> list[tuple[Loc, str]]:
     from fedpeft.data.partitioners import PARTITIONERS
     from fedpeft.metrics import METRICS
     from fedpeft.peft_methods import PEFT_METHODS
+    from fedpeft.registry import describe_failure
 
     problems = _named_problems(("peft",), "method", _section(tree, "peft"), "lora", PEFT_METHODS)
     problems += _named_problems(("federation", "aggregation"), "name",
@@ -289,8 +290,10 @@ def _registry_problems(tree: dict) -> list[tuple[Loc, str]]:
     for i, metric in enumerate(metrics if isinstance(metrics, list) else []):
         try:
             METRICS.get(str(metric))
-        except Exception as e:  # noqa: BLE001
+        except RegistryError as e:  # unknown name, missing file, wrong signature
             problems.append((("eval", "metrics", i), str(e)))
+        except Exception as e:  # noqa: BLE001 - a plugin file whose import raises: its own error and line
+            problems.append((("eval", "metrics", i), describe_failure(str(metric), "import", e)))
     return problems
 
 
