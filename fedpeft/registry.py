@@ -4,7 +4,9 @@ Aggregators, PEFT methods, metrics and partitioners each keep one :class:`Regist
 names things by registry name (``aggregation: fedavgm``). A name may also be
 
 * ``path/to/file.py:object`` (or ``path/to/file.py`` when the file defines exactly one object
-  registered through :meth:`Registry.register`), or
+  registered through :meth:`Registry.register` or sedna's ``ClassFactory``); ``object`` is a
+  ``ClassFactory`` alias (how KubeEdge Ianvs finds a plugin) or a name the file defines. The file
+  is imported with stand-ins for sedna's and Ianvs's modules (:mod:`fedpeft.plugin_stand_ins`), or
 * the name of an entry point in the group ``fedpeft.<kind>`` (e.g. ``fedpeft.aggregators``)
   of any installed package.
 """
