@@ -9,8 +9,9 @@ Three files, as Ianvs's ``federated-llm/fedllm-peft`` example writes them:
   ``peft`` (each PEFT method's hyperparameters: ``{lora: {r: 16}, ptuning: {...}}``).
 * ``testenv.yaml``: ``dataset.train_data`` / ``test_data`` (JSONL) -> ``data.train`` / ``data.test``;
   ``metrics`` -> ``eval.metrics`` (a metric's ``url`` always wins, as in Ianvs; the file is
-  checked here: it exists, imports and can be called, :mod:`fedpeft.metrics.plugin`); ``round`` -> ``federation.rounds``; ``client_number`` ->
-  ``federation.num_clients``; ``gpu_num`` -> ``model.devices`` (0 or no GPU: CPU).
+  checked here: it exists, imports and can be called, :mod:`fedpeft.metrics.plugin`);
+  ``round`` -> ``federation.rounds``; ``client_number`` -> ``federation.num_clients``;
+  ``gpu_num`` -> ``model.devices`` (0 or no GPU: CPU).
 * ``algorithm.yaml``: ``paradigm_type: federatedlearning``; a ``basemodel`` module whose
   ``hyperparameters`` (``batch_size``, ``learning_rate``, ``local_epochs``, ``model_name`` /
   ``initial_model_url`` -> ``model.name``, ``peft_method``, or any dotted JobConfig key such as
