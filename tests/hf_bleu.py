@@ -32,5 +32,5 @@ def hf_bleu(predictions: list[str], references: list[str], max_order: int = 4, s
             possible[n - 1] += max(0, len(p) - n + 1)
     precisions = [(m + 1) / (c + 1) if smooth else (m / c if c else 0.0) for m, c in zip(matches, possible)]
     geo_mean = math.exp(sum(math.log(x) for x in precisions) / max_order) if min(precisions) > 0 else 0.0
-    ratio = hyp_len / ref_len
+    ratio = hyp_len / ref_len  # evaluate raises ZeroDivisionError below when every prediction is empty
     return geo_mean * (1.0 if ratio > 1.0 else math.exp(1 - 1 / ratio))

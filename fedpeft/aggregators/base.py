@@ -18,8 +18,15 @@ from fedpeft.errors import AggregationError, ConfigError
 from fedpeft.registry import Registry
 from fedpeft.state import ClientUpdate, State, state_mismatch
 
-AGGREGATORS: Registry[type] = Registry("aggregators")
-"""Aggregator classes by name (``fedavg``, ``fedavgm``, ...); see :mod:`fedpeft.registry`."""
+def _adapt(obj: object, name: str) -> type:
+    from fedpeft.aggregators.ianvs_plugin import ianvs_aggregator
+
+    return ianvs_aggregator(obj, name)
+
+
+AGGREGATORS: Registry[type] = Registry("aggregators", adapt=_adapt)
+"""Aggregator classes by name (``fedavg``, ``fedavgm``, ...); see :mod:`fedpeft.registry`. A plugin
+written for Ianvs/sedna (``aggregate(clients)``) is adapted (:mod:`fedpeft.aggregators.ianvs_plugin`)."""
 
 
 @runtime_checkable
@@ -52,6 +59,8 @@ def aggregate(aggregator: Aggregator, global_state: State, updates: list[ClientU
     Raises:
         AggregationError: if the updates are empty, weigh nothing, or mismatch the global state.
     """
+    if mean is None and hasattr(aggregator, "step_clients"):  # an Ianvs plugin reads every client
+        return aggregator.step_clients(global_state, updates or [])
     if mean is None:
         check_updates(global_state, updates or [])
         mean = weighted_mean(updates or [])

@@ -68,9 +68,9 @@ MAPPED_KEYS = ("data.train", "data.test", "federation.rounds", "federation.num_c
 
 
 def _plugin_spec(url: str, name: str, base_dir: Path) -> str:
-    """``file.py:name`` when ``name`` is a Python identifier, else the file (which registers one)."""
-    path = resolve_input(url, base_dir)
-    return f"{path}:{name}" if name.isidentifier() else path
+    """``file.py:name``: ``name`` is the ``ClassFactory`` alias the file registers (Ianvs's lookup) or
+    a name it defines."""
+    return f"{resolve_input(url, base_dir)}:{name}"
 
 
 def _devices(gpu_num: int | None) -> str | list[str] | None:
@@ -133,19 +133,16 @@ def _metric_columns(metrics: list[NamedUrl], base_dir: Path, src: str, root: yam
     return columns
 
 
-def _aggregator_name(module: Module | None, base_dir: Path, src: str, problems: Problems) -> str:
+def _aggregator_name(module: Module | None, base_dir: Path) -> str:
+    """The aggregator a module names: its file when it has a ``url``, else a built-in by name."""
     from fedpeft.aggregators import AGGREGATORS
 
     if module is None:
         return "fedavg"
+    if module.url:  # the file always wins, as in Ianvs (its own FedAvg-PEFT.py runs, adapted)
+        return _plugin_spec(module.url, module.name, base_dir)
     short = module.name.lower().removesuffix("-peft")
-    if short in AGGREGATORS:
-        if module.url:
-            problems.ignored.append(f"{src}: aggregation url (built-in {module.name!r} -> fedpeft {short!r})")
-        return short
-    if not module.url:
-        return module.name  # unknown: reported by validation with the valid names
-    return _plugin_spec(module.url, module.name, base_dir)
+    return short if short in AGGREGATORS else module.name  # unknown: reported with the valid names
 
 
 def _values(raw: Any) -> tuple[Any, ...]:
@@ -240,7 +237,7 @@ def _read_algorithm(ref: AlgorithmRef, job_dir: Path, problems: Problems) -> _Al
     if basemodels[0].url:
         problems.ignored.append(f"{src}: basemodel url (fedpeft trains with its own trainer)")
     agg_module = aggs[0] if aggs else None
-    agg = _aggregator_name(agg_module, path.parent, src, problems)
+    agg = _aggregator_name(agg_module, path.parent)
     dims = [d for i, m in enumerate(modules) for d in _dimensions(m, i, agg, src, root, problems)]
     names = {"basemodel": basemodels[0].name, "aggregation": agg_module.name if agg_module else "FedAvg-PEFT"}
     return _Algorithm(ref, path, dims, agg, names, algo.algorithm.initial_model_url)

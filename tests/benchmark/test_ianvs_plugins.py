@@ -8,6 +8,7 @@ of ``rouge_score`` (``evaluate``'s default aggregator reports the median of boot
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import types
@@ -32,6 +33,8 @@ SHORT, LONG = "the patient should drink", "the patient should drink more water e
 
 class _Bleu:
     def compute(self, predictions: list[str], references: list[list[str]]) -> dict:
+        if not "".join(predictions).strip():  # evaluate's own bleu raises ZeroDivisionError here
+            return {"bleu": 0.0}
         return {"bleu": hf_bleu(predictions, [r[0] for r in references])}
 
 
@@ -171,3 +174,38 @@ def test_validate_and_dry_run_report_a_missing_file_a_wrong_signature_and_a_miss
            "fn(*, predictions, references)" in err
     assert f"{env}:{_line(env, 'client_numbr')}: testenv.client_numbr: unknown key 'client_numbr'; " \
            "did you mean 'client_number'?" in err
+
+
+def test_the_seed_aggregation_files_are_used_with_their_hyperparameters(tmp_path, ianvs_files):
+    ianvs_files["algorithm/algorithm.yaml"]["algorithm"]["modules"][1]["url"] = "../testenv/FedAvgM-PEFT.py"
+    plan = load_plan(_job(tmp_path, ianvs_files, []))
+    agg = plan.cases[0].cfg.federation.aggregation
+    assert agg.name == f"{tmp_path / 'testenv/FedAvgM-PEFT.py'}:FedAvgM-PEFT"  # not fedpeft's fedavgm
+    assert agg.params == {"beta": 0.5, "server_lr": 1.0}
+    assert plan.cases[0].modules["aggregation"] == "FedAvgM-PEFT"
+    ianvs_files["algorithm/algorithm.yaml"]["algorithm"]["modules"][1]["hyperparameters"] = [{"momentum": {"values": [1]}}]
+    with pytest.raises(ConfigError, match="unknown aggregation hyperparameter 'momentum'.*Valid: beta, server_lr"):
+        load_plan(_job(tmp_path, ianvs_files, []))
+
+
+def test_a_job_of_seed_files_runs_through_fedpeft_benchmark(tmp_path, ianvs_files, hf_evaluate):
+    job_tree = ianvs_files["benchmarkingjob.yaml"]["benchmarkingjob"]
+    job_tree["fedpeft"]["baselines"] = []
+    job_tree["rank"]["selected_dataitem"]["metrics"] = ["rouge1_metric", "bleu4_metric", "length_ratio"]
+    modules = ianvs_files["algorithm/algorithm.yaml"]["algorithm"]["modules"]
+    modules[0]["hyperparameters"][-1] = {"peft_method": {"values": ["lora"]}}
+    modules[1]["url"] = "../testenv/FedAvgM-PEFT.py"
+    seed = [{"name": f"{m}_metric", "url": f"./{m}_metric.py"} for m in SEED]
+    path = _job(tmp_path, ianvs_files, seed + [{"name": "length_ratio", "url": "./length_ratio_pred_first.py"}])
+    assert main(["benchmark", str(path)]) == 0
+    (case,) = (tmp_path / "ws/tiny-bench/fedavgm-peft").iterdir()
+    record = json.loads((case / "testcase.json").read_text())
+    rows = [json.loads(line) for line in (case / "predictions.jsonl").read_text().splitlines()]
+    predictions, references = [r["prediction"] for r in rows], [r["reference"] for r in rows]
+    words = sum(len(p.split()) for p in predictions) / sum(len(r.split()) for r in references)
+    # The tiny random model's answers are short or empty: swapped, the ratio would be far above 1
+    # (or divide by zero), and the run would fail or record it.
+    assert record["metrics"]["length_ratio"] == pytest.approx(words) and words < 0.5
+    builtin = compute_metrics(["rouge1", "bleu4"], predictions=predictions, references=references)
+    assert record["metrics"]["rouge1_metric"] == round(builtin["rouge1"], 4)
+    assert record["metrics"]["bleu4_metric"] == round(builtin["bleu4"], 4)
