@@ -27,7 +27,9 @@ class TestObject(FileModel):
 class FedpeftSection(FileModel):
     """fedpeft-only settings (Ianvs has no place for them)."""
 
-    baselines: list[str] = []
+    # Ianvs has no baselines; by default the base model alone is one row, evaluated once per
+    # distinct setup instead of at round 0 of every test case. [] drops it.
+    baselines: list[str] = ["zero_shot"]
     config: dict[str, Any] = {}  # native JobConfig keys for every test case
     peft: dict[str, dict[str, Any]] = {}  # peft_method value -> its hyperparameters
 

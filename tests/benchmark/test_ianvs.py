@@ -184,3 +184,18 @@ def test_a_plain_job_is_not_a_benchmark(tmp_path):
     path.write_text(yaml.safe_dump({"job": "x"}))
     with pytest.raises(ConfigError, match="not a benchmark file"):
         load_plan(path)
+
+
+def test_a_pure_ianvs_job_evaluates_zero_shot_once_per_setup_as_a_row(tmp_path, ianvs_files):
+    from fedpeft.benchmark.runner import plan_jobs
+
+    del ianvs_files["benchmarkingjob.yaml"]["benchmarkingjob"]["fedpeft"]  # as Ianvs writes it
+    ianvs_files["benchmarkingjob.yaml"]["benchmarkingjob"]["rank"]["sort_by"] = [{"rougel_metric": "descend"}]
+    ianvs_files["benchmarkingjob.yaml"]["benchmarkingjob"]["rank"]["selected_dataitem"]["metrics"] = ["rougel_metric"]
+    plan = load_plan(write_files(tmp_path, ianvs_files))
+    assert plan.baselines == ["zero_shot"]
+    jobs = plan_jobs(plan)
+    assert [j.kind for j in jobs] == ["zero_shot", "federated", "federated"]  # lora and ptuning share it
+    assert [j.cfg.eval.zero_shot for j in jobs[1:]] == [False, False]  # not again at each case's round 0
+    ianvs_files["benchmarkingjob.yaml"]["benchmarkingjob"]["fedpeft"] = {"baselines": []}
+    assert load_plan(write_files(tmp_path, ianvs_files)).baselines == []
