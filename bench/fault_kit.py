@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -70,9 +71,15 @@ def cli(cwd: Path, *args: str, timeout: float = TIMEOUT_S) -> Proc:
         return Proc(124, f"timed out after {timeout:.0f} s; {(e.stderr or b'')[-300:]!r}")
 
 
+def _default_sigint() -> None:
+    # A suite started in the background (`cmd &`) passes SIGINT as ignored, and Python then never
+    # turns it into KeyboardInterrupt; the Ctrl-C case needs a terminal's default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(cwd: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(cli_cmd(*args), cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, preexec_fn=_default_sigint)
 
 
 def finish(p: subprocess.Popen, timeout: float = TIMEOUT_S) -> Proc:

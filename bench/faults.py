@@ -20,6 +20,7 @@ exit code, and files the outcome in one category:
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import tempfile
@@ -56,12 +57,29 @@ def run_case(c: Case, root: Path) -> dict[str, Any]:
     return {"group": c.group, "case": c.name, "category": category, "detail": detail, "seconds": round(seconds, 1)}
 
 
+def _merged(path: Path, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of ``path`` with the cases in ``new`` replaced (new cases appended)."""
+    fresh = {(r["group"], r["case"]): r for r in new}
+    old = json.loads(path.read_text())["rows"]
+    seen = {(r["group"], r["case"]) for r in old}
+    return [fresh.get((r["group"], r["case"]), r) for r in old] + [r for r in new if (r["group"], r["case"]) not in seen]
+
+
+def _merge_note(merge: bool, cases: list[Case]) -> str:
+    if not merge:
+        return ""
+    return (f" Re-run later with `--merge` (the other rows are from the run before): "
+            f"{'; '.join(c.name for c in cases)}.")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = base_parser(__doc__)
     groups = sorted({c.group for c in CASES})
     p.add_argument("--only", nargs="+", choices=groups, help="run only these groups")
     p.add_argument("--quick", action="store_true", help="about 6 fast cases")
     p.add_argument("--case", help="run only the cases whose name matches this regex")
+    p.add_argument("--merge", action="store_true",
+                   help="replace only the rows of the cases run now in the existing results file")
     p.add_argument("--jobs", type=int, default=1, help="cases run at once")
     args = p.parse_args(argv)
     rec = Recorder("faults", argv)
@@ -72,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         _REFS.clear()
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
             rows = list(pool.map(lambda c: run_case(c, Path(tmp)), cases))
+    if args.merge:
+        rows = _merged(args.results_dir / "faults.json", rows)
     counts = Counter(r["category"] for r in rows)
     cols = [Column("group", "group"), Column("case", "case"), Column("category", "category"),
             Column("detail", "detail", lambda s: s.replace("|", "\\|")[:200]), Column("seconds", "s", "{:.1f}")]
@@ -79,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     count_line = ", ".join(f"{k}: {counts.get(k, 0)}" for k in CATEGORIES)
     met = counts[SILENT] == 0 and counts[LOST] == 0 and counts[TRACEBACK] == 0 and counts[UNCLEAR] <= 2
     rec.finish(args.results_dir, title="Fault suite", params={"cases": len(rows), "quick": args.quick,
-                                                              "only": args.only, "jobs": args.jobs},
-               rows=rows, markdown=f"{len(rows)} cases: {count_line}.\n\n{table}",
+                                                              "only": args.only, "jobs": args.jobs,
+                                                              "merged": [c.name for c in cases] if args.merge else []},
+               rows=rows, markdown=f"{len(rows)} cases: {count_line}.{_merge_note(args.merge, cases)}\n\n{table}",
                goal={"text": GOAL_TEXT, "met": met, "counts": dict(counts)})
     return 0
 
