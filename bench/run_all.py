@@ -14,6 +14,7 @@ as a new section.
     python bench/run_all.py --render-only         # only rewrite BENCHMARKS.md from bench/results/
     python bench/quality.py                       # the long ones, run on their own (about an hour each
     python bench/medquad.py                       #   and 35 min), then --render-only
+    python bench/privacy.py                       # DP vs utility, canary exposure (about 35 min)
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ SECTIONS = {
     "scaling": "7. Scaling on paper",
     "medquad": "8. The MedQuAD run",
     "faults": "9. Fault suite",
+    "privacy": "Privacy",
 }
 LONG = {"quality": "python bench/quality.py", "medquad": "python bench/medquad.py",  # run on their own
-        "faults": "python bench/faults.py"}
+        "faults": "python bench/faults.py", "privacy": "python bench/privacy.py"}
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
 
@@ -104,6 +106,18 @@ def _x_range(values: list[float]) -> str:
     return f"{min(values):.0f}× … {max(values):.0f}×"
 
 
+def _privacy_headline(rows: list[dict], r: int) -> str:
+    """Held-out loss per DP setting, then planted canary exposure at r without and with example-level DP."""
+    def name(x: dict) -> str:
+        return "no DP" if x["level"] == "none" else f"{x['level']} ε {x['epsilon']:.2g}"
+
+    at_r = [x for x in rows if x["level"] != "none" or x["repetitions"] == r]
+    zero = next(x["zero_shot"] for x in rows if x.get("zero_shot"))
+    loss = ", ".join([f"zero-shot {zero['heldout_loss']:.2f}"] + [f"{name(x)} {x['heldout_loss']:.2f}" for x in at_r])
+    bits = ", ".join(f"{name(x)} {x['planted_exposure']:.1f}" for x in at_r if "planted_exposure" in x)
+    return f"held-out loss {loss}; planted canary exposure at r={r}: {bits} bits (chance ≈ 1.4)"
+
+
 HEADLINES = {  # one line of what each result measured, for the summary table
     "overhead": lambda r: (f"outside the optimizer steps: {_pct_range([x['outside_steps'] for x in r['rows']])} "
                            f"of the run; wall ratio {_pct_range([x['overhead'] for x in r['rows']])}"),
@@ -122,6 +136,7 @@ HEADLINES = {  # one line of what each result measured, for the summary table
                           f"{r['rows'][0]['heldout_loss']:.2f} → {r['rows'][1]['heldout_loss']:.2f}"),
     "faults": lambda r: f"{len(r['rows'])} cases: " + ", ".join(
         f"{k} {n}" for k, n in sorted(r["goal"]["counts"].items(), key=lambda kv: -kv[1])),
+    "privacy": lambda r: _privacy_headline(r["rows"], r["repetitions_found"]),
 }
 
 
