@@ -57,18 +57,23 @@ def run_case(c: Case, root: Path) -> dict[str, Any]:
     return {"group": c.group, "case": c.name, "category": category, "detail": detail, "seconds": round(seconds, 1)}
 
 
-def _merged(path: Path, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows of ``path`` with the cases in ``new`` replaced (new cases appended)."""
+def _merged(path: Path, new: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """The rows of ``path`` with the cases in ``new`` replaced (new cases appended), and where the others come from."""
     fresh = {(r["group"], r["case"]): r for r in new}
-    old = json.loads(path.read_text())["rows"]
+    before = json.loads(path.read_text())
+    old = before["rows"]
+    source = before.get("params", {}).get("merged_from") or (f"`{before['command']}` of {before['date']} at commit "
+                                           f"{before['machine'].get('git_commit')}, {before['seconds'] / 60:.1f} min")
     seen = {(r["group"], r["case"]) for r in old}
-    return [fresh.get((r["group"], r["case"]), r) for r in old] + [r for r in new if (r["group"], r["case"]) not in seen]
+    rows = [fresh.get((r["group"], r["case"]), r) for r in old]
+    rows += [r for r in new if (r["group"], r["case"]) not in seen]
+    return rows, source
 
 
-def _merge_note(merge: bool, cases: list[Case]) -> str:
-    if not merge:
+def _merge_note(source: str, cases: list[Case]) -> str:
+    if not source:
         return ""
-    return (f" Re-run later with `--merge` (the other rows are from the run before): "
+    return (f" The other rows are from {source}; re-run with `--merge` (this run): "
             f"{'; '.join(c.name for c in cases)}.")
 
 
@@ -90,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         _REFS.clear()
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
             rows = list(pool.map(lambda c: run_case(c, Path(tmp)), cases))
+    source = ""
     if args.merge:
-        rows = _merged(args.results_dir / "faults.json", rows)
+        rows, source = _merged(args.results_dir / "faults.json", rows)
     counts = Counter(r["category"] for r in rows)
     cols = [Column("group", "group"), Column("case", "case"), Column("category", "category"),
             Column("detail", "detail", lambda s: s.replace("|", "\\|")[:200]), Column("seconds", "s", "{:.1f}")]
@@ -100,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     met = counts[SILENT] == 0 and counts[LOST] == 0 and counts[TRACEBACK] == 0 and counts[UNCLEAR] <= 2
     rec.finish(args.results_dir, title="Fault suite", params={"cases": len(rows), "quick": args.quick,
                                                               "only": args.only, "jobs": args.jobs,
-                                                              "merged": [c.name for c in cases] if args.merge else []},
-               rows=rows, markdown=f"{len(rows)} cases: {count_line}.{_merge_note(args.merge, cases)}\n\n{table}",
+                                                              "merged": [c.name for c in cases] if args.merge else [],
+                                                              "merged_from": source},
+               rows=rows, markdown=f"{len(rows)} cases: {count_line}.{_merge_note(source, cases)}\n\n{table}",
                goal={"text": GOAL_TEXT, "met": met, "counts": dict(counts)})
     return 0
 
