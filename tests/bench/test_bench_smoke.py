@@ -103,7 +103,9 @@ def test_memory_measures_fresh_processes(tmp_path):
                        "--results-dir", str(tmp_path)])
     floor, run = res["rows"]
     assert floor["label"] == "model loaded, no run" and run["label"] == "2"
-    assert run["peak_rss"] > floor["peak_rss"] > 100e6  # torch alone takes more than 100 MB
+    # A run never needs less than the loaded model; a 1-step tiny run may peak no higher than its
+    # load did (seen on a fresh clone: 913 MB both), so >=, and torch alone takes more than 100 MB.
+    assert run["peak_rss"] >= floor["peak_rss"] > 100e6
     assert run["vm_hwm"] > 0  # growth needs two client counts: the next test
 
 
