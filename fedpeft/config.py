@@ -318,6 +318,10 @@ def _semantic_problems(cfg: JobConfig) -> list[tuple[Loc, str]]:
                          f"({fed.num_clients}) for each client to keep a row (got {data.max_train_samples})"))
     if cfg.audit.canaries and cfg.audit.client >= fed.num_clients:
         problems.append((("audit", "client"), f"must be a client index in 0..{fed.num_clients - 1} (got {cfg.audit.client})"))
+    if cfg.privacy.level == "example" and cfg.peft.method == "prefix":
+        problems.append((("privacy", "level"), "example-level DP supports peft.method lora and ptuning, not prefix "
+                         "(Opacus cannot take per-example gradients through a shared KV-cache prefix); "
+                         "use privacy.level: client, or another peft.method"))
     return problems + privacy_problems(cfg.privacy)
 
 

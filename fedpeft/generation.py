@@ -1,6 +1,6 @@
 """Batched greedy answer generation for base models, LoRA and prompt-learning adapters.
 
-Generation dominates evaluation time, so this module takes three shortcuts, each checked
+Generation dominates evaluation time, so this module takes four shortcuts, each checked
 against a slow reference in ``tests/test_generation.py``:
 
 * **Batching with left padding**, questions sorted by prompt length so a batch wastes little
@@ -16,6 +16,12 @@ against a slow reference in ``tests/test_generation.py``:
   the virtual tokens again before every new token (the cache reaches peft's
   ``prepare_inputs_for_generation`` as ``cache``, not ``past_key_values``). The direct path
   keeps them equal.
+* **Prefix tuning (P-Tuning v2) by a greedy loop of our own** over the prefix's KV cache
+  (``model.get_prompt``, ``num_virtual_tokens`` long in every layer): the prompt goes through
+  the base model after the prefix, positions counted from the prefix length as in PEFT's
+  training forward (``P + cumsum(mask) - 1``), then one token per step on the growing cache.
+  ``generate`` cannot take a pre-filled cache whose tokens are not among its ``input_ids``, and
+  ``PeftModel.generate`` has the position problem above.
 * **LoRA merged into the weights** while generating (:func:`merged_lora`): one matmul per
   layer instead of three. On exit the original base weights are copied back from a CPU copy,
   because unmerging (subtracting ``B @ A`` again) is not bit-exact in floating point.
@@ -30,6 +36,7 @@ generating from ``inputs_embeds``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import Iterator
@@ -47,7 +54,7 @@ from fedpeft.errors import ModelError
 log = logging.getLogger(__name__)
 
 # Prompt-learning methods whose get_prompt() returns virtual-token *embeddings* (prefix tuning
-# returns a KV cache instead and keeps going through PeftModel.generate).
+# returns a KV cache instead: _generate_after_prefix).
 _EMBEDDING_PROMPT_TYPES = (PeftType.P_TUNING, PeftType.PROMPT_TUNING)
 
 Model = PreTrainedModel | PeftModel
@@ -123,6 +130,11 @@ def _enabled_peft_type(model: torch.nn.Module) -> PeftType | None:
 def uses_virtual_token_embeddings(model: torch.nn.Module) -> bool:
     """Whether ``model`` is a :class:`PeftModel` with an enabled P-Tuning or prompt-tuning adapter."""
     return _enabled_peft_type(model) in _EMBEDDING_PROMPT_TYPES
+
+
+def uses_prefix_cache(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a :class:`PeftModel` with an enabled prefix-tuning adapter."""
+    return _enabled_peft_type(model) == PeftType.PREFIX_TUNING
 
 
 def is_lora(model: torch.nn.Module) -> bool:
@@ -205,8 +217,42 @@ def _generate_ids(model: Model, ids: torch.Tensor, mask: torch.Tensor, gen_kwarg
             logits_processor=_processors(penalty, ids, mask, skip=0), **gen_kwargs,
         )
     processors = _processors(penalty, ids, mask, skip=ids.shape[1])
+    if uses_prefix_cache(model):
+        return _generate_after_prefix(model, ids, mask, gen_kwargs, processors)
     out = model.generate(input_ids=ids, attention_mask=mask, logits_processor=processors, **gen_kwargs)
     return out[:, ids.shape[1]:]
+
+
+def _generate_after_prefix(model: PeftModel, ids: torch.Tensor, mask: torch.Tensor, gen_kwargs: dict,
+                           processors: LogitsProcessorList) -> torch.Tensor:
+    """Greedy new tokens ``(batch, new)`` after a prefix-tuning adapter's KV cache; see the module docstring."""
+    base, batch = model.get_base_model(), ids.shape[0]
+    cache = model.get_prompt(batch_size=batch)  # DynamicCache, num_virtual_tokens long
+    prefix = cache.get_seq_length()
+    eos = torch.tensor(gen_kwargs["eos_token_id"], device=ids.device)
+    full_mask = torch.cat([mask.new_ones(batch, prefix), mask], dim=1)  # (batch, prefix + seq)
+    positions = (prefix + mask.cumsum(1) - 1).clamp(min=prefix)  # padding's positions are masked anyway
+    step_ids, seen = ids, ids
+    done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    new: list[torch.Tensor] = []
+    for _ in range(gen_kwargs["max_new_tokens"]):
+        logits = base(input_ids=step_ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                      logits_to_keep=1, **{_cache_kwarg(base): cache}).logits[:, -1].float()
+        token = processors(seen, logits).argmax(-1)  # (batch,)
+        token = torch.where(done, gen_kwargs["pad_token_id"], token)
+        new.append(token)
+        done |= torch.isin(token, eos)
+        if bool(done.all()):
+            break
+        step_ids, seen = token[:, None], torch.cat([seen, token[:, None]], dim=1)
+        full_mask = torch.cat([full_mask, mask.new_ones(batch, 1)], dim=1)
+        positions = positions[:, -1:] + 1
+    return torch.stack(new, dim=1)
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """``cache`` (transformers >= 5.2x) or ``past_key_values`` (before), as ``model.forward`` names it."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _processors(penalty: float, ids: torch.Tensor, mask: torch.Tensor, skip: int) -> LogitsProcessorList:
@@ -277,7 +323,7 @@ def generate_answers(
     """Greedy answers to ``questions``, generated in left-padded batches.
 
     Args:
-        model: A base model, or a LoRA, P-Tuning or other :class:`PeftModel`.
+        model: A base model, or a LoRA, P-Tuning, prefix-tuning or other :class:`PeftModel`.
         tokenizer: Its tokenizer (the chat template builds the prompts).
         questions: The questions; answers come back in this order.
         system_prompt: Optional system message of the chat template.

@@ -64,6 +64,15 @@ def test_semantic_checks(tmp_path):
     assert "federation.clients_per_round" in str(e.value) and "federation.min_clients" in str(e.value)
 
 
+def test_example_level_dp_with_prefix_tuning_is_a_problem_at_the_privacy_line(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(GOOD + "peft:\n  method: prefix\nprivacy:\n  level: example\n  noise_multiplier: 1.0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert f"{path}:12: privacy.level" in str(e.value) and "not prefix" in str(e.value)
+    load_config(path, ["privacy.level=client"])  # client-level DP takes any adapter
+
+
 def test_a_float_above_one_clients_per_round_is_rejected_not_read_as_a_count(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(GOOD + "  clients_per_round: 2.5\n")

@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, PromptEncoderConfig, get_peft_model
+from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, get_peft_model
 
 from fedpeft.data.prompts import prompt_ids
 from fedpeft.errors import ModelError
@@ -52,6 +52,14 @@ def _ptuning(model: torch.nn.Module) -> PeftModel:
     return peft_model
 
 
+def _prefix(model: torch.nn.Module) -> PeftModel:
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6, prefix_projection=True,
+                                encoder_hidden_size=32)
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    _perturb(list(peft_model.prompt_encoder.parameters()), seed=3, std=0.5)
+    return peft_model
+
+
 @pytest.fixture(scope="module")
 def lively(tiny_base) -> torch.nn.Module:
     """Greedy answers that differ between questions and never repeat a token (read-only)."""
@@ -67,6 +75,11 @@ def repetitive(tiny_base) -> torch.nn.Module:
 @pytest.fixture
 def ptuning_model(lively) -> PeftModel:
     return _ptuning(lively)
+
+
+@pytest.fixture
+def prefix_model(lively) -> PeftModel:
+    return _prefix(lively)
 
 
 @pytest.fixture
@@ -97,9 +110,9 @@ def _greedy_without_cache(model, tokenizer, question: str, penalty: float = 1.0)
     return new
 
 
-@pytest.mark.parametrize("kind", ["base", "lora", "ptuning"])
-def test_batched_answers_equal_one_at_a_time(kind, lively, lora_model, ptuning_model, tokenizer):
-    model = {"base": lively, "lora": lora_model, "ptuning": ptuning_model}[kind]
+@pytest.mark.parametrize("kind", ["base", "lora", "ptuning", "prefix"])
+def test_batched_answers_equal_one_at_a_time(kind, lively, lora_model, ptuning_model, prefix_model, tokenizer):
+    model = {"base": lively, "lora": lora_model, "ptuning": ptuning_model, "prefix": prefix_model}[kind]
     model.eval()
     alone = [_token_ids(model, tokenizer, [q], batch_size=1)[0] for q in QUESTIONS]
     batched = _token_ids(model, tokenizer, QUESTIONS, batch_size=3)  # two batches, left padding
@@ -108,10 +121,26 @@ def test_batched_answers_equal_one_at_a_time(kind, lively, lora_model, ptuning_m
     assert all(len(t) == NEW_TOKENS for t in alone)
 
 
-def test_adapters_change_the_answers(lively, lora_model, ptuning_model, tokenizer):
+def test_adapters_change_the_answers(lively, lora_model, ptuning_model, prefix_model, tokenizer):
     base = _token_ids(lively, tokenizer, QUESTIONS[:2], batch_size=2)
     assert _token_ids(lora_model, tokenizer, QUESTIONS[:2], batch_size=2) != base
     assert _token_ids(ptuning_model, tokenizer, QUESTIONS[:2], batch_size=2) != base
+    assert _token_ids(prefix_model, tokenizer, QUESTIONS[:2], batch_size=2) != base
+
+
+def test_prefix_loop_matches_peft_forward_without_cache(prefix_model, tokenizer):
+    # The reference runs PEFT's own prefix-tuning forward (the one training uses) on the whole
+    # sequence at every step; the batched loop must give the same tokens, penalty or not.
+    prefix_model.eval()
+    expected = [_greedy_without_cache(prefix_model, tokenizer, q) for q in QUESTIONS]
+    assert _token_ids(prefix_model, tokenizer, QUESTIONS, batch_size=4) == expected
+
+
+def test_prefix_repetition_penalty_matches_a_loop_without_cache(repetitive, tokenizer):
+    model = _prefix(repetitive).eval()
+    expected = [_greedy_without_cache(model, tokenizer, q, penalty=1.5) for q in QUESTIONS]
+    assert _token_ids(model, tokenizer, QUESTIONS, batch_size=4, penalty=1.5) == expected
+    assert _token_ids(model, tokenizer, QUESTIONS, batch_size=4) != expected  # the penalty matters
 
 
 @pytest.mark.filterwarnings("ignore:Position ids are not supported")  # peft warns on every step
@@ -224,9 +253,9 @@ def test_merged_lora_refuses_non_lora_models(lively, ptuning_model):
             pass
 
 
-def test_disabled_adapters_generate_like_the_base_model(lively, lora_model, ptuning_model, tokenizer):
+def test_disabled_adapters_generate_like_the_base_model(lively, lora_model, ptuning_model, prefix_model, tokenizer):
     base = _token_ids(lively, tokenizer, QUESTIONS[:3], batch_size=2)
-    for model in (lora_model, ptuning_model):
+    for model in (lora_model, ptuning_model, prefix_model):
         with model.disable_adapter():
             assert _token_ids(model, tokenizer, QUESTIONS[:3], batch_size=2) == base
     with lora_model.disable_adapter(), pytest.raises(ModelError, match="disable_adapter"), merged_lora(lora_model):

@@ -24,7 +24,7 @@ class PeftMethod(Protocol):
     def peft_config(self, model: PreTrainedModel) -> peft.PeftConfig: ...
 
 
-from fedpeft.peft_methods import lora, ptuning  # noqa: E402,F401  (registration)
+from fedpeft.peft_methods import lora, prefix, ptuning  # noqa: E402,F401  (registration)
 
 
 def build_peft_method(name: str, params: dict[str, Any]) -> PeftMethod:

@@ -146,3 +146,26 @@ def test_report_renders_in_headless_chromium(job, tmp_path):
     assert img.size == (1200, 2400)
     colors = img.getcolors(maxcolors=1 << 16) or []
     assert len(colors) > 50  # text, tables and plots, not a blank page
+
+
+def test_an_ianvs_job_with_prefix_tuning_runs_and_its_saved_adapter_answers_alike(tmp_path):
+    # `peft_method: prefix` is P-Tuning v2 (what the Ianvs example trains as `ptuning` on ChatGLM).
+    from fedpeft.adapters import load_adapter
+    from fedpeft.generation import generate_answers
+
+    files = tiny_ianvs_files(tmp_path)
+    bench = files["benchmarkingjob.yaml"]["benchmarkingjob"]
+    bench["fedpeft"]["baselines"] = []
+    bench["fedpeft"]["peft"] = {"prefix": {"num_virtual_tokens": 3, "encoder_hidden_size": 8}}
+    bench["fedpeft"]["config"]["eval"]["every"] = 0
+    files["algorithm/algorithm.yaml"]["algorithm"]["modules"][0]["hyperparameters"][-1] = {
+        "peft_method": {"values": ["prefix"]}}
+    assert main(["benchmark", str(write_files(tmp_path, files))]) == 0
+    (case,) = (tmp_path / "ws" / "tiny-bench" / "fedavgm-peft").iterdir()
+    summary = json.loads((case / "summary.json").read_text())
+    assert summary["final"]["heldout_loss"] > 0 and summary["trainable_parameters"] > 0
+    rows = [json.loads(line) for line in (case / "predictions.jsonl").read_text().splitlines()]
+    model, tokenizer = load_adapter(case / "adapter")  # inference mode: the MLP's output is saved
+    assert model.active_peft_config.peft_type.value == "PREFIX_TUNING"
+    again = generate_answers(model, tokenizer, [r["question"] for r in rows], max_new_tokens=3, progress=False)
+    assert again == [r["prediction"] for r in rows]
