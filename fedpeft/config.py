@@ -94,6 +94,10 @@ class FederationConfig(_Section):
     # An update whose L2 distance to the global adapter exceeds this is dropped for the round
     # (a faulty or hostile site); None: no bound. Non-finite updates are always dropped.
     max_update_norm: float | None = Field(None, gt=0)
+    # The server adds each update to running sums as it arrives (it never holds them all).
+    # sampled: in sampled order, so runs are bit-identical (a site answering early waits in
+    # memory); arrival: strictly one update held, last-bit differences between runs.
+    fold_order: Literal["sampled", "arrival"] = "sampled"
     partition: PartitionConfig = PartitionConfig()
     aggregation: AggregationConfig = AggregationConfig()
 

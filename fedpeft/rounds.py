@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from fedpeft.adapters import get_trainable_state, num_parameters, save_adapter, state_nbytes
-from fedpeft.aggregators import Aggregator, aggregate, build_aggregator
+from fedpeft.aggregators import Aggregator, aggregate, build_aggregator, needs_every_update
 from fedpeft.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint
 from fedpeft.config import JobConfig, flatten
 from fedpeft.constants import (
@@ -27,12 +27,13 @@ from fedpeft.constants import (
     PREDICTIONS_ZERO_SHOT_FILE,
 )
 from fedpeft.errors import CheckpointError, RoundError
+from fedpeft.fold import Fold
 from fedpeft.io_utils import read_jsonl
 from fedpeft.privacy.ledger import Ledger
 from fedpeft.problems import did_you_mean
 from fedpeft.run_dir import RunDir
 from fedpeft.state import RoundResult, State
-from fedpeft.update_checks import check_global, screen
+from fedpeft.update_checks import check_global, check_secure_mean
 from fedpeft.worker import Host, evaluate_global
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,13 @@ class ClientPool(Protocol):
     runtime: dict
     fingerprint: str
 
-    def train(self, rnd: int, sampled: list[str], global_state: State) -> RoundResult:
-        """Have each sampled client train from ``global_state``; what came back.
+    def train(self, rnd: int, sampled: list[str], global_state: State, fold: Fold) -> RoundResult:
+        """Have each sampled client train from ``global_state``; hand each update to ``fold``.
+
+        A pool adds each update to ``fold`` as it arrives (and ``fold.drop``s a client that sent
+        none), reporting only the clients whose update ``fold.add`` accepted; under secure
+        aggregation it returns the mean instead. Updates it returns in ``RoundResult.updates``
+        are added after it returns (a pool that cannot stream).
 
         Raises:
             RoundError: if fewer than ``federation.min_clients`` clients trained.
@@ -114,10 +120,13 @@ def run_rounds(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, test: 
             break
         t0 = time.perf_counter()
         sampled = sample_clients(cfg, rnd, pool.client_ids)
-        result = screen(pool.train(rnd, sampled, state), state, cfg.federation.max_update_norm,
-                        f"[round {rnd}/{total}]")
+        fold = new_fold(cfg, aggregator, state, sampled, f"[round {rnd}/{total}]")
+        result = _folded(pool.train(rnd, sampled, state, fold), fold, state)
         _require_min_clients(cfg, rnd, result)
-        new_state = aggregate(aggregator, state, result.updates, mean=result.mean)
+        updates, mean = (None, result.mean) if result.secure else fold.result()
+        _log_held(fold, state, f"[round {rnd}/{total}]")
+        new_state = aggregate(aggregator, state, updates, mean=mean)
+        del fold, updates, mean
         check_global(new_state, rnd)
         record = round_record(rnd, result, time.perf_counter() - t0)
         _account(ledger, record, len(sampled))
@@ -131,6 +140,37 @@ def run_rounds(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, test: 
         run.write_partitions(pool.partitions())
     _finish(cfg, run, pool, host, state, last_eval, test, _privacy_summary(ledger))
     return state
+
+
+def new_fold(cfg: JobConfig, aggregator: Aggregator, state: State, sampled: list[str], where: str) -> Fold:
+    """The round's :class:`Fold`: streaming, or holding every update for a rule that needs each one."""
+    return Fold(state, sampled, hold=needs_every_update(aggregator), max_norm=cfg.federation.max_update_norm,
+                where=where, prepare=getattr(aggregator, "prepare", None),
+                ordered=cfg.federation.fold_order == "sampled")
+
+
+def _folded(result: RoundResult, fold: Fold, state: State) -> RoundResult:
+    """``result`` once the updates a pool returned (rather than streamed) are added to ``fold``."""
+    if result.secure:
+        result.mean = check_secure_mean(result.mean, fold.where)
+        return result
+    if result.updates is not None:
+        for update in result.updates:
+            fold.add(update)
+        result.updates = None
+    accepted = set(fold.accepted)
+    result.reports = [r for r in result.reports if r.client_id in accepted]
+    result.dropped = result.dropped + [d for d in fold.dropped if d not in result.dropped]
+    return result
+
+
+def _log_held(fold: Fold, state: State, where: str) -> None:
+    """Say what the server held this round when it was more than one update."""
+    if fold.peak_held > 1:
+        mb = fold.peak_held * state_nbytes(state) / 1e6
+        why = ("the aggregation rule needs every update (it cannot stream)" if fold.hold
+               else "sites answered out of sampled order (federation.fold_order: arrival holds one)")
+        log.info("%s server held %d updates at once (%.1f MB): %s", where, fold.peak_held, mb, why)
 
 
 def _ledger(cfg: JobConfig, run: RunDir) -> Ledger:

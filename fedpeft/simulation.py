@@ -25,7 +25,8 @@ from fedpeft.privacy.ledger import resolve_noise
 from fedpeft.rounds import client_seed, run_rounds
 from fedpeft.run_dir import RunDir
 from fedpeft.scheduler import DeviceScheduler, Task
-from fedpeft.state import ClientReport, ClientUpdate, RoundResult, State
+from fedpeft.fold import Fold
+from fedpeft.state import ClientReport, RoundResult, State
 from fedpeft.trainer import fit
 from fedpeft.worker import Worker, build_worker
 
@@ -51,21 +52,25 @@ class SchedulerPool:
         self.fingerprint = hashlib.sha256(json.dumps([data.client_ids, data.client_rows], sort_keys=True,
                                                      default=str).encode()).hexdigest()
 
-    def train(self, rnd: int, sampled: list[str], global_state: State) -> RoundResult:
-        """Train ``sampled`` from ``global_state``; updates in sampled order (deterministic sums)."""
+    def train(self, rnd: int, sampled: list[str], global_state: State, fold: Fold) -> RoundResult:
+        """Train ``sampled`` from ``global_state``; each update goes into ``fold`` as its client finishes."""
         tasks = [Task(cid, partial(self._fit, index=self.client_ids.index(cid), rnd=rnd, state=global_state,
-                                   shares=len(sampled))) for cid in sampled]
+                                   shares=len(sampled), fold=fold)) for cid in sampled]
         results, failures = self.sched.run(tasks, min_success=self.cfg.federation.min_clients)
-        updates = [results[c] for c in sampled if c in results]
-        down = state_nbytes(global_state)
-        reports = [ClientReport(u.client_id, u.num_examples, u.metrics, down, state_nbytes(u.state)) for u in updates]
         dropped = [{"client": f.client_id, "reason": f.reason} for f in failures]
-        return RoundResult(reports, updates=updates, dropped=dropped)
+        for d in dropped:
+            fold.drop(d["client"], d["reason"])
+        reports = [results[c] for c in sampled if results.get(c) is not None]
+        return RoundResult(reports, dropped=dropped)
 
-    def _fit(self, worker: Worker, index: int, rnd: int, state: State, shares: int) -> ClientUpdate:
-        return fit(worker.model, self.tokenized[index], self.cfg.train, state, seed=client_seed(self.cfg, rnd, index),
-                   pad_token_id=worker.tokenizer.pad_token_id, client_id=self.client_ids[index],
-                   privacy=self.cfg.privacy, rounds=self.cfg.federation.rounds, shares=shares)
+    def _fit(self, worker: Worker, index: int, rnd: int, state: State, shares: int, fold: Fold) -> ClientReport | None:
+        """Train client ``index``, add its update to ``fold``; its report, or None if ``fold`` refused it."""
+        update = fit(worker.model, self.tokenized[index], self.cfg.train, state, seed=client_seed(self.cfg, rnd, index),
+                     pad_token_id=worker.tokenizer.pad_token_id, client_id=self.client_ids[index],
+                     privacy=self.cfg.privacy, rounds=self.cfg.federation.rounds, shares=shares)
+        report = ClientReport(update.client_id, update.num_examples, update.metrics, state_nbytes(state),
+                              state_nbytes(update.state))
+        return None if fold.add(update) is not None else report
 
     def partitions(self) -> list[dict]:
         return self.data.summary

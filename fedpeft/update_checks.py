@@ -1,5 +1,7 @@
 """Reject faulty client updates before they reach the aggregator (pool-agnostic, both runtimes).
 
+:class:`fedpeft.fold.Fold` calls :func:`update_problem` on each update as it arrives.
+
 A non-finite update (NaN, Inf), one whose keys or shapes differ from the global state, or one
 whose delta norm exceeds ``federation.max_update_norm`` is dropped for the round like a failed
 client, and named in ``metrics.jsonl`` with the reason. One site sending NaN would otherwise make
@@ -9,15 +11,13 @@ mean stops the run (no single site can be named).
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 
 from fedpeft.errors import AggregationError
-from fedpeft.state import ClientUpdate, RoundResult, State, state_mismatch
+from fedpeft.state import ClientUpdate, State, state_mismatch
 
-log = logging.getLogger(__name__)
 
 
 def update_problem(global_state: State, update: ClientUpdate, max_norm: float | None) -> str | None:
@@ -44,27 +44,16 @@ def delta_norm(global_state: State, state: State) -> float:
     return math.sqrt(total)
 
 
-def screen(result: RoundResult, global_state: State, max_norm: float | None, where: str) -> RoundResult:
-    """Move faulty updates of ``result`` to ``result.dropped`` (with the reason); check a secure mean.
+def check_secure_mean(mean: State | None, where: str) -> State | None:
+    """``mean`` (a securely aggregated mean) once checked to be finite.
 
     Raises:
-        AggregationError: if a securely aggregated mean is non-finite.
+        AggregationError: if it has NaN or Inf (no single site can be named).
     """
-    if result.updates is None:
-        if result.mean is not None and not all(torch.isfinite(v).all() for v in result.mean.values()):
-            raise AggregationError(f"{where}: the securely aggregated mean has non-finite values (NaN or Inf); "
-                                   "a site sent a faulty update, which secure aggregation cannot name")
-        return result
-    keep = []
-    for report, update in zip(result.reports, result.updates, strict=True):
-        problem = update_problem(global_state, update, max_norm)
-        if problem is None:
-            keep.append((report, update))
-            continue
-        log.warning("%s: client %s dropped: %s", where, update.client_id, problem)
-        result.dropped.append({"client": update.client_id, "reason": f"rejected update: {problem}"})
-    result.reports, result.updates = [r for r, _ in keep], [u for _, u in keep]
-    return result
+    if mean is not None and not all(torch.isfinite(v).all() for v in mean.values()):
+        raise AggregationError(f"{where}: the securely aggregated mean has non-finite values (NaN or Inf); "
+                               "a site sent a faulty update, which secure aggregation cannot name")
+    return mean
 
 
 def check_global(state: State, rnd: int) -> None:

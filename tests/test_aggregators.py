@@ -26,6 +26,7 @@ from fedpeft.params import param_errors
 from fedpeft.state import ClientUpdate, State
 
 ALL_NAMES = ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+ROBUST_NAMES = ["median", "trimmed_mean", "norm_bounded"]  # tests/test_robust_aggregators.py
 # Hyperparameters for the adaptive tests: tau = 2 makes v start at 4, so square roots stay simple.
 ADAPTIVE = {"server_lr": 1.0, "beta1": 0.5, "tau": 2.0}
 
@@ -312,7 +313,7 @@ def test_out_of_range_hyperparameters(cls: type, kwargs: dict, message: str) -> 
 
 
 def test_registered_names_and_build() -> None:
-    assert AGGREGATORS.names() == sorted(ALL_NAMES)
+    assert AGGREGATORS.names() == sorted(ALL_NAMES + ROBUST_NAMES)
     agg = build_aggregator("FedAvgM", {"beta": "0.25", "server_lr": 2})  # YAML-ish values coerce
     assert isinstance(agg, FedAvgM) and isinstance(agg, Aggregator)
     assert (agg.beta, agg.server_lr) == (0.25, 2.0)

@@ -132,10 +132,10 @@ def test_ctrl_c_prints_one_line_saying_where_to_resume(tmp_path, monkeypatch, ca
 
     real = simulation.SchedulerPool.train
 
-    def train(self, rnd, sampled, state):  # Ctrl-C reaches the main thread during round 2
+    def train(self, rnd, sampled, state, fold):  # Ctrl-C reaches the main thread during round 2
         if rnd == 2:
             raise KeyboardInterrupt
-        return real(self, rnd, sampled, state)
+        return real(self, rnd, sampled, state, fold)
 
     monkeypatch.setattr(simulation.SchedulerPool, "train", train)
     path = tmp_path / "job.yaml"

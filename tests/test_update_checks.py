@@ -12,28 +12,32 @@ from fedpeft.config import validate_tree
 from fedpeft.errors import AggregationError, RoundError
 from fedpeft.io_utils import read_jsonl
 from fedpeft.simulation import run_job
-from fedpeft.state import ClientReport, ClientUpdate, RoundResult
-from fedpeft.update_checks import check_global, screen
+from fedpeft.fold import Fold
+from fedpeft.state import ClientUpdate
+from fedpeft.update_checks import check_global, check_secure_mean
 from tiny_jobs import tiny_job
 
 G = {"a": torch.zeros(2, 2), "b": torch.zeros(3)}
 
 
-def _result(*states):
-    updates = [ClientUpdate(f"c{i}", s, 10) for i, s in enumerate(states)]
-    return RoundResult([ClientReport(u.client_id, 10) for u in updates], updates=updates)
+def _fold(*states, max_norm=None) -> Fold:
+    fold = Fold(G, [f"c{i}" for i in range(len(states))], max_norm=max_norm, where="[round 1/1]")
+    for i, s in enumerate(states):
+        fold.add(ClientUpdate(f"c{i}", s, 10))
+    return fold
 
 
-def test_screen_drops_each_kind_of_faulty_update_and_keeps_the_good_ones():
+def test_the_fold_drops_each_kind_of_faulty_update_and_keeps_the_good_ones():
     good = {"a": torch.ones(2, 2), "b": torch.ones(3)}
     nan = {"a": torch.full((2, 2), math.nan), "b": torch.ones(3)}
     inf = {"a": torch.ones(2, 2), "b": torch.tensor([1.0, math.inf, 0.0])}
     shape = {"a": torch.ones(2, 3), "b": torch.ones(3)}
     missing = {"a": torch.ones(2, 2)}
     huge = {"a": torch.full((2, 2), 1e12), "b": torch.ones(3)}
-    result = screen(_result(good, nan, inf, shape, missing, huge), G, max_norm=100.0, where="[round 1/1]")
-    assert [u.client_id for u in result.updates] == ["c0"] and [r.client_id for r in result.reports] == ["c0"]
-    reasons = {d["client"]: d["reason"] for d in result.dropped}
+    fold = _fold(good, nan, inf, shape, missing, huge, max_norm=100.0)
+    assert fold.accepted == ["c0"]
+    assert torch.equal(fold.result()[1]["a"], torch.ones(2, 2))  # only the good one was summed
+    reasons = {d["client"]: d["reason"] for d in fold.dropped}
     assert set(reasons) == {"c1", "c2", "c3", "c4", "c5"}
     assert "non-finite" in reasons["c1"] and "non-finite" in reasons["c2"]
     assert "shape" in reasons["c3"] and "missing ['b']" in reasons["c4"]
@@ -42,13 +46,12 @@ def test_screen_drops_each_kind_of_faulty_update_and_keeps_the_good_ones():
 
 def test_without_a_norm_bound_a_large_finite_update_passes():
     huge = {"a": torch.full((2, 2), 1e12), "b": torch.ones(3)}
-    assert len(screen(_result(huge), G, max_norm=None, where="r").updates) == 1
+    assert _fold(huge).accepted == ["c0"]
 
 
 def test_a_non_finite_secure_mean_or_global_state_stops_the_run():
-    secure = RoundResult([ClientReport("c0", 1)], mean={"a": torch.full((2, 2), math.nan), "b": torch.zeros(3)})
     with pytest.raises(AggregationError, match="securely aggregated mean"):
-        screen(secure, G, None, "r")
+        check_secure_mean({"a": torch.full((2, 2), math.nan), "b": torch.zeros(3)}, "r")
     with pytest.raises(AggregationError, match="last good checkpoint is round 2"):
         check_global({"a": torch.tensor([math.inf])}, 3)
 

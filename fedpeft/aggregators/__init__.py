@@ -11,8 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 # Importing each module registers its class in AGGREGATORS.
-from fedpeft.aggregators import fedadagrad, fedadam, fedavg, fedavgm, fedyogi  # noqa: F401
-from fedpeft.aggregators.base import AGGREGATORS, Aggregator, aggregate, check_updates, weighted_mean
+from fedpeft.aggregators import (  # noqa: F401
+    fedadagrad, fedadam, fedavg, fedavgm, fedyogi, median, norm_bounded, trimmed_mean,
+)
+from fedpeft.aggregators.base import (
+    AGGREGATORS, Aggregator, aggregate, check_updates, needs_every_update, weighted_mean,
+)
 from fedpeft.aggregators.fedadagrad import FedAdagrad
 from fedpeft.aggregators.fedadam import FedAdam
 from fedpeft.aggregators.fedavg import FedAvg
@@ -31,6 +35,7 @@ __all__ = [
     "aggregate",
     "build_aggregator",
     "check_updates",
+    "needs_every_update",
     "weighted_mean",
 ]
 

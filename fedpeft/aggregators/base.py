@@ -1,10 +1,11 @@
 """Shared pieces of every aggregator: the registry, the interface, :func:`aggregate`, tensor helpers.
 
 Aggregators compose these functions rather than inherit from a base class. An aggregator is a
-server optimizer: ``step(global_state, mean_state)``. Every aggregator depends on the client
-updates only through their sample-weighted mean (:func:`weighted_mean`), which is exactly what
-secure aggregation reveals to the server; :func:`aggregate` is the one place that forms that
-mean (or takes it from secure aggregation) and calls ``step``.
+server optimizer: ``step(global_state, mean_state)``. Most depend on the client updates only
+through their sample-weighted mean, which is exactly what secure aggregation reveals and what
+the server can sum as updates arrive (:class:`fedpeft.fold.Fold`); :func:`aggregate` is the one
+place that calls ``step`` on it. Robust rules (median, trimmed mean) read each update instead
+(``step_updates``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ written for Ianvs/sedna (``aggregate(clients)``) is adapted (:mod:`fedpeft.aggre
 
 @runtime_checkable
 class Aggregator(Protocol):
-    """What the round loop and the Flower server need from a server aggregation rule."""
+    """What the round loop and the Flower server need from a server aggregation rule.
+
+    Optional methods change how the round gathers updates (:class:`fedpeft.fold.Fold`):
+    ``step_updates(global_state, updates) -> State`` replaces ``step`` for a rule that reads
+    each update (the server then holds them all; refused with secure aggregation), and
+    ``prepare(global_state, client_state) -> State`` transforms each update before it is summed.
+    """
 
     def step(self, global_state: State, mean_state: State) -> State:
         """New global state from the sent state and the clients' sample-weighted mean."""
@@ -59,14 +66,26 @@ def aggregate(aggregator: Aggregator, global_state: State, updates: list[ClientU
     Raises:
         AggregationError: if the updates are empty, weigh nothing, or mismatch the global state.
     """
-    if mean is None and hasattr(aggregator, "step_clients"):  # an Ianvs plugin reads every client
-        return aggregator.step_clients(global_state, updates or [])
+    if mean is None and needs_every_update(aggregator):  # median, trimmed mean, an Ianvs plugin
+        _check_weights(updates or [], need_weight=False)
+        for update in updates or []:
+            check_state(global_state, update.state, f"client {update.client_id!r}")
+        return aggregator.step_updates(global_state, updates or [])
     if mean is None:
         check_updates(global_state, updates or [])
+        prepare = getattr(aggregator, "prepare", None)  # as the Fold does to each update
+        if prepare is not None:
+            updates = [ClientUpdate(u.client_id, prepare(global_state, u.state), u.num_examples, u.metrics)
+                       for u in updates or []]
         mean = weighted_mean(updates or [])
     else:
         check_state(global_state, mean, "the securely aggregated mean of the client updates")
     return aggregator.step(global_state, mean)
+
+
+def needs_every_update(aggregator: object) -> bool:
+    """Whether ``aggregator`` reads each update (``step_updates``), so the server must hold them all."""
+    return callable(getattr(aggregator, "step_updates", None))
 
 
 def check_state(reference: State, state: State, who: str) -> None:
@@ -99,13 +118,13 @@ def check_updates(global_state: State, updates: list[ClientUpdate]) -> None:
         check_state(global_state, update.state, f"client {update.client_id!r}")
 
 
-def _check_weights(updates: list[ClientUpdate]) -> None:
+def _check_weights(updates: list[ClientUpdate], need_weight: bool = True) -> None:
     if not updates:
         raise AggregationError("no client updates to aggregate: at least one client must succeed")
     negative = [u.client_id for u in updates if u.num_examples < 0]
     if negative:
         raise AggregationError(f"num_examples must be >= 0, got a negative count from {negative}")
-    if sum(u.num_examples for u in updates) == 0:
+    if need_weight and sum(u.num_examples for u in updates) == 0:
         ids = [u.client_id for u in updates]
         raise AggregationError(
             f"total num_examples of the updates is 0 (clients {ids}): nothing to weight the "
@@ -181,3 +200,14 @@ def require_state_keys(state: dict[str, Any], keys: list[str], owner: str) -> No
             f"{owner} optimizer state is missing {missing} (found {sorted(state)}); was the "
             "checkpoint written by a different aggregator?"
         )
+
+
+def stacked(updates: list[ClientUpdate], key: str) -> torch.Tensor:
+    """Tensor ``key`` of every update, stacked in float64: ``(clients, *shape)``."""
+    return torch.stack([u.state[key].detach().to("cpu", torch.float64) for u in updates])
+
+
+def refuse_mean(rule: str) -> AggregationError:
+    """The error of a rule that reads each update when only their mean is known (secure aggregation)."""
+    return AggregationError(f"`{rule}` reads every client's update, but secure aggregation reveals only their mean; "
+                            "use it without secure aggregation, or choose fedavg, fedavgm, norm_bounded, ...")

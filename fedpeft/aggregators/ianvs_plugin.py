@@ -9,7 +9,7 @@ what it needs between rounds on itself (``self.weights``, FedAvgM's ``self.momen
 :func:`ianvs_aggregator` wraps such a class (one with ``aggregate`` and no ``step``) in an
 adapter class with the plugin's own ``__init__`` signature, so its hyperparameters are checked
 like any aggregator's. The adapter gives the plugin every client's update when the server sees
-them (:func:`fedpeft.aggregators.base.aggregate` calls :meth:`IanvsAggregation.step_clients`);
+them (:func:`fedpeft.aggregators.base.aggregate` calls :meth:`IanvsAggregation.step_updates`);
 under secure aggregation the server sees only their weighted mean, which the plugin then gets as
 one client (exact for a rule that depends on the clients only through that mean, as both seed
 files do after their first round). The plugin's attributes are its checkpointed state, so a
@@ -68,7 +68,7 @@ class IanvsAggregation:
         check_state(global_state, mean_state, "the mean of the client updates")
         return self._aggregate(global_state, [AggClient(as_float32(mean_state), 1)])
 
-    def step_clients(self, global_state: State, updates: list[ClientUpdate]) -> State:
+    def step_updates(self, global_state: State, updates: list[ClientUpdate]) -> State:
         """The plugin on every client's update, as Ianvs runs it."""
         check_updates(global_state, updates)
         return self._aggregate(global_state, [AggClient(as_float32(u.state), u.num_examples) for u in updates])

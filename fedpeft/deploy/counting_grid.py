@@ -92,6 +92,10 @@ class CountingGrid(Grid):
         least ``stage_grace_s``, or ``timeout`` if shorter). ``timeout=None`` is refused: a node
         that died would make the server wait forever.
         """
+        return list(self.send_and_stream(messages, timeout=timeout))
+
+    def send_and_stream(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterator[Message]:
+        """:meth:`send_and_receive`, yielding each reply as soon as it is pulled (streaming aggregation)."""
         if timeout is None:
             raise ValueError("send_and_receive needs a timeout (a dead node never replies)")
         pending = {mid for mid in self.push_messages(messages) if mid}
@@ -99,13 +103,12 @@ class CountingGrid(Grid):
         deadline = now + timeout
         if self.deadline is not None:
             deadline = min(deadline, max(self.deadline, now + self.stage_grace_s))
-        replies: list[Message] = []
         while pending:
             got = list(self.pull_messages(pending))
-            replies += got
             pending -= {m.metadata.reply_to_message_id for m in got}
+            yield from got
+            del got
             left = deadline - time.monotonic()
             if not pending or left <= 0:
                 break
             time.sleep(min(self.poll_s, left))
-        return replies

@@ -21,6 +21,7 @@ from fedpeft.deploy.settings import DeployConfig
 from fedpeft.deploy.transport import SiteTask, Transport, wait_for_sites
 from fedpeft.deploy.wire import site_job_payload
 from fedpeft.errors import RoundError
+from fedpeft.fold import Fold
 from fedpeft.models import resolve_devices
 from fedpeft.rounds import client_seed, run_rounds
 from fedpeft.run_dir import RunDir
@@ -66,7 +67,7 @@ class FlowerPool:
         path = run.path / PARTITIONS_FILE
         self.sizes = {p["site"]: p["size"] for p in json.loads(path.read_text())} if path.is_file() else {}
 
-    def train(self, rnd: int, sampled: list[str], global_state: State) -> RoundResult:
+    def train(self, rnd: int, sampled: list[str], global_state: State, fold: Fold) -> RoundResult:
         """Train round ``rnd`` on the sampled sites; retry it if fewer than ``min_clients`` answer.
 
         Before the first round (and each retry) the server waits up to ``wait_for_sites_s`` for all
@@ -83,7 +84,11 @@ class FlowerPool:
             present = wait_for_sites(self.transport, sampled, need, self.dep.wait_for_sites_s, want_all)
             dropped = [{"client": n, "reason": "not connected"} for n in sampled if n not in present]
             if len(present) >= need:
-                result = self.transport.train(rnd, [t for t in tasks if t.name in present], global_state, self.job)
+                fold.restart()  # a retry starts the round over
+                for d in dropped:
+                    fold.drop(d["client"], d["reason"])
+                result = self.transport.train(rnd, [t for t in tasks if t.name in present], global_state, self.job,
+                                              fold)
                 result.dropped = dropped + result.dropped
                 for d in result.dropped:
                     log.warning("[round %d/%d] site %s dropped out: %s", rnd, total, d["client"], d["reason"])

@@ -125,6 +125,12 @@ def _check_secagg(sa: SecAggConfig, job: JobConfig, add: Callable[[Loc, str], No
     if job.sampled_per_round() < 2:
         add(("secure_aggregation", "enabled"), "needs at least 2 sites per round (SecAgg+ refuses "
             f"fewer); the job samples {job.sampled_per_round()}")
+    from fedpeft.aggregators import AGGREGATORS  # torch: only when SecAgg+ is on
+
+    rule = job.federation.aggregation.name
+    if getattr(AGGREGATORS.get(rule), "individual_updates", False):
+        add(("secure_aggregation", "enabled"), f"the job's aggregation {rule!r} must see each site's update "
+            "(secure aggregation reveals only their mean); disable one, or aggregate with fedavg, fedavgm, ...")
     if job.sampled_per_round() * sa.quantization_range >= 2**32:
         add(("secure_aggregation", "quantization_range"), "sites per round x range must be "
             f"< 2**32 (sums are taken mod 2**32); got {sa.quantization_range}")

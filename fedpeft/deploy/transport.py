@@ -27,6 +27,7 @@ from fedpeft.deploy.records import record_to_state, state_to_record
 from fedpeft.deploy.settings import DeployConfig
 
 if TYPE_CHECKING:  # torch: imported when the first round starts, not before sites are asked
+    from fedpeft.fold import Fold
     from fedpeft.state import RoundResult, State
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,8 @@ class Transport(Protocol):
         """Names of the configured sites that are connected now."""
         ...
 
-    def train(self, rnd: int, tasks: list[SiteTask], state: State, job: str) -> RoundResult:
-        """Have each site of ``tasks`` train from ``state``; collect what they send back."""
+    def train(self, rnd: int, tasks: list[SiteTask], state: State, job: str, fold: Fold) -> RoundResult:
+        """Have each site of ``tasks`` train from ``state``; add each update to ``fold`` as it comes."""
         ...
 
 
@@ -141,14 +142,14 @@ class FlowerTransport:
 
     # ------------------------------------------------------------------ one round
 
-    def train(self, rnd: int, tasks: list[SiteTask], state: State, job: str) -> RoundResult:
-        """One round: plain (every update comes back) or SecAgg+ (only their mean)."""
+    def train(self, rnd: int, tasks: list[SiteTask], state: State, job: str, fold: Fold) -> RoundResult:
+        """One round: plain (each update into ``fold`` as it arrives) or SecAgg+ (only their mean)."""
         self.grid.take_traffic()
         with self.grid.round_deadline(self.dep.round_timeout_s):  # SecAgg+'s 4 stages included
             if self.dep.secure_aggregation.enabled:
                 result = self._train_secure(rnd, tasks, state, job)
             else:
-                result = self._train_plain(rnd, tasks, state, job)
+                result = self._train_plain(rnd, tasks, state, job, fold)
         down, up = self.grid.take_traffic()
         for report in result.reports:
             nid = self.node_of[report.client_id]
@@ -159,7 +160,7 @@ class FlowerTransport:
         return {C.KEY_SERVER_ROUND: rnd, C.KEY_SITE: task.name, C.KEY_SEED: task.seed, C.KEY_JOB: job,
                 C.KEY_TIMEOUT: self.dep.round_timeout_s, C.KEY_SHARES: shares}
 
-    def _train_plain(self, rnd: int, tasks: list[SiteTask], state: State, job: str) -> RoundResult:
+    def _train_plain(self, rnd: int, tasks: list[SiteTask], state: State, job: str, fold: Fold) -> RoundResult:
         from fedpeft.state import ClientReport, ClientUpdate, RoundResult
 
         ttl, record = self.dep.round_timeout_s + 60, state_to_record(state)
@@ -167,23 +168,29 @@ class FlowerTransport:
                                     C.RECORD_CONFIG: ConfigRecord(self._config(rnd, t, job, len(tasks)))}),
                         self.node_of[t.name], MessageType.TRAIN, ttl=ttl, group_id=str(rnd))
                 for t in tasks]
-        replies = self.grid.send_and_receive(msgs, timeout=self.dep.round_timeout_s)
-        by_node = {r.metadata.src_node_id: r for r in replies}
-        updates, reports, dropped = [], [], []
-        for task in tasks:  # sampled order: the simulation sums in this order
-            reply = by_node.get(self.node_of[task.name])
-            if reply is None or reply.has_error():
-                dropped.append({"client": task.name, "reason": f"no reply within {self.dep.round_timeout_s:.0f}s"
-                                if reply is None else _reason(reply)})
+        name_of = {self.node_of[t.name]: t.name for t in tasks}
+        reports, dropped = {}, []
+        for reply in self.grid.send_and_stream(msgs, timeout=self.dep.round_timeout_s):  # as each site answers
+            name = name_of.get(reply.metadata.src_node_id)
+            if name is None or name in reports:
+                continue
+            if reply.has_error():
+                dropped.append({"client": name, "reason": _reason(reply)})
+                fold.drop(name, dropped[-1]["reason"])
                 continue
             m = dict(reply.content.metric_records[C.RECORD_METRICS])
             text = dict(reply.content.config_records[C.RECORD_CONFIG])
             n = int(m.pop(KEY_NUM_EXAMPLES))
             metrics = {**m, **{k: v for k, v in text.items() if k != KEY_CLIENT_ID}}
-            updates.append(ClientUpdate(task.name, record_to_state(
-                reply.content.array_records[C.RECORD_STATE]), n, metrics))
-            reports.append(ClientReport(task.name, n, metrics))
-        return RoundResult(reports, updates=updates, dropped=dropped)
+            update = ClientUpdate(name, record_to_state(reply.content.array_records[C.RECORD_STATE]), n, metrics)
+            del reply  # the fold keeps at most the sums (and sites waiting for an earlier-sampled one)
+            if fold.add(update) is None:
+                reports[name] = ClientReport(name, n, metrics)
+        for task in tasks:
+            if task.name not in reports and all(d["client"] != task.name for d in dropped + fold.dropped):
+                dropped.append({"client": task.name, "reason": f"no reply within {self.dep.round_timeout_s:.0f}s"})
+                fold.drop(task.name, dropped[-1]["reason"])
+        return RoundResult([reports[t.name] for t in tasks if t.name in reports], dropped=dropped)  # sampled order
 
     def _train_secure(self, rnd: int, tasks: list[SiteTask], state: State, job: str) -> RoundResult:
         from fedpeft.deploy.secagg import SecAggHalted, secure_mean

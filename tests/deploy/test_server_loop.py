@@ -15,6 +15,7 @@ import torch
 from fedpeft.config import validate_tree
 from fedpeft.deploy import constants as C
 from fedpeft.deploy.flower_pool import FlowerPool, serve
+from fedpeft.fold import Fold
 from fedpeft.deploy.settings import DeployConfig
 from fedpeft.deploy.site_training import SiteTrainer
 from fedpeft.errors import RoundError
@@ -35,7 +36,7 @@ class InProcessSites:
     def connected(self) -> list[str]:
         return list(self.trainers)
 
-    def train(self, rnd, tasks, state, job) -> RoundResult:
+    def train(self, rnd, tasks, state, job, fold=None) -> RoundResult:  # returns updates: the loop folds them
         self.jobs.append(job)
         updates, reports, dropped = [], [], []
         for task in tasks:
@@ -124,11 +125,11 @@ def test_round_tasks_give_each_site_its_simulation_index_and_seed(sites_and_test
         def connected(self):
             return list(sites)
 
-        def train(self, rnd, tasks, state, job):
+        def train(self, rnd, tasks, state, job, fold):
             seen.extend(tasks)
             return RoundResult([ClientReport(t.name, 1) for t in tasks], updates=[])
 
-    FlowerPool(cfg, _deploy(sites), RunDir.create(cfg), Recorder()).train(2, list(sites), {})
+    FlowerPool(cfg, _deploy(sites), RunDir.create(cfg), Recorder()).train(2, list(sites), {}, Fold({}, list(sites)))
     assert [(t.name, t.index, t.seed) for t in seen] == [
         (name, i, client_seed(cfg, 2, i)) for i, name in enumerate(sites)]
 
@@ -136,7 +137,7 @@ def test_round_tasks_give_each_site_its_simulation_index_and_seed(sites_and_test
 class NanSite(InProcessSites):
     """``site-b`` answers every round with a NaN update."""
 
-    def train(self, rnd, tasks, state, job) -> RoundResult:
+    def train(self, rnd, tasks, state, job, fold=None) -> RoundResult:
         result = super().train(rnd, tasks, state, job)
         for update in result.updates:
             if update.client_id == "site-b":
