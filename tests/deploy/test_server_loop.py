@@ -171,3 +171,44 @@ def test_server_resume_adds_rounds_only_with_allow_config_change(sites_and_test,
     assert [r["round"] for r in read_jsonl(run.metrics_file)] == [1, 2, 3]
     args = build_parser().parse_args(["server", "--resume", "r", "--allow-config-change", "federation.rounds"])
     assert args.allow_config_change == ["federation.rounds"]
+
+
+class ReversedStreamingSites(InProcessSites):
+    """Streams each update into the round's fold, last sampled site first (out of sampled order)."""
+
+    def train(self, rnd, tasks, state, job, fold=None) -> RoundResult:
+        result = super().train(rnd, tasks, state, job)
+        accepted = {u.client_id for u in reversed(result.updates) if fold.add(u) is None}
+        return RoundResult([r for r in result.reports if r.client_id in accepted], dropped=result.dropped)
+
+
+@pytest.mark.parametrize("aggregation", [
+    {"name": "fedavgm", "beta": 0.5}, {"name": "median"}, {"name": "trimmed_mean", "trim": 0.34},
+    {"name": "norm_bounded", "max_norm": 1e-3}])
+def test_every_rule_streamed_out_of_order_equals_the_simulation_bit_for_bit(sites_and_test, tmp_path, aggregation):
+    sites, test = sites_and_test
+    job = tiny_job(sites, test, aggregation=aggregation)
+    sim = simulate(job, tmp_path)
+    run = _serve(job, tmp_path, "deploy", ReversedStreamingSites(sites), _deploy(sites))
+    for rnd in (1, 2):
+        a, b = checkpoint(sim.path, rnd), checkpoint(run.path, rnd)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rnd
+    assert [len(r["clients"]) for r in read_jsonl(run.metrics_file)] == [3, 3]
+    if aggregation["name"] != "fedavgm":  # the rule changed the result
+        plain = simulate({**job, "federation": {**job["federation"], "aggregation": {"name": "fedavg"}}},
+                         tmp_path, "plain")
+        a, b = checkpoint(sim.path, 1), checkpoint(plain.path, 1)
+        assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_secure_aggregation_with_a_rule_reading_each_update_is_a_deploy_config_error(sites_and_test, tmp_path):
+    from fedpeft.deploy.settings import load_deploy_config
+    from fedpeft.errors import ConfigError
+
+    sites, test = sites_and_test
+    cfg = validate_tree({**tiny_job(sites, test, aggregation={"name": "median"}), "workspace": str(tmp_path)})
+    path = tmp_path / "deploy.yaml"
+    path.write_text("insecure: true\nauthenticate: false\nsecure_aggregation:\n  enabled: true\nsites:\n"
+                    + "".join(f"  - name: {n}\n" for n in sites))
+    with pytest.raises(ConfigError, match=r"deploy.yaml:4: secure_aggregation.enabled.*'median' must see each site"):
+        load_deploy_config(path, cfg)
