@@ -68,6 +68,20 @@ class PartitionConfig(_Named):
     method: str = "iid"
 
 
+class CodecConfig(_Named):
+    """``name`` names a registered codec (none, fp16, bf16, int8, nf4, topk); the other keys are its
+    parameters (``block_size``, ``fraction``)."""
+
+    name: str = "none"
+
+
+class CompressionConfig(_Section):
+    """Update compression on the wire (README "Compression"); ``none`` both ways by default."""
+
+    up: CodecConfig = CodecConfig()  # client -> server: the client's delta (top-k keeps its residual)
+    down: CodecConfig = CodecConfig()  # server -> client: the global adapter
+
+
 class DataConfig(_Section):
     train: str = "builtin:sample"  # JSONL path, 'hf:<dataset id>', or 'builtin:sample'
     test: str | None = None  # JSONL path; None: hold out test_ratio of train (by 'split_by')
@@ -98,6 +112,7 @@ class FederationConfig(_Section):
     # sampled: in sampled order, so runs are bit-identical (a site answering early waits in
     # memory); arrival: strictly one update held, last-bit differences between runs.
     fold_order: Literal["sampled", "arrival"] = "sampled"
+    compression: CompressionConfig = CompressionConfig()
     partition: PartitionConfig = PartitionConfig()
     aggregation: AggregationConfig = AggregationConfig()
 
@@ -280,6 +295,7 @@ def _named_problems(base: tuple, key: str, section: dict, default: str, registry
 def _registry_problems(tree: dict) -> list[tuple[Loc, str]]:
     """Check registry names and their hyperparameters in the raw tree; ``(loc, message)`` pairs."""
     from fedpeft.aggregators import AGGREGATORS
+    from fedpeft.compression import CODECS
     from fedpeft.data.partitioners import PARTITIONERS
     from fedpeft.metrics import METRICS
     from fedpeft.peft_methods import PEFT_METHODS
@@ -290,6 +306,9 @@ def _registry_problems(tree: dict) -> list[tuple[Loc, str]]:
                                 _section(tree, "federation", "aggregation"), "fedavg", AGGREGATORS)
     problems += _named_problems(("federation", "partition"), "method",
                                 _section(tree, "federation", "partition"), "iid", PARTITIONERS)
+    for way in ("up", "down"):
+        problems += _named_problems(("federation", "compression", way), "name",
+                                    _section(tree, "federation", "compression", way), "none", CODECS)
     metrics = _section(tree, "eval").get("metrics", [])
     for i, metric in enumerate(metrics if isinstance(metrics, list) else []):
         try:
@@ -322,6 +341,13 @@ def _semantic_problems(cfg: JobConfig) -> list[tuple[Loc, str]]:
                          f"({fed.num_clients}) for each client to keep a row (got {data.max_train_samples})"))
     if cfg.audit.canaries and cfg.audit.client >= fed.num_clients:
         problems.append((("audit", "client"), f"must be a client index in 0..{fed.num_clients - 1} (got {cfg.audit.client})"))
+    from fedpeft.compression import CODECS
+
+    down = cfg.federation.compression.down.name
+    if down in CODECS.names() and getattr(CODECS.get(down), "needs_error_feedback", False):
+        problems.append((("federation", "compression", "down", "name"), f"{down!r} only compresses updates "
+                         "(up): a client sampled now and then has no residual of the global adapter to feed back; "
+                         "use fp16, bf16, int8 or nf4 down"))
     if cfg.privacy.level == "example" and cfg.peft.method == "prefix":
         problems.append((("privacy", "level"), "example-level DP supports peft.method lora and ptuning, not prefix "
                          "(Opacus cannot take per-example gradients through a shared KV-cache prefix); "

@@ -39,6 +39,7 @@ from fedpeft.worker import Host, evaluate_global
 log = logging.getLogger(__name__)
 
 Evaluation = tuple[dict, list[dict], int]  # (metrics, predictions, round)
+POOL_STATE_KEY = "__client_pool__"  # in the checkpoint's server state: the pool's own state
 
 
 class ClientPool(Protocol):
@@ -112,7 +113,7 @@ def run_rounds(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, test: 
     where = ("job", "workspace", "run_id")  # where the folder is, not what it computes: a moved run resumes
     config = {k: v for k, v in flatten(cfg.model_dump(mode="json")).items() if k not in where}
     fingerprint = {"config": config, "data": _digest([pool.fingerprint, test])}
-    state, start = _start(cfg, run, host, aggregator, test, fingerprint, allow_config_change)
+    state, start = _start(cfg, run, host, aggregator, pool, test, fingerprint, allow_config_change)
     total, last_eval, ledger = cfg.federation.rounds, None, _ledger(cfg, run)
     for rnd in range(start, total + 1):
         if _budget_spent(ledger, rnd, total):
@@ -136,7 +137,7 @@ def run_rounds(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, test: 
             record[KEY_EVAL] = last_eval[0]
         run.log_metrics(record)
         log_round(rnd, total, record)
-        save_checkpoint(run.path, rnd, state, aggregator.state_dict(), fingerprint, keep=cfg.checkpoint.keep)
+        save_checkpoint(run.path, rnd, state, _server_state(aggregator, pool), fingerprint, keep=cfg.checkpoint.keep)
         run.write_partitions(pool.partitions())
     _finish(cfg, run, pool, host, state, last_eval, test, _privacy_summary(ledger))
     return state
@@ -171,6 +172,14 @@ def _log_held(fold: Fold, state: State, where: str) -> None:
         why = ("the aggregation rule needs every update (it cannot stream)" if fold.hold
                else "sites answered out of sampled order (federation.fold_order: arrival holds one)")
         log.info("%s server held %d updates at once (%.1f MB): %s", where, fold.peak_held, mb, why)
+
+
+def _server_state(aggregator: Aggregator, pool: ClientPool) -> dict:
+    """What the checkpoint keeps besides the adapter: the aggregator's state, and the pool's (the
+    simulation's clients' top-k residuals) under :data:`POOL_STATE_KEY`."""
+    state = aggregator.state_dict()
+    pool_state = pool.state_dict() if hasattr(pool, "state_dict") else None
+    return {**state, POOL_STATE_KEY: pool_state} if pool_state else state
 
 
 def _ledger(cfg: JobConfig, run: RunDir) -> Ledger:
@@ -256,7 +265,7 @@ def _require_min_clients(cfg: JobConfig, rnd: int, result: RoundResult) -> None:
                          f"{rnd - 1}; fix the clients, then resume with --resume RUN_DIR.")
 
 
-def _start(cfg: JobConfig, run: RunDir, host: Host, aggregator: Aggregator, test: list[dict],
+def _start(cfg: JobConfig, run: RunDir, host: Host, aggregator: Aggregator, pool: ClientPool, test: list[dict],
            fingerprint: dict, allow: tuple[str, ...]) -> tuple[State, int]:
     """The latest checkpoint's state and next round, or the seeded initial adapter (after zero-shot)."""
     ckpt = load_latest_checkpoint(run.path)
@@ -264,7 +273,11 @@ def _start(cfg: JobConfig, run: RunDir, host: Host, aggregator: Aggregator, test
         check_same_run(ckpt, fingerprint, allow)
     run.truncate_metrics_after(ckpt.round if ckpt else -1)
     if ckpt is not None:
-        aggregator.load_state_dict(ckpt.server_state)
+        server = dict(ckpt.server_state)
+        pool_state = server.pop(POOL_STATE_KEY, None)
+        aggregator.load_state_dict(server)
+        if pool_state is not None and hasattr(pool, "load_state_dict"):
+            pool.load_state_dict(pool_state)
         log.info("resuming %s after round %d", run.path, ckpt.round)
         return ckpt.global_state, ckpt.round + 1
     if test and cfg.eval.zero_shot:

@@ -15,6 +15,8 @@ from functools import partial
 from pathlib import Path
 
 from fedpeft.adapters import get_trainable_state, num_parameters, state_nbytes
+from fedpeft.compression import ErrorFeedback, payload_nbytes
+from fedpeft.compression.link import Link
 from fedpeft.config import JobConfig, load_config
 from fedpeft.constants import CONFIG_FILE
 from fedpeft.errors import RunInterrupted
@@ -51,11 +53,19 @@ class SchedulerPool:
         self.client_ids = list(data.client_ids)
         self.fingerprint = hashlib.sha256(json.dumps([data.client_ids, data.client_rows], sort_keys=True,
                                                      default=str).encode()).hexdigest()
+        self.link = Link.from_config(cfg.federation.compression)
+        self.feedback: dict[str, ErrorFeedback] = {}  # each client's top-k residual ("kept on the client")
 
     def train(self, rnd: int, sampled: list[str], global_state: State, fold: Fold) -> RoundResult:
-        """Train ``sampled`` from ``global_state``; each update goes into ``fold`` as its client finishes."""
+        """Train ``sampled`` from ``global_state``; each update goes into ``fold`` as its client finishes.
+
+        With compression, clients train from the decoded broadcast and their updates go through
+        the codec (:class:`~fedpeft.compression.link.Link`), as in the deployment.
+        """
+        payload, sent = (None, global_state) if self.link.plain else self.link.send_global(global_state)
+        down = state_nbytes(global_state) if payload is None else payload_nbytes(payload)
         tasks = [Task(cid, partial(self._fit, index=self.client_ids.index(cid), rnd=rnd, state=global_state,
-                                   shares=len(sampled), fold=fold)) for cid in sampled]
+                                   sent=sent, down=down, shares=len(sampled), fold=fold)) for cid in sampled]
         results, failures = self.sched.run(tasks, min_success=self.cfg.federation.min_clients)
         dropped = [{"client": f.client_id, "reason": f.reason} for f in failures]
         for d in dropped:
@@ -63,14 +73,29 @@ class SchedulerPool:
         reports = [results[c] for c in sampled if results.get(c) is not None]
         return RoundResult(reports, dropped=dropped)
 
-    def _fit(self, worker: Worker, index: int, rnd: int, state: State, shares: int, fold: Fold) -> ClientReport | None:
-        """Train client ``index``, add its update to ``fold``; its report, or None if ``fold`` refused it."""
-        update = fit(worker.model, self.tokenized[index], self.cfg.train, state, seed=client_seed(self.cfg, rnd, index),
-                     pad_token_id=worker.tokenizer.pad_token_id, client_id=self.client_ids[index],
+    def _fit(self, worker: Worker, index: int, rnd: int, state: State, sent: State, down: int, shares: int,
+             fold: Fold) -> ClientReport | None:
+        """Train client ``index`` from ``sent``, add its update to ``fold``; its report, or None if refused."""
+        cid = self.client_ids[index]
+        update = fit(worker.model, self.tokenized[index], self.cfg.train, sent, seed=client_seed(self.cfg, rnd, index),
+                     pad_token_id=worker.tokenizer.pad_token_id, client_id=cid,
                      privacy=self.cfg.privacy, rounds=self.cfg.federation.rounds, shares=shares)
-        report = ClientReport(update.client_id, update.num_examples, update.metrics, state_nbytes(state),
-                              state_nbytes(update.state))
+        up = state_nbytes(update.state)
+        if not self.link.plain:
+            arrays = self.link.send_update(sent, update.state, self.feedback.setdefault(cid, ErrorFeedback()))
+            update.state, up = self.link.receive_update(arrays, state), payload_nbytes(arrays)
+        report = ClientReport(cid, update.num_examples, update.metrics, down, up)
         return None if fold.add(update) is not None else report
+
+    def state_dict(self) -> dict:
+        """The clients' error-feedback residuals (top-k), for the checkpoint."""
+        return {cid: fb.state_dict() for cid, fb in self.feedback.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.feedback = {cid: ErrorFeedback() for cid in state}
+        for cid, residual in state.items():
+            self.feedback[cid].load_state_dict(residual)
 
     def partitions(self) -> list[dict]:
         return self.data.summary

@@ -111,8 +111,9 @@ def _train(context: Context, config: dict[str, Any], state: Arrays) -> tuple[int
         trainer = SiteTrainer(site_name(context), str(context.node_config[C.NODE_DATA_PATH]),
                               str(context.node_config.get(C.NODE_DEVICE, "")))
         n, metrics, _, new_state = trainer.train(config, state)
-    # Send what was trained, as it is: the server checks every update's keys, shapes and values.
-    return n, metrics, {k: np.asarray(v, dtype=np.float32) for k, v in new_state.items()}
+    # Send what was trained, as it is (fp32, or the job's codec's arrays: their own dtypes); the
+    # server checks every update's keys, shapes and values.
+    return n, metrics, {k: np.asarray(v) for k, v in new_state.items()}
 
 
 def _train_plain(msg: Message, context: Context) -> Message:

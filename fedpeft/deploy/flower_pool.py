@@ -20,6 +20,7 @@ from fedpeft.data.io import load_examples
 from fedpeft.deploy.settings import DeployConfig
 from fedpeft.deploy.transport import SiteTask, Transport, wait_for_sites
 from fedpeft.deploy.wire import site_job_payload
+from fedpeft.compression.link import Link
 from fedpeft.errors import RoundError
 from fedpeft.fold import Fold
 from fedpeft.models import resolve_devices
@@ -63,6 +64,7 @@ class FlowerPool:
         self.runtime = {"runtime": "flower", "sites": dep.site_names,
                         "secure_aggregation": dep.secure_aggregation.enabled}
         self.job = site_job_payload(cfg)
+        self.link = Link.from_config(cfg.federation.compression)
         self.first = True  # the first round of this process waits for every sampled site
         path = run.path / PARTITIONS_FILE
         self.sizes = {p["site"]: p["size"] for p in json.loads(path.read_text())} if path.is_file() else {}
@@ -88,7 +90,7 @@ class FlowerPool:
                 for d in dropped:
                     fold.drop(d["client"], d["reason"])
                 result = self.transport.train(rnd, [t for t in tasks if t.name in present], global_state, self.job,
-                                              fold)
+                                              fold, self.link)
                 result.dropped = dropped + result.dropped
                 for d in result.dropped:
                     log.warning("[round %d/%d] site %s dropped out: %s", rnd, total, d["client"], d["reason"])

@@ -30,6 +30,13 @@ def state_to_record(state: State) -> ArrayRecord:
     )
 
 
+def arrays_to_record(arrays: dict) -> ArrayRecord:
+    """Pack a codec's payload (NumPy arrays of any dtype, ``fedpeft.compression``) as is."""
+    import numpy as np
+
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
 def record_to_state(record: ArrayRecord) -> State:
     """Unpack an ``ArrayRecord`` written by :func:`state_to_record` (float32 CPU tensors)."""
     import torch

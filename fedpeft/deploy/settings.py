@@ -131,6 +131,10 @@ def _check_secagg(sa: SecAggConfig, job: JobConfig, add: Callable[[Loc, str], No
     if getattr(AGGREGATORS.get(rule), "individual_updates", False):
         add(("secure_aggregation", "enabled"), f"the job's aggregation {rule!r} must see each site's update "
             "(secure aggregation reveals only their mean); disable one, or aggregate with fedavg, fedavgm, ...")
+    codecs = {way: getattr(job.federation.compression, way).name for way in ("up", "down")}
+    if any(name != "none" for name in codecs.values()):
+        add(("secure_aggregation", "enabled"), f"the job compresses updates ({codecs}); SecAgg+ quantises and "
+            "masks them itself; set federation.compression up and down to none, or disable secure aggregation")
     if job.sampled_per_round() * sa.quantization_range >= 2**32:
         add(("secure_aggregation", "quantization_range"), "sites per round x range must be "
             f"< 2**32 (sums are taken mod 2**32); got {sa.quantization_range}")

@@ -19,6 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedpeft.adapters import trainable_parameters
+from fedpeft.compression import ErrorFeedback
+from fedpeft.compression.link import Link
 from fedpeft.data.prompts import TokenizedExample, tokenize_examples
 from fedpeft.deploy import constants as C
 from fedpeft.deploy.site_policy import SitePolicy, check_job, check_privacy
@@ -53,6 +56,7 @@ class SiteTrainer:
         self.policy = policy or SitePolicy()
         self._worker: tuple[str, Worker] | None = None
         self._examples: tuple[str, list[TokenizedExample]] | None = None
+        self._feedback = ErrorFeedback()  # top-k's residual: kept here, in memory (lost on restart)
         self._lock = threading.Lock()
 
     def train(self, config: Mapping[str, Any], state: Arrays) -> tuple[int, dict, str, Arrays]:
@@ -78,7 +82,8 @@ class SiteTrainer:
                           num_examples=len(examples), shares=int(config.get(C.KEY_SHARES, 1)))
             log.info("site %s: round %s, %d examples on %s", self.name,
                      config.get(C.KEY_SERVER_ROUND), len(examples), worker.device)
-            global_state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}
+            link = Link.from_config(cfg.federation.compression)
+            global_state = self._received(link, worker, state)
             seed = int(config[C.KEY_SEED])
             if cfg.privacy.level != "none" and self.noise_key:  # noise the coordinator cannot recompute
                 seed = private_seed(seed, self.noise_key)
@@ -86,8 +91,19 @@ class SiteTrainer:
                          pad_token_id=worker.tokenizer.pad_token_id, client_id=self.name, progress=False,
                          privacy=cfg.privacy, rounds=cfg.federation.rounds,
                          shares=int(config.get(C.KEY_SHARES, 1)))
-        new_state = {k: update.state[k].numpy() for k in state}
-        return update.num_examples, update.metrics, update.client_id, new_state
+            if link.plain:
+                return update.num_examples, update.metrics, update.client_id, {
+                    k: update.state[k].numpy() for k in global_state}
+            arrays = link.send_update(global_state, update.state, self._feedback)  # this site's residual
+        return update.num_examples, update.metrics, update.client_id, arrays
+
+    @staticmethod
+    def _received(link: Link, worker: Worker, state: Arrays) -> dict[str, torch.Tensor]:
+        """The global adapter the server sent: fp32 arrays, or its codec's payload."""
+        if link.plain:
+            return {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}
+        shapes = {n: p.shape for n, p in trainable_parameters(worker.model).items()}
+        return link.receive_global(state, shapes)
 
     def _worker_for(self, cfg) -> Worker:
         device = self.device or resolve_devices(cfg.model.devices)[0]
@@ -95,7 +111,7 @@ class SiteTrainer:
                           cfg.seed, device], sort_keys=True)
         if self._worker is None or self._worker[0] != key:
             self._worker = (key, build_worker(cfg, device))
-            self._examples = None
+            self._examples, self._feedback = None, ErrorFeedback()
         return self._worker[1]
 
     def _examples_for(self, cfg, holdout: bool, worker: Worker) -> list[TokenizedExample]:

@@ -23,10 +23,12 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from fedpeft.constants import KEY_CLIENT_ID, KEY_NUM_EXAMPLES
 from fedpeft.deploy import constants as C
 from fedpeft.deploy.counting_grid import CountingGrid
-from fedpeft.deploy.records import record_to_state, state_to_record
+from fedpeft.deploy.records import arrays_to_record, record_to_state, state_to_record
+from fedpeft.errors import AggregationError
 from fedpeft.deploy.settings import DeployConfig
 
 if TYPE_CHECKING:  # torch: imported when the first round starts, not before sites are asked
+    from fedpeft.compression.link import Link
     from fedpeft.fold import Fold
     from fedpeft.state import RoundResult, State
 
@@ -52,8 +54,11 @@ class Transport(Protocol):
         """Names of the configured sites that are connected now."""
         ...
 
-    def train(self, rnd: int, tasks: list[SiteTask], state: State, job: str, fold: Fold) -> RoundResult:
-        """Have each site of ``tasks`` train from ``state``; add each update to ``fold`` as it comes."""
+    def train(self, rnd: int, tasks: list[SiteTask], state: State, job: str, fold: Fold, link: Link) -> RoundResult:
+        """Have each site of ``tasks`` train from ``state``; add each update to ``fold`` as it comes.
+
+        ``link`` encodes the broadcast and decodes the updates (the job's compression).
+        """
         ...
 
 
@@ -142,14 +147,14 @@ class FlowerTransport:
 
     # ------------------------------------------------------------------ one round
 
-    def train(self, rnd: int, tasks: list[SiteTask], state: State, job: str, fold: Fold) -> RoundResult:
+    def train(self, rnd: int, tasks: list[SiteTask], state: State, job: str, fold: Fold, link: Link) -> RoundResult:
         """One round: plain (each update into ``fold`` as it arrives) or SecAgg+ (only their mean)."""
         self.grid.take_traffic()
         with self.grid.round_deadline(self.dep.round_timeout_s):  # SecAgg+'s 4 stages included
             if self.dep.secure_aggregation.enabled:
                 result = self._train_secure(rnd, tasks, state, job)
             else:
-                result = self._train_plain(rnd, tasks, state, job, fold)
+                result = self._train_plain(rnd, tasks, state, job, fold, link)
         down, up = self.grid.take_traffic()
         for report in result.reports:
             nid = self.node_of[report.client_id]
@@ -160,10 +165,12 @@ class FlowerTransport:
         return {C.KEY_SERVER_ROUND: rnd, C.KEY_SITE: task.name, C.KEY_SEED: task.seed, C.KEY_JOB: job,
                 C.KEY_TIMEOUT: self.dep.round_timeout_s, C.KEY_SHARES: shares}
 
-    def _train_plain(self, rnd: int, tasks: list[SiteTask], state: State, job: str, fold: Fold) -> RoundResult:
+    def _train_plain(self, rnd: int, tasks: list[SiteTask], state: State, job: str, fold: Fold,
+                     link: Link) -> RoundResult:
         from fedpeft.state import ClientReport, ClientUpdate, RoundResult
 
-        ttl, record = self.dep.round_timeout_s + 60, state_to_record(state)
+        ttl = self.dep.round_timeout_s + 60
+        record = state_to_record(state) if link.plain else arrays_to_record(link.send_global(state)[0])
         msgs = [Message(RecordDict({C.RECORD_STATE: record,
                                     C.RECORD_CONFIG: ConfigRecord(self._config(rnd, t, job, len(tasks)))}),
                         self.node_of[t.name], MessageType.TRAIN, ttl=ttl, group_id=str(rnd))
@@ -182,7 +189,13 @@ class FlowerTransport:
             text = dict(reply.content.config_records[C.RECORD_CONFIG])
             n = int(m.pop(KEY_NUM_EXAMPLES))
             metrics = {**m, **{k: v for k, v in text.items() if k != KEY_CLIENT_ID}}
-            update = ClientUpdate(name, record_to_state(reply.content.array_records[C.RECORD_STATE]), n, metrics)
+            try:
+                received = _received(link, reply.content.array_records[C.RECORD_STATE], state)
+            except AggregationError as e:  # a payload that does not decode: refused like a NaN update
+                dropped.append({"client": name, "reason": f"rejected update: {e}"})
+                fold.drop(name, dropped[-1]["reason"])
+                continue
+            update = ClientUpdate(name, received, n, metrics)
             del reply  # the fold keeps at most the sums (and sites waiting for an earlier-sampled one)
             if fold.add(update) is None:
                 reports[name] = ClientReport(name, n, metrics)
@@ -214,6 +227,13 @@ class FlowerTransport:
                    for t in tasks if t.name in by_name]
         dropped = [{"client": t.name, "reason": "dropped out of SecAgg+"} for t in tasks if t.name not in by_name]
         return RoundResult(reports, mean=mean, dropped=dropped, secure=True)
+
+
+def _received(link: Link, record, global_state: State) -> State:
+    """A site's update from its reply's record: fp32 as is, or decoded by the job's codec."""
+    if link.plain:
+        return record_to_state(record)
+    return link.receive_update({k: a.numpy() for k, a in record.items()}, global_state)
 
 
 def _reason(reply: Message) -> str:

@@ -29,7 +29,7 @@ def site_job_payload(cfg: JobConfig) -> str:
 
     Returns:
         JSON with ``seed``, ``model``, ``peft``, ``train``, ``privacy``, ``federation`` (clients,
-        rounds, clients per round), ``data`` (without file names) and
+        rounds, clients per round, compression on the wire), ``data`` (without file names) and
         ``holdout``: whether sites hold out ``test_ratio`` of their rows. The simulation does
         that when ``data.test`` is unset, so the deployment must too for the same result. Its
         ``data.max_train_samples`` is one site's share of the job's total
@@ -40,7 +40,7 @@ def site_job_payload(cfg: JobConfig) -> str:
     data["max_train_samples"] = client_share(cfg)
     payload = {k: dumped[k] for k in ("seed", "model", "peft", "train", "privacy")}
     # what differential privacy needs: each site calibrates and checks its budget over the rounds
-    federation = {k: dumped["federation"][k] for k in ("num_clients", "rounds", "clients_per_round")}
+    federation = {k: dumped["federation"][k] for k in ("num_clients", "rounds", "clients_per_round", "compression")}
     payload.update(data=data, federation=federation, **{HOLDOUT: cfg.data.test is None})
     return json.dumps(payload, sort_keys=True)
 

@@ -22,7 +22,7 @@ from fedpeft.errors import RoundError
 from fedpeft.io_utils import read_jsonl
 from fedpeft.run_dir import RunDir
 from fedpeft.state import ClientReport, ClientUpdate, RoundResult
-from deploy_helpers import checkpoint, simulate, tiny_job, torch_threads
+from deploy_helpers import checkpoint, max_abs_diff, simulate, tiny_job, torch_threads
 
 
 class InProcessSites:
@@ -36,16 +36,19 @@ class InProcessSites:
     def connected(self) -> list[str]:
         return list(self.trainers)
 
-    def train(self, rnd, tasks, state, job, fold=None) -> RoundResult:  # returns updates: the loop folds them
+    def train(self, rnd, tasks, state, job, fold=None, link=None) -> RoundResult:  # returns updates: the loop folds them
         self.jobs.append(job)
+        plain = link is None or link.plain
+        payload = {k: v.numpy() for k, v in state.items()} if plain else link.send_global(state)[0]
         updates, reports, dropped = [], [], []
         for task in tasks:
             if task.name in self.down.get(rnd, set()):
                 dropped.append({"client": task.name, "reason": "crashed"})
                 continue
             config = {C.KEY_SITE: task.name, C.KEY_SEED: task.seed, C.KEY_JOB: job, C.KEY_SERVER_ROUND: rnd}
-            n, metrics, _, new = self.trainers[task.name].train(config, {k: v.numpy() for k, v in state.items()})
-            updates.append(ClientUpdate(task.name, {k: torch.from_numpy(v) for k, v in new.items()}, n, metrics))
+            n, metrics, _, new = self.trainers[task.name].train(config, payload)
+            received = {k: torch.from_numpy(v) for k, v in new.items()} if plain else link.receive_update(new, state)
+            updates.append(ClientUpdate(task.name, received, n, metrics))
             reports.append(ClientReport(task.name, n, metrics, bytes_down=1, bytes_up=2))
         return RoundResult(reports, updates=updates, dropped=dropped)
 
@@ -125,7 +128,7 @@ def test_round_tasks_give_each_site_its_simulation_index_and_seed(sites_and_test
         def connected(self):
             return list(sites)
 
-        def train(self, rnd, tasks, state, job, fold):
+        def train(self, rnd, tasks, state, job, fold, link):
             seen.extend(tasks)
             return RoundResult([ClientReport(t.name, 1) for t in tasks], updates=[])
 
@@ -137,7 +140,7 @@ def test_round_tasks_give_each_site_its_simulation_index_and_seed(sites_and_test
 class NanSite(InProcessSites):
     """``site-b`` answers every round with a NaN update."""
 
-    def train(self, rnd, tasks, state, job, fold=None) -> RoundResult:
+    def train(self, rnd, tasks, state, job, fold=None, link=None) -> RoundResult:
         result = super().train(rnd, tasks, state, job)
         for update in result.updates:
             if update.client_id == "site-b":
@@ -176,7 +179,7 @@ def test_server_resume_adds_rounds_only_with_allow_config_change(sites_and_test,
 class ReversedStreamingSites(InProcessSites):
     """Streams each update into the round's fold, last sampled site first (out of sampled order)."""
 
-    def train(self, rnd, tasks, state, job, fold=None) -> RoundResult:
+    def train(self, rnd, tasks, state, job, fold=None, link=None) -> RoundResult:
         result = super().train(rnd, tasks, state, job)
         accepted = {u.client_id for u in reversed(result.updates) if fold.add(u) is None}
         return RoundResult([r for r in result.reports if r.client_id in accepted], dropped=result.dropped)
@@ -212,3 +215,20 @@ def test_secure_aggregation_with_a_rule_reading_each_update_is_a_deploy_config_e
                     + "".join(f"  - name: {n}\n" for n in sites))
     with pytest.raises(ConfigError, match=r"deploy.yaml:4: secure_aggregation.enabled.*'median' must see each site"):
         load_deploy_config(path, cfg)
+
+
+@pytest.mark.parametrize("codecs", [{"up": {"name": "nf4"}, "down": {"name": "fp16"}},
+                                    {"up": {"name": "topk", "fraction": 0.1}}])
+def test_compressed_rounds_equal_the_simulation_bit_for_bit(sites_and_test, tmp_path, codecs):
+    sites, test = sites_and_test
+    job = tiny_job(sites, test, compression=codecs)
+    sim = simulate(job, tmp_path)
+    run = _serve(job, tmp_path, "deploy", InProcessSites(sites), _deploy(sites))
+    plain = simulate({**job, "federation": {k: v for k, v in job["federation"].items() if k != "compression"}},
+                     tmp_path, "plain")
+    for rnd in (1, 2):  # the sites' codec and residuals (top-k) give the simulation's adapter
+        a, b = checkpoint(sim.path, rnd), checkpoint(run.path, rnd)
+        assert all(torch.equal(a[k], b[k]) for k in a), rnd
+    a, b = checkpoint(sim.path, 2), checkpoint(plain.path, 2)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the codec changed the result...
+    assert max_abs_diff(a, b) < 0.05  # ...a little
