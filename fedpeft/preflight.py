@@ -109,7 +109,7 @@ def _model_problems(cfg: JobConfig, notes: list[str]) -> list[tuple[Loc, str]]:
     if names is None:
         notes.append(f"peft.target_modules not checked against {cfg.model.name!r} (no config to build it from)")
         return []
-    targets = cfg.peft.params.get("target_modules") if cfg.peft.method == "lora" else None
+    targets = cfg.peft.params.get("target_modules") if cfg.peft.method in ("lora", "ffa_lora") else None
     if targets is None or targets in ("all-linear", "default"):
         return []
     return _target_problems(targets, names, cfg.model.name)

@@ -21,10 +21,12 @@ PEFT_METHODS: Registry = Registry("peft_methods")
 
 
 class PeftMethod(Protocol):
+    """``peft_config(model)``; optionally ``after_wrap(peft_model)`` to adjust the wrapped model."""
+
     def peft_config(self, model: PreTrainedModel) -> peft.PeftConfig: ...
 
 
-from fedpeft.peft_methods import lora, prefix, ptuning  # noqa: E402,F401  (registration)
+from fedpeft.peft_methods import ffa_lora, lora, prefix, ptuning  # noqa: E402,F401  (registration)
 
 
 def build_peft_method(name: str, params: dict[str, Any]) -> PeftMethod:
@@ -37,6 +39,10 @@ def wrap_model(model: PreTrainedModel, method: PeftMethod) -> peft.PeftModel:
     with warnings.catch_warnings():  # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         try:
-            return peft.get_peft_model(model, method.peft_config(model))
+            wrapped = peft.get_peft_model(model, method.peft_config(model))
         except PeftError as e:  # e.g. target_modules that match no module of this model
             raise ConfigError(f"peft: {e} (`fedpeft validate` lists the model's module names)") from e
+    after_wrap = getattr(method, "after_wrap", None)  # e.g. FFA-LoRA freezes A
+    if after_wrap is not None:
+        after_wrap(wrapped)
+    return wrapped
