@@ -130,6 +130,8 @@ def run_rounds(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, test: 
         del fold, updates, mean
         check_global(new_state, rnd)
         record = round_record(rnd, result, time.perf_counter() - t0)
+        if getattr(aggregator, "round_report", None):  # e.g. svd: the energy its truncation kept
+            record["aggregation"] = dict(aggregator.round_report)
         _account(ledger, record, len(sampled))
         state = new_state
         if test and (rnd == total or (cfg.eval.every and rnd % cfg.eval.every == 0)):

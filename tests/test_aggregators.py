@@ -26,7 +26,7 @@ from fedpeft.params import param_errors
 from fedpeft.state import ClientUpdate, State
 
 ALL_NAMES = ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
-ROBUST_NAMES = ["median", "trimmed_mean", "norm_bounded"]  # tests/test_robust_aggregators.py
+ROBUST_NAMES = ["median", "trimmed_mean", "norm_bounded", "svd"]  # test_robust_aggregators.py, test_svd.py
 # Hyperparameters for the adaptive tests: tau = 2 makes v start at 4, so square roots stay simple.
 ADAPTIVE = {"server_lr": 1.0, "beta1": 0.5, "tau": 2.0}
 

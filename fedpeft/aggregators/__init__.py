@@ -12,7 +12,7 @@ from typing import Any
 
 # Importing each module registers its class in AGGREGATORS.
 from fedpeft.aggregators import (  # noqa: F401
-    fedadagrad, fedadam, fedavg, fedavgm, fedyogi, median, norm_bounded, trimmed_mean,
+    fedadagrad, fedadam, fedavg, fedavgm, fedyogi, median, norm_bounded, svd, trimmed_mean,
 )
 from fedpeft.aggregators.base import (
     AGGREGATORS, Aggregator, aggregate, check_updates, needs_every_update, weighted_mean,

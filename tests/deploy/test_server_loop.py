@@ -187,7 +187,7 @@ class ReversedStreamingSites(InProcessSites):
 
 @pytest.mark.parametrize("aggregation", [
     {"name": "fedavgm", "beta": 0.5}, {"name": "median"}, {"name": "trimmed_mean", "trim": 0.34},
-    {"name": "norm_bounded", "max_norm": 1e-3}])
+    {"name": "norm_bounded", "max_norm": 1e-3}, {"name": "svd"}])
 def test_every_rule_streamed_out_of_order_equals_the_simulation_bit_for_bit(sites_and_test, tmp_path, aggregation):
     sites, test = sites_and_test
     job = tiny_job(sites, test, aggregation=aggregation)
