@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
@@ -113,6 +113,9 @@ class FederationConfig(_Section):
     # memory); arrival: strictly one update held, last-bit differences between runs.
     fold_order: Literal["sampled", "arrival"] = "sampled"
     compression: CompressionConfig = CompressionConfig()
+    # LoRA rank of each client, in client (site) order, each <= peft.r (the global adapter's);
+    # None: every client trains the whole adapter. See README "Heterogeneous ranks".
+    client_ranks: list[Annotated[int, Field(ge=1)]] | None = None
     partition: PartitionConfig = PartitionConfig()
     aggregation: AggregationConfig = AggregationConfig()
 
@@ -343,6 +346,7 @@ def _semantic_problems(cfg: JobConfig) -> list[tuple[Loc, str]]:
         problems.append((("audit", "client"), f"must be a client index in 0..{fed.num_clients - 1} (got {cfg.audit.client})"))
     from fedpeft.compression import CODECS
 
+    problems += _rank_problems(cfg)
     down = cfg.federation.compression.down.name
     if down in CODECS.names() and getattr(CODECS.get(down), "needs_error_feedback", False):
         problems.append((("federation", "compression", "down", "name"), f"{down!r} only compresses updates "
@@ -353,6 +357,25 @@ def _semantic_problems(cfg: JobConfig) -> list[tuple[Loc, str]]:
                          "(Opacus cannot take per-example gradients through a shared KV-cache prefix); "
                          "use privacy.level: client, or another peft.method"))
     return problems + privacy_problems(cfg.privacy)
+
+
+def _rank_problems(cfg: JobConfig) -> list[tuple[Loc, str]]:
+    ranks, loc = cfg.federation.client_ranks, ("federation", "client_ranks")
+    if ranks is None:
+        return []
+    if len(ranks) != cfg.federation.num_clients:
+        return [(loc, f"lists {len(ranks)} ranks but federation.num_clients is {cfg.federation.num_clients}; "
+                 "give one rank per client")]
+    if cfg.peft.method not in ("lora", "ffa_lora"):
+        return [(loc, f"heterogeneous ranks need peft.method lora or ffa_lora, not {cfg.peft.method!r}")]
+    top = int(cfg.peft.params.get("r", 16))
+    if max(ranks) > top:
+        return [(loc, f"every rank must be <= peft.r ({top}), the global adapter's rank (got {max(ranks)}); "
+                 f"set peft.r: {max(ranks)}")]
+    if cfg.privacy.level == "example":
+        return [(loc, "example-level DP noises every gradient, so the components beyond a client's rank would "
+                 "not stay zero; use privacy.level: client with heterogeneous ranks")]
+    return []
 
 
 def check_tree(tree: Any, problems: Problems, source: str = "<config>", root: yaml.Node | None = None,

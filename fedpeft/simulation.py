@@ -16,7 +16,8 @@ from pathlib import Path
 
 from fedpeft.adapters import get_trainable_state, num_parameters, state_nbytes
 from fedpeft.compression import ErrorFeedback, payload_nbytes
-from fedpeft.compression.link import Link
+from fedpeft.compression.link import Broadcast, Link
+from fedpeft.ranks import client_rank, pad
 from fedpeft.config import JobConfig, load_config
 from fedpeft.constants import CONFIG_FILE
 from fedpeft.errors import RunInterrupted
@@ -59,13 +60,13 @@ class SchedulerPool:
     def train(self, rnd: int, sampled: list[str], global_state: State, fold: Fold) -> RoundResult:
         """Train ``sampled`` from ``global_state``; each update goes into ``fold`` as its client finishes.
 
-        With compression, clients train from the decoded broadcast and their updates go through
-        the codec (:class:`~fedpeft.compression.link.Link`), as in the deployment.
+        Clients train from what a site would decode: the broadcast through the job's codec, only
+        their rank's components (:meth:`~fedpeft.compression.link.Link.broadcast`), as deployed.
         """
-        payload, sent = (None, global_state) if self.link.plain else self.link.send_global(global_state)
-        down = state_nbytes(global_state) if payload is None else payload_nbytes(payload)
+        ranks = {cid: client_rank(self.cfg.federation.client_ranks, self.client_ids.index(cid)) for cid in sampled}
+        views = {r: self.link.broadcast(global_state, r) for r in set(ranks.values())}
         tasks = [Task(cid, partial(self._fit, index=self.client_ids.index(cid), rnd=rnd, state=global_state,
-                                   sent=sent, down=down, shares=len(sampled), fold=fold)) for cid in sampled]
+                                   view=views[ranks[cid]], shares=len(sampled), fold=fold)) for cid in sampled]
         results, failures = self.sched.run(tasks, min_success=self.cfg.federation.min_clients)
         dropped = [{"client": f.client_id, "reason": f.reason} for f in failures]
         for d in dropped:
@@ -73,18 +74,20 @@ class SchedulerPool:
         reports = [results[c] for c in sampled if results.get(c) is not None]
         return RoundResult(reports, dropped=dropped)
 
-    def _fit(self, worker: Worker, index: int, rnd: int, state: State, sent: State, down: int, shares: int,
+    def _fit(self, worker: Worker, index: int, rnd: int, state: State, view: Broadcast, shares: int,
              fold: Fold) -> ClientReport | None:
-        """Train client ``index`` from ``sent``, add its update to ``fold``; its report, or None if refused."""
+        """Train client ``index`` from ``view``, add its update to ``fold``; its report, or None if refused."""
         cid = self.client_ids[index]
-        update = fit(worker.model, self.tokenized[index], self.cfg.train, sent, seed=client_seed(self.cfg, rnd, index),
-                     pad_token_id=worker.tokenizer.pad_token_id, client_id=cid,
-                     privacy=self.cfg.privacy, rounds=self.cfg.federation.rounds, shares=shares)
+        start = pad(view.start, {k: v.shape for k, v in state.items()})
+        update = fit(worker.model, self.tokenized[index], self.cfg.train, start,
+                     seed=client_seed(self.cfg, rnd, index), pad_token_id=worker.tokenizer.pad_token_id,
+                     client_id=cid, privacy=self.cfg.privacy, rounds=self.cfg.federation.rounds, shares=shares)
         up = state_nbytes(update.state)
-        if not self.link.plain:
-            arrays = self.link.send_update(sent, update.state, self.feedback.setdefault(cid, ErrorFeedback()))
-            update.state, up = self.link.receive_update(arrays, state), payload_nbytes(arrays)
-        report = ClientReport(cid, update.num_examples, update.metrics, down, up)
+        if not (self.link.plain and view.rank is None):  # what a site would send, as the server rebuilds it
+            arrays = self.link.client_reply(view.start, update.state, view.rank,
+                                            self.feedback.setdefault(cid, ErrorFeedback()))
+            update.state, up = self.link.rebuild(arrays, state, view.rank), payload_nbytes(arrays)
+        report = ClientReport(cid, update.num_examples, update.metrics, view.nbytes, up)
         return None if fold.add(update) is not None else report
 
     def state_dict(self) -> dict:

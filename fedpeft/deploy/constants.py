@@ -15,6 +15,7 @@ KEY_SITE = "site"  # the site name the server expects (a site refuses a message 
 KEY_SEED = "seed"  # fedpeft.rounds.client_seed(cfg, round, site index)
 KEY_JOB = "job"  # JSON: the parts of the job config a site needs (see fedpeft.deploy.wire)
 KEY_SECURE = "secure"  # set by the site's ClientApp: the update goes through SecAgg+
+KEY_RANK = "rank"  # this site's LoRA rank (federation.client_ranks); absent: the whole adapter
 KEY_SHARES = "shares"  # sites sampled this round (client-level DP: each adds its share of the noise)
 KEY_TIMEOUT = "timeout_s"  # the round timeout: a site gives up training after this long
 KEY_STATE_KEYS = "state_keys"  # SecAgg+ only: State keys, "\n"-joined (legacy arrays are unnamed)

@@ -24,6 +24,7 @@ from fedpeft.compression.link import Link
 from fedpeft.errors import RoundError
 from fedpeft.fold import Fold
 from fedpeft.models import resolve_devices
+from fedpeft.ranks import client_rank
 from fedpeft.rounds import client_seed, run_rounds
 from fedpeft.run_dir import RunDir
 from fedpeft.state import RoundResult, State
@@ -78,8 +79,8 @@ class FlowerPool:
         Raises:
             RoundError: after ``round_retries`` retries, saying what happened and how to go on.
         """
-        tasks = [SiteTask(n, self.client_ids.index(n), client_seed(self.cfg, rnd, self.client_ids.index(n)))
-                 for n in sampled]
+        tasks = [SiteTask(n, i, client_seed(self.cfg, rnd, i), client_rank(self.cfg.federation.client_ranks, i))
+                 for n, i in ((n, self.client_ids.index(n)) for n in sampled)]
         need, total, dropped = self.cfg.federation.min_clients, self.cfg.federation.rounds, []
         for attempt in range(self.dep.round_retries + 1):
             want_all, self.first = self.first or attempt > 0, False

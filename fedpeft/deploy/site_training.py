@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from fedpeft.adapters import trainable_parameters
 from fedpeft.compression import ErrorFeedback
@@ -83,7 +82,9 @@ class SiteTrainer:
             log.info("site %s: round %s, %d examples on %s", self.name,
                      config.get(C.KEY_SERVER_ROUND), len(examples), worker.device)
             link = Link.from_config(cfg.federation.compression)
-            global_state = self._received(link, worker, state)
+            rank = int(config[C.KEY_RANK]) if C.KEY_RANK in config else None
+            shapes = {n: p.shape for n, p in trainable_parameters(worker.model).items()}
+            received, global_state = link.client_start(state, shapes, rank)
             seed = int(config[C.KEY_SEED])
             if cfg.privacy.level != "none" and self.noise_key:  # noise the coordinator cannot recompute
                 seed = private_seed(seed, self.noise_key)
@@ -91,19 +92,8 @@ class SiteTrainer:
                          pad_token_id=worker.tokenizer.pad_token_id, client_id=self.name, progress=False,
                          privacy=cfg.privacy, rounds=cfg.federation.rounds,
                          shares=int(config.get(C.KEY_SHARES, 1)))
-            if link.plain:
-                return update.num_examples, update.metrics, update.client_id, {
-                    k: update.state[k].numpy() for k in global_state}
-            arrays = link.send_update(global_state, update.state, self._feedback)  # this site's residual
+            arrays = link.client_reply(received, update.state, rank, self._feedback)  # top-k: this site's residual
         return update.num_examples, update.metrics, update.client_id, arrays
-
-    @staticmethod
-    def _received(link: Link, worker: Worker, state: Arrays) -> dict[str, torch.Tensor]:
-        """The global adapter the server sent: fp32 arrays, or its codec's payload."""
-        if link.plain:
-            return {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}
-        shapes = {n: p.shape for n, p in trainable_parameters(worker.model).items()}
-        return link.receive_global(state, shapes)
 
     def _worker_for(self, cfg) -> Worker:
         device = self.device or resolve_devices(cfg.model.devices)[0]

@@ -45,6 +45,7 @@ class SiteTask:
     name: str
     index: int
     seed: int
+    rank: int | None = None  # federation.client_ranks[index]
 
 
 class Transport(Protocol):
@@ -162,20 +163,22 @@ class FlowerTransport:
         return result
 
     def _config(self, rnd: int, task: SiteTask, job: str, shares: int) -> dict:
+        rank = {} if task.rank is None else {C.KEY_RANK: task.rank}
         return {C.KEY_SERVER_ROUND: rnd, C.KEY_SITE: task.name, C.KEY_SEED: task.seed, C.KEY_JOB: job,
-                C.KEY_TIMEOUT: self.dep.round_timeout_s, C.KEY_SHARES: shares}
+                C.KEY_TIMEOUT: self.dep.round_timeout_s, C.KEY_SHARES: shares, **rank}
 
     def _train_plain(self, rnd: int, tasks: list[SiteTask], state: State, job: str, fold: Fold,
                      link: Link) -> RoundResult:
         from fedpeft.state import ClientReport, ClientUpdate, RoundResult
 
         ttl = self.dep.round_timeout_s + 60
-        record = state_to_record(state) if link.plain else arrays_to_record(link.send_global(state)[0])
-        msgs = [Message(RecordDict({C.RECORD_STATE: record,
+        records = {rank: _broadcast_record(link, state, rank) for rank in {t.rank for t in tasks}}
+        msgs = [Message(RecordDict({C.RECORD_STATE: records[t.rank],
                                     C.RECORD_CONFIG: ConfigRecord(self._config(rnd, t, job, len(tasks)))}),
                         self.node_of[t.name], MessageType.TRAIN, ttl=ttl, group_id=str(rnd))
                 for t in tasks]
         name_of = {self.node_of[t.name]: t.name for t in tasks}
+        rank_of = {t.name: t.rank for t in tasks}
         reports, dropped = {}, []
         for reply in self.grid.send_and_stream(msgs, timeout=self.dep.round_timeout_s):  # as each site answers
             name = name_of.get(reply.metadata.src_node_id)
@@ -190,7 +193,7 @@ class FlowerTransport:
             n = int(m.pop(KEY_NUM_EXAMPLES))
             metrics = {**m, **{k: v for k, v in text.items() if k != KEY_CLIENT_ID}}
             try:
-                received = _received(link, reply.content.array_records[C.RECORD_STATE], state)
+                received = _received(link, reply.content.array_records[C.RECORD_STATE], state, rank_of[name])
             except AggregationError as e:  # a payload that does not decode: refused like a NaN update
                 dropped.append({"client": name, "reason": f"rejected update: {e}"})
                 fold.drop(name, dropped[-1]["reason"])
@@ -229,11 +232,20 @@ class FlowerTransport:
         return RoundResult(reports, mean=mean, dropped=dropped, secure=True)
 
 
-def _received(link: Link, record, global_state: State) -> State:
-    """A site's update from its reply's record: fp32 as is, or decoded by the job's codec."""
-    if link.plain:
+def _broadcast_record(link: Link, state: State, rank: int | None):
+    """The record sent to the sites of ``rank``: the fp32 state, or its codec's payload."""
+    if link.plain and rank is None:
+        return state_to_record(state)
+    view = link.broadcast(state, rank)
+    return state_to_record(view.start) if view.payload is None else arrays_to_record(view.payload)
+
+
+def _received(link: Link, record, global_state: State, rank: int | None) -> State:
+    """A site's update from its reply's record: fp32 as is, or decoded by the job's codec (and
+    zero-padded to the global shapes when the site has a smaller rank)."""
+    if link.plain and rank is None:
         return record_to_state(record)
-    return link.receive_update({k: a.numpy() for k, a in record.items()}, global_state)
+    return link.rebuild({k: a.numpy() for k, a in record.items()}, global_state, rank)
 
 
 def _reason(reply: Message) -> str:
