@@ -6,8 +6,13 @@ https://arxiv.org/abs/2402.11505
 
 FedAvg averages A and B separately, and mean(B_i) mean(A_i) is not mean(B_i A_i). This rule
 forms the exact mean product of every LoRA layer, ``W = sum_i w_i B_i A_i`` (w_i: sample
-weights), and keeps its best rank-r approximation (Eckart-Young): ``B' = U_r S_r^1/2``,
-``A' = S_r^1/2 V_r^T``. It never builds the ``out x in`` matrix: with
+weights), and keeps its best rank-r approximation (Eckart-Young): ``B' = U_r S_r / c``,
+``A' = c V_r^T``, with ``c`` the clients' RMS row norm of A. Splitting the singular values
+evenly (``U S^1/2``, ``S^1/2 V^T``) would shrink A to the size of the first rounds' tiny
+products, and with it every later gradient of B (LoRA's B starts at zero, its A at a
+Kaiming-sized random matrix): in a pilot on the tiny model it closed 11 % of the gap to
+centralised training where FedAvg closed 19 %. Keeping A's scale lets training go on at LoRA's
+pace. It never builds the ``out x in`` matrix: with
 ``B_cat = [w_1 B_1 ... w_n B_n]`` (out x nr) and ``A_cat = [A_1; ...; A_n]`` (nr x in),
 ``W = B_cat A_cat``; QR of ``B_cat`` and ``A_cat^T`` leaves an ``nr x nr`` matrix to decompose
 (one layer at a time, in float64), so memory is O((out + in) x nr) per layer. Each round logs,
@@ -103,9 +108,10 @@ def refactorise(bs: list[torch.Tensor], as_: list[torch.Tensor], weights: list[f
     q_a, r_a = torch.linalg.qr(a_cat.T)  # (in, k'), (k', sum r_i)
     u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)  # W = q_b (r_b r_a^T) q_a^T
     kept = min(rank, s.shape[0])
-    root = s[:kept].sqrt()
-    b_new = (q_b @ u[:, :kept]) * root  # (out, kept)
-    a_new = root[:, None] * (vh[:kept] @ q_a.T)  # (kept, in)
+    scale = float(a_cat.norm()) / max(a_cat.shape[0], 1) ** 0.5  # the clients' RMS row norm of A
+    scale = scale if scale > 0 else 1.0
+    b_new = (q_b @ u[:, :kept]) * (s[:kept] / scale)  # (out, kept)
+    a_new = scale * (vh[:kept] @ q_a.T)  # (kept, in): orthogonal rows, as long as the clients' A rows
     if b_new.shape[1] < rank:  # fewer directions than the rank (tiny layers): pad with zeros
         b_new = torch.nn.functional.pad(b_new, (0, rank - b_new.shape[1]))
         a_new = torch.nn.functional.pad(a_new, (0, 0, 0, rank - a_new.shape[0]))
