@@ -12,11 +12,14 @@ Suites:
 
 * ``rules``: ``fedavg``, ``ffa_lora`` (FedAvg), ``svd``, heterogeneous ranks {4, 8, 16, 16} with
   ``svd`` and with zero-padding (``fedavg``), and centralised.
+* ``schedule``: the same 16 steps per client as 2 x 8, 4 x 4 and 8 x 2 rounds x steps, and a
+  server learning rate (FedAvgM 2, FedAdam), next to centralised with as many steps.
 * ``compression``: FedAvg with updates sent as fp32, fp16, int8, nf4 (down fp16) and top-k 10 %:
   bytes per round and held-out loss; goal: nf4 at >= 7x fewer bytes than fp32 within 1 % loss.
 
     python bench/lora_aggregation.py --suite rules            # ~30 min on one idle core
     python bench/lora_aggregation.py --suite compression      # ~20 min
+    python bench/lora_aggregation.py --suite schedule         # ~60 min
     python bench/lora_aggregation.py --suite rules --rows 16 --test-rows 8 --steps 1 --model tiny  # smoke
 """
 
@@ -44,6 +47,16 @@ SUITES: dict[str, dict[str, dict[str, Any]]] = {
         "ranks {4,8,16,16} + svd": {"aggregation": {"name": "svd"}, "client_ranks": HETERO},
         "ranks {4,8,16,16} + padding": {"client_ranks": HETERO},
         "centralised": {"centralised": True},
+    },
+    "schedule": {  # 16 optimizer steps per client in all, split differently; server learning rates
+        "2 rounds x 8 steps": {"rounds": 2, "steps": 8},
+        "4 rounds x 4 steps": {"rounds": 4, "steps": 4},
+        "8 rounds x 2 steps": {"rounds": 8, "steps": 2},
+        "4 x 4, fedavgm server_lr 2": {"rounds": 4, "steps": 4,
+                                       "aggregation": {"name": "fedavgm", "beta": 0.5, "server_lr": 2.0}},
+        "4 x 4, fedadam server_lr 0.01": {"rounds": 4, "steps": 4,
+                                          "aggregation": {"name": "fedadam", "server_lr": 0.01}},
+        "centralised (4 x 4)": {"rounds": 4, "steps": 4, "centralised": True},
     },
     "compression": {
         "fp32": {},
@@ -81,7 +94,8 @@ def run_arm(name: str, arm: dict, job: dict) -> tuple[Path, dict]:
             .replace("%", "pct").replace("+", "")}
     if "peft" in arm:
         tree["peft"] = arm["peft"]
-    fed = dict(tree["federation"])
+    fed = dict(tree["federation"], rounds=arm.get("rounds", tree["federation"]["rounds"]))
+    tree["train"] = dict(tree["train"], max_steps=arm.get("steps", tree["train"]["max_steps"]))
     for key in ("aggregation", "client_ranks", "compression"):
         if key in arm:
             fed[key] = arm[key]
@@ -184,10 +198,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: held-out loss {rows[-1]['heldout_loss']:.4f} ({rows[-1]['seconds']:.0f} s)", flush=True)
     zero = losses["zero-shot"]
     zero_loss = sum(x[0] for x in zero) / sum(x[1] for x in zero)
-    central = losses.get("centralised")
+    central = next((v for k, v in losses.items() if k.startswith("centralised")), None)
     fp32 = next((r["bytes_per_round"] for r in rows if r["arm"] in ("fedavg", "fp32")), None)
     for r in rows:
-        if central is not None and r["arm"] != "centralised":
+        if central is not None and not r["arm"].startswith("centralised"):
             r["gap_closed"], r["gap_ci"] = gap_closed(zero, central, losses[r["arm"]])
         if fp32 and r["bytes_per_round"]:
             r["fp32_ratio"] = fp32 / r["bytes_per_round"]
