@@ -60,6 +60,6 @@ def pad(state: State, shapes: dict[str, torch.Size]) -> State:
     return out
 
 
-def client_rank(ranks: list[int] | None, index: int) -> int | None:
+def client_rank(ranks: list[int | None] | None, index: int) -> int | None:
     """Client ``index``'s rank from ``federation.client_ranks`` (None: the global rank)."""
     return None if ranks is None else ranks[index]

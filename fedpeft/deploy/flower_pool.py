@@ -17,7 +17,7 @@ from fedpeft.config import JobConfig
 from fedpeft.constants import PARTITIONS_FILE
 from fedpeft.data.federated import cap_rows  # the simulation's test cap, so both test the same rows
 from fedpeft.data.io import load_examples
-from fedpeft.deploy.settings import DeployConfig
+from fedpeft.deploy.settings import DeployConfig, site_ranks
 from fedpeft.deploy.transport import SiteTask, Transport, wait_for_sites
 from fedpeft.deploy.wire import site_job_payload
 from fedpeft.compression.link import Link
@@ -66,6 +66,7 @@ class FlowerPool:
                         "secure_aggregation": dep.secure_aggregation.enabled}
         self.job = site_job_payload(cfg)
         self.link = Link.from_config(cfg.federation.compression)
+        self.ranks = site_ranks(dep, cfg)  # deploy.yaml's per-site rank, else federation.client_ranks
         self.first = True  # the first round of this process waits for every sampled site
         path = run.path / PARTITIONS_FILE
         self.sizes = {p["site"]: p["size"] for p in json.loads(path.read_text())} if path.is_file() else {}
@@ -79,7 +80,7 @@ class FlowerPool:
         Raises:
             RoundError: after ``round_retries`` retries, saying what happened and how to go on.
         """
-        tasks = [SiteTask(n, i, client_seed(self.cfg, rnd, i), client_rank(self.cfg.federation.client_ranks, i))
+        tasks = [SiteTask(n, i, client_seed(self.cfg, rnd, i), client_rank(self.ranks, i))
                  for n, i in ((n, self.client_ids.index(n)) for n in sampled)]
         need, total, dropped = self.cfg.federation.min_clients, self.cfg.federation.rounds, []
         for attempt in range(self.dep.round_retries + 1):

@@ -39,6 +39,7 @@ class SiteConfig(_Section):
 
     name: str = Field(pattern=SITE_NAME_PATTERN)
     public_key: Path | None = None  # OpenSSH public key (``fedpeft keys NAME``); needed with auth
+    rank: int | None = Field(None, ge=1)  # this site's LoRA rank (<= peft.r); wins over federation.client_ranks
 
 
 class SecAggConfig(_Section):
@@ -117,6 +118,27 @@ def _check(dep: DeployConfig, job: JobConfig, add: Callable[[Loc, str], None]) -
     except ValueError:
         add(("listen",), f"expected HOST:PORT (e.g. 0.0.0.0:9092), got {dep.listen!r}")
     _check_secagg(dep.secure_aggregation, job, add)
+    _check_ranks(dep, job, add)
+
+
+def _check_ranks(dep: DeployConfig, job: JobConfig, add: Callable[[Loc, str], None]) -> None:
+    top = int(job.peft.params.get("r", 16))
+    for i, site in enumerate(dep.sites):
+        if site.rank is None:
+            continue
+        if job.peft.method not in ("lora", "ffa_lora"):
+            add(("sites", i, "rank"), f"site {site.name!r}: a rank needs peft.method lora or ffa_lora, not "
+                f"{job.peft.method!r}")
+        elif site.rank > top:
+            add(("sites", i, "rank"), f"site {site.name!r}: rank {site.rank} is above peft.r ({top}), the global "
+                "adapter's rank; lower it or raise peft.r")
+
+
+def site_ranks(dep: DeployConfig, job: JobConfig) -> list[int | None] | None:
+    """Each site's rank: its ``rank`` in deploy.yaml, else ``federation.client_ranks``; None: all full."""
+    ranks = [s.rank if s.rank is not None else (job.federation.client_ranks or [None] * len(dep.sites))[i]
+             for i, s in enumerate(dep.sites)]
+    return None if all(r is None for r in ranks) else ranks
 
 
 def _check_secagg(sa: SecAggConfig, job: JobConfig, add: Callable[[Loc, str], None]) -> None:

@@ -248,3 +248,19 @@ def test_heterogeneous_ranks_equal_the_simulation_bit_for_bit(sites_and_test, tm
     for rnd in (1, 2):
         a, b = checkpoint(sim.path, rnd), checkpoint(run.path, rnd)
         assert all(torch.equal(a[k], b[k]) for k in a), rnd
+
+
+def test_a_rank_in_deploy_yaml_wins_over_client_ranks_and_is_checked(sites_and_test, tmp_path):
+    from fedpeft.deploy.settings import load_deploy_config, site_ranks
+    from fedpeft.errors import ConfigError
+
+    sites, test = sites_and_test
+    cfg = validate_tree({**tiny_job(sites, test, client_ranks=[2, 2, 2]), "workspace": str(tmp_path)})
+    path = tmp_path / "deploy.yaml"
+    names = list(sites)
+    path.write_text("insecure: true\nauthenticate: false\nsites:\n"
+                    f"  - {{name: {names[0]}, rank: 1}}\n  - {{name: {names[1]}}}\n  - {{name: {names[2]}, rank: 9}}\n")
+    with pytest.raises(ConfigError, match=r"deploy.yaml:6: sites.2.rank: site .* rank 9 is above peft.r \(4\)"):
+        load_deploy_config(path, cfg)
+    path.write_text(path.read_text().replace("rank: 9", "rank: 4"))
+    assert site_ranks(load_deploy_config(path, cfg), cfg) == [1, 2, 4]
