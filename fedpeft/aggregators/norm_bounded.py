@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from fedpeft.aggregators.base import AGGREGATORS, check_state, clone_state, require_in_range
+from fedpeft.aggregators.base import AGGREGATORS, require_in_range
+from fedpeft.aggregators.fedavg import FedAvg
 from fedpeft.state import State
 from fedpeft.update_checks import delta_norm
 
@@ -47,9 +48,8 @@ class NormBounded:
                 for k, g in global_state.items()}
 
     def step(self, global_state: State, mean_state: State) -> State:
-        """The mean of the clipped updates is the new global state."""
-        check_state(global_state, mean_state, "the mean of the client updates")
-        return clone_state(mean_state)
+        """The mean of the clipped updates is the new global state (FedAvg's step)."""
+        return FedAvg().step(global_state, mean_state)
 
     def state_dict(self) -> dict[str, Any]:
         """No server state: ``{}``."""
