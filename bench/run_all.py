@@ -15,6 +15,8 @@ as a new section.
     python bench/quality.py                       # the long ones, run on their own (about an hour each
     python bench/medquad.py                       #   and 35 min), then --render-only
     python bench/privacy.py                       # DP vs utility, canary exposure (about 35 min)
+    python bench/server_memory.py                 # server RSS of a round, 2 to 32 clients (about 2 min)
+    python bench/robust.py                        # robust rules vs a scaled update (about 15 min)
 """
 
 from __future__ import annotations
@@ -53,9 +55,12 @@ SECTIONS = {
     "medquad": "8. The MedQuAD run",
     "faults": "9. Fault suite",
     "privacy": "Privacy",
+    "server_memory": "LoRA-aware aggregation: server memory",
+    "robust": "Robust aggregation: a site sending a scaled update",
 }
 LONG = {"quality": "python bench/quality.py", "medquad": "python bench/medquad.py",  # run on their own
-        "faults": "python bench/faults.py", "privacy": "python bench/privacy.py"}
+        "faults": "python bench/faults.py", "privacy": "python bench/privacy.py",
+        "server_memory": "python bench/server_memory.py", "robust": "python bench/robust.py"}
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
 
@@ -118,6 +123,20 @@ def _privacy_headline(rows: list[dict], r: int) -> str:
     return f"held-out loss {loss}; planted canary exposure at r={r}: {bits} bits (chance ≈ 1.4)"
 
 
+def _server_memory_headline(goal: dict) -> str:
+    """Peak RSS growth per server arm, fewest to most clients."""
+    g = goal["growth"]
+    return f"{g['streaming']['from']} → {g['streaming']['to']} clients: " + "; ".join(
+        f"{arm} {100 * x['growth']:+.1f} % ({x['per_client_bytes'] / 1e6:.1f} MB/client)" for arm, x in g.items())
+
+
+def _robust_headline(rows: list[dict]) -> str:
+    """Final held-out loss of the clean run and of each rule under attack."""
+    clean = rows[0]
+    attacked = ", ".join(f"{x['aggregation']} {x['final']:.3g}" for x in rows if x["attacked"])
+    return f"final held-out loss: clean {clean['final']:.2f} (zero-shot {clean['zero_shot']:.2f}); attacked: {attacked}"
+
+
 HEADLINES = {  # one line of what each result measured, for the summary table
     "overhead": lambda r: (f"outside the optimizer steps: {_pct_range([x['outside_steps'] for x in r['rows']])} "
                            f"of the run; wall ratio {_pct_range([x['overhead'] for x in r['rows']])}"),
@@ -137,6 +156,8 @@ HEADLINES = {  # one line of what each result measured, for the summary table
     "faults": lambda r: f"{len(r['rows'])} cases: " + ", ".join(
         f"{k} {n}" for k, n in sorted(r["goal"]["counts"].items(), key=lambda kv: -kv[1])),
     "privacy": lambda r: _privacy_headline(r["rows"], r["repetitions_found"]),
+    "server_memory": lambda r: _server_memory_headline(r["goal"]),
+    "robust": lambda r: _robust_headline(r["rows"]),
 }
 
 
