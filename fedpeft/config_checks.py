@@ -16,6 +16,8 @@ from fedpeft.problems import Loc, did_you_mean
 if TYPE_CHECKING:
     from fedpeft.config import JobConfig
 
+EXAMPLE_DP_METHODS = ("lora", "ffa_lora", "ptuning")  # Opacus computes per-example gradients for these
+
 
 def _section(tree: dict, *path: str) -> dict:
     node: Any = tree
@@ -108,10 +110,12 @@ def semantic_problems(cfg: JobConfig) -> list[tuple[Loc, str]]:
         problems.append((("federation", "compression", "down", "name"), f"{down!r} only compresses updates "
                          "(up): a client sampled now and then has no residual of the global adapter to feed back; "
                          "use fp16, bf16, int8 or nf4 down"))
-    if cfg.privacy.level == "example" and cfg.peft.method == "prefix":
-        problems.append((("privacy", "level"), "example-level DP supports peft.method lora and ptuning, not prefix "
-                         "(Opacus cannot take per-example gradients through a shared KV-cache prefix); "
-                         "use privacy.level: client, or another peft.method"))
+    dora = cfg.peft.params.get("use_dora", False)
+    if cfg.privacy.level == "example" and (cfg.peft.method not in EXAMPLE_DP_METHODS or dora):
+        what = "lora with use_dora" if dora else cfg.peft.method
+        problems.append((("privacy", "level"), f"example-level DP supports peft.method {', '.join(EXAMPLE_DP_METHODS)} "
+                         f"(without use_dora), not {what} (Opacus has no per-example gradients for its layers); "
+                         "use privacy.level: client, or one of those methods"))
     return problems + privacy_problems(cfg.privacy)
 
 

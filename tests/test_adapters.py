@@ -19,7 +19,10 @@ from fedpeft.trainer import fit
 ROWS = [{"question": f"What is condition {i}?", "answer": f"Condition {i} is a made-up illness number {i}."}
         for i in range(8)]
 METHODS = [("lora", {"r": 4}), ("lora", {"r": 2, "target_modules": ["q_proj", "v_proj"]}),
-           ("ptuning", {"num_virtual_tokens": 4, "encoder_hidden_size": 16})]
+           ("ptuning", {"num_virtual_tokens": 4, "encoder_hidden_size": 16}),
+           ("lora", {"r": 2, "use_dora": True}), ("lora", {"r": 2, "use_rslora": True}), ("ffa_lora", {"r": 2}),
+           ("ia3", {}), ("prompt_tuning", {"num_virtual_tokens": 4}),
+           ("prefix", {"num_virtual_tokens": 3, "encoder_hidden_size": 8})]
 
 
 def _wrapped(model, method, params):
@@ -41,6 +44,8 @@ def test_only_adapter_parameters_change(tiny_model, tokenizer, method, params):
     assert set(update.state) == trainable  # every trainable parameter travels (P-Tuning: the encoder too)
     if method == "ptuning":
         assert any("prompt_encoder" in n and "mlp" in n for n in update.state)
+    if params.get("use_dora"):
+        assert any("lora_magnitude_vector" in n for n in update.state)  # DoRA's magnitudes travel too
     assert update.num_examples == len(ROWS) and update.metrics["steps"] == 2
 
 

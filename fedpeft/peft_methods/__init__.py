@@ -26,7 +26,7 @@ class PeftMethod(Protocol):
     def peft_config(self, model: PreTrainedModel) -> peft.PeftConfig: ...
 
 
-from fedpeft.peft_methods import ffa_lora, lora, prefix, ptuning  # noqa: E402,F401  (registration)
+from fedpeft.peft_methods import ffa_lora, ia3, lora, prefix, prompt_tuning, ptuning  # noqa: E402,F401  (registration)
 
 
 def build_peft_method(name: str, params: dict[str, Any]) -> PeftMethod:

@@ -27,6 +27,10 @@ class LoRA:
         dropout: Dropout on the LoRA input during training.
         target_modules: ``all-linear``, ``default`` or a list of module names.
         bias: Which biases train (``none`` keeps updates small).
+        use_rslora: Scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA, Kalajdzievski 2023,
+            arXiv:2312.03732) instead of ``alpha / r``.
+        use_dora: DoRA (Liu et al. 2024, arXiv:2402.09353): a trained magnitude vector per
+            adapted layer on top of LoRA's direction; it travels with the update. Slower steps.
     """
 
     def __init__(
@@ -36,6 +40,8 @@ class LoRA:
         dropout: float = 0.05,
         target_modules: str | list[str] = "all-linear",
         bias: Literal["none", "all", "lora_only"] = "none",
+        use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
         if r < 1:
             raise ConfigError(f"peft.r must be >= 1, got {r}")
@@ -45,6 +51,7 @@ class LoRA:
             raise ConfigError(f"peft.dropout must be in [0, 1), got {dropout}")
         self.r, self.alpha, self.dropout, self.bias = r, alpha, dropout, bias
         self.target_modules = target_modules
+        self.use_rslora, self.use_dora = use_rslora, use_dora
 
     def peft_config(self, model: PreTrainedModel) -> peft.LoraConfig:
         """The ``peft.LoraConfig`` for ``model``."""
@@ -52,4 +59,5 @@ class LoRA:
         return peft.LoraConfig(
             task_type=peft.TaskType.CAUSAL_LM, r=self.r, lora_alpha=self.alpha,
             lora_dropout=self.dropout, target_modules=targets, bias=self.bias,
+            use_rslora=self.use_rslora, use_dora=self.use_dora,
         )

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 from benchmark_jobs import tiny_ianvs_files, write_files
 
 from fedpeft.benchmark.screenshot import find_chromium, screenshot
@@ -167,5 +168,7 @@ def test_an_ianvs_job_with_prefix_tuning_runs_and_its_saved_adapter_answers_alik
     rows = [json.loads(line) for line in (case / "predictions.jsonl").read_text().splitlines()]
     model, tokenizer = load_adapter(case / "adapter")  # inference mode: the MLP's output is saved
     assert model.active_peft_config.peft_type.value == "PREFIX_TUNING"
-    again = generate_answers(model, tokenizer, [r["question"] for r in rows], max_new_tokens=3, progress=False)
+    penalty = yaml.safe_load((case / "config.yaml").read_text())["eval"]["repetition_penalty"]  # as the run
+    again = generate_answers(model, tokenizer, [r["question"] for r in rows], max_new_tokens=3,
+                             repetition_penalty=penalty, progress=False)
     assert again == [r["prediction"] for r in rows]
