@@ -152,6 +152,11 @@ def load_base_model(
         tok = load_tokenizer(cfg)
         model = _load_weights(cfg, dtype, len(tok))
     except (OSError, ValueError) as e:
+        if "custom code" in str(e) and not cfg.trust_remote_code:
+            raise ModelError(
+                f"model.name={cfg.name!r} ships its own model code (auto_map in its config.json), which runs "
+                "only with model.trust_remote_code: true; read that code first, then set it (sites must also "
+                "allow it: fedpeft client --allow-remote-code)") from e
         raise ModelError(
             f"model.name={cfg.name!r} could not be loaded: {e}. Use a Hugging Face hub id, a local "
             f"folder, a .gguf file, or one of {', '.join(BUILTIN_MODELS)}."
