@@ -202,9 +202,9 @@ def require_state_keys(state: dict[str, Any], keys: list[str], owner: str) -> No
         )
 
 
-def stacked(updates: list[ClientUpdate], key: str) -> torch.Tensor:
-    """Tensor ``key`` of every update, stacked in float64: ``(clients, *shape)``."""
-    return torch.stack([u.state[key].detach().to("cpu", torch.float64) for u in updates])
+def stacked(updates: list[ClientUpdate], key: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Tensor ``key`` of every update, stacked: ``(clients, *shape)`` (float32 sorts exactly in half the memory)."""
+    return torch.stack([u.state[key].detach().to("cpu", dtype) for u in updates])
 
 
 def refuse_mean(rule: str) -> AggregationError:

@@ -30,7 +30,7 @@ class Median:
 
     def step_updates(self, global_state: State, updates: list[ClientUpdate]) -> State:
         """The coordinate-wise median of ``updates``' states (float32)."""
-        return {key: _median(stacked(updates, key)).to(torch.float32) for key in global_state}
+        return {key: _median(stacked(updates, key, torch.float32)).to(torch.float32) for key in global_state}
 
     def step(self, global_state: State, mean_state: State) -> State:
         """Refused: the median needs each update (see the module doc)."""
@@ -46,6 +46,6 @@ class Median:
 
 def _median(values: torch.Tensor) -> torch.Tensor:
     """Median over dim 0 of ``(clients, *shape)``; the mean of the two middle values when even."""
-    ordered = values.sort(dim=0).values
+    ordered = values.sort(dim=0).values  # exact in the input's dtype
     n = ordered.shape[0]
-    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1].double() + ordered[n // 2].double()) / 2

@@ -46,8 +46,8 @@ class TrimmedMean:
         if k == 0:
             log.warning("trimmed_mean: trim=%g of %d clients cuts none (needs >= %d clients): the plain mean this "
                         "round", self.trim, n, math.ceil(1 / self.trim) if self.trim else 0)
-        return {key: stacked(updates, key).sort(dim=0).values[k:n - k].mean(dim=0).to(torch.float32)
-                for key in global_state}
+        return {key: stacked(updates, key, torch.float32).sort(dim=0).values[k:n - k].double().mean(dim=0)
+                .to(torch.float32) for key in global_state}
 
     def step(self, global_state: State, mean_state: State) -> State:
         """Refused: the trimmed mean needs each update (see the module doc)."""
