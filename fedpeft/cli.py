@@ -1,4 +1,4 @@
-"""Command line: ``fedpeft run | validate | demo | data split | generate | audit``."""
+"""Command line: ``fedpeft run | validate | demo | data split | data mcq | generate | audit``."""
 
 from __future__ import annotations
 
@@ -116,6 +116,13 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mcq(args: argparse.Namespace) -> int:
+    from fedpeft.data.mcq_command import mcq_file
+
+    print(json.dumps(mcq_file(args.input, args.out, distractors=args.distractors, seed=args.seed, max_items=args.max)))
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from fedpeft.adapters import load_adapter
     from fedpeft.generation import generate_answers
@@ -169,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--drop", action="append", help="field to remove from every row (repeatable)")
     split.add_argument("--group-by", help="keep each value of this field on one side (e.g. focus)")
     split.set_defaults(fn=_cmd_split)
+    mcq = data.add_parser("mcq", help="make multiple-choice items (eval.mcq) from MedQuAD rows: each answer "
+                                      "against answers of the same qtype on other topics")
+    mcq.add_argument("input", help="JSONL rows with question, answer, qtype and focus (e.g. MedQuAD test.jsonl)")
+    mcq.add_argument("--out", required=True, help="the JSONL file of items to write")
+    mcq.add_argument("--distractors", type=int, default=3, help="wrong options per question")
+    mcq.add_argument("--seed", type=int, default=0)
+    mcq.add_argument("--max", type=int, metavar="N", help="items for N rows at most (a seeded random subset)")
+    mcq.set_defaults(fn=_cmd_mcq)
     gen = sub.add_parser("generate", help="answer questions with a trained global adapter")
     gen.add_argument("--adapter", required=True, help="adapter folder of a run (RUN_DIR/adapter)")
     gen.add_argument("questions", nargs="+")

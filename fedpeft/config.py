@@ -20,7 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedpeft.data.io import resolve_input
-from fedpeft.errors import ConfigError
+from fedpeft.data.mcq_io import load_mcq
+from fedpeft.errors import ConfigError, DataError
 from fedpeft.privacy.settings import AuditConfig, PrivacyConfig
 from fedpeft.problems import Loc, Problems, read_yaml
 
@@ -151,6 +152,21 @@ class EvalConfig(_Section):
     metrics: list[str] = ["rouge1", "rouge2", "rougeL", "bleu4"]
     heldout_loss: bool = True
     merge_lora: bool = True  # merge LoRA into the weights while generating (faster), then restore
+    # JSONL of multiple-choice items (fedpeft data mcq; PubMedQA, MedMCQA, MedQA, CareQA exports):
+    # adds mcq_accuracy; one forward pass over each item's options, batch_size options a pass
+    mcq: str | None = None
+    mcq_max_items: int | None = Field(None, ge=1)  # score only the first N items (cost grows with N)
+
+    @field_validator("mcq")
+    @classmethod
+    def _mcq_file(cls, path: str | None) -> str | None:
+        if path is None:
+            return path
+        try:
+            load_mcq(path)  # parsed once and cached: evaluation reuses it
+        except DataError as e:
+            raise ValueError(str(e)) from None
+        return path
 
 
 class CheckpointConfig(_Section):
@@ -242,12 +258,15 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
 
 
 def resolve_data_paths(tree: dict, base_dir: Path) -> dict:
-    """Resolve relative ``data.train``, ``data.test`` and ``data.client_files`` of a raw tree.
+    """Resolve relative ``data.train``, ``data.test``, ``data.client_files`` and ``eval.mcq`` of a raw tree.
 
     Each is looked up beside the YAML file (``base_dir``) first, then in the working directory
     (:func:`fedpeft.data.io.resolve_input`, which logs the choice); ``builtin:`` and ``hf:``
     values pass through. Non-string values are left for validation to report.
     """
+    evaluation = tree.get("eval")
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("mcq"), str):
+        evaluation["mcq"] = resolve_input(evaluation["mcq"], base_dir, "eval.mcq")
     data = tree.get("data")
     if not isinstance(data, dict):
         return tree
@@ -307,7 +326,7 @@ def validate_tree(tree: Any, source: str = "<config>", root: yaml.Node | None = 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     """Read, override and validate a native fedpeft YAML job.
 
-    Relative ``data.train`` / ``data.test`` / ``data.client_files`` are resolved beside the file
+    Relative ``data.train`` / ``data.test`` / ``data.client_files`` / ``eval.mcq`` are resolved beside the file
     first, then in the working directory, so the returned config (and the ``config.yaml`` a run
     writes from it) holds absolute paths.
 

@@ -1,4 +1,5 @@
-"""Evaluate a model on held-out questions: generated-answer metrics and held-out loss.
+"""Evaluate a model on held-out questions: generated-answer metrics, held-out loss, and optionally
+multiple-choice accuracy.
 
 Two signals, because each misses what the other sees. Generation metrics (ROUGE, BLEU) judge
 what a user would read, but greedy decoding of a few dozen answers is slow and noisy, so only
@@ -9,6 +10,10 @@ test example given and moves smoothly from round to round.
 LoRA adapters are merged into the weights while generating (``eval.merge_lora``) and restored
 bit for bit afterwards (see :func:`fedpeft.generation.merged_lora`); the loss is computed on
 the unmerged model, exactly as in training.
+
+With ``eval.mcq`` set, ``mcq_accuracy`` is added: the share of multiple-choice items whose right
+option has the highest length-normalised log-likelihood (:mod:`fedpeft.mcq`), on the unmerged
+model too; the items are read once per file, not every round.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from fedpeft.config import EvalConfig
 from fedpeft.constants import KEY_GEN_TOKENS_PER_S, KEY_HELDOUT_LOSS
 from fedpeft.data.prompts import IGNORE_INDEX, TokenizedExample, collate, tokenize_examples
 from fedpeft.generation import Model, eval_mode, is_lora, merged_lora, model_device, run_generation
+from fedpeft.mcq import KEY_MCQ_ACCURACY, load_mcq, mcq_accuracy, mcq_scores
 from fedpeft.metrics import compute_metrics
 
 log = logging.getLogger(__name__)
@@ -93,12 +99,14 @@ def evaluate(
 
     Returns:
         ``(metrics, predictions)``: ``metrics`` holds each of ``cfg.metrics``,
-        ``heldout_loss`` (if ``cfg.heldout_loss``; over all ``examples``) and
-        ``gen_tokens_per_s``; ``predictions`` holds one ``{"question", "reference",
-        "prediction"}`` row per generated question.
+        ``heldout_loss`` (if ``cfg.heldout_loss``; over all ``examples``), ``mcq_accuracy``
+        (if ``cfg.mcq``; over its first ``cfg.mcq_max_items`` items) and ``gen_tokens_per_s``;
+        ``predictions`` holds one ``{"question", "reference", "prediction"}`` row per generated
+        question.
 
     Raises:
         RegistryError: if a metric name is unknown.
+        DataError: if ``cfg.mcq`` is unreadable.
         ValueError: if ``examples`` is empty.
     """
     if not examples:
@@ -116,6 +124,11 @@ def evaluate(
     if cfg.heldout_loss:
         tokenized = tokenize_examples(tokenizer, examples, max_seq_len, system_prompt)
         metrics[KEY_HELDOUT_LOSS] = heldout_loss(model, tokenized, cfg.batch_size, pad_token_id=tokenizer.pad_token_id)
+    if cfg.mcq:
+        items = load_mcq(cfg.mcq, cfg.mcq_max_items)  # parsed once per file version (cached)
+        chosen = mcq_scores(model, tokenizer, items, system_prompt=system_prompt, batch_size=cfg.batch_size,
+                            max_seq_len=max_seq_len)
+        metrics[KEY_MCQ_ACCURACY] = mcq_accuracy(chosen, items)
     metrics[KEY_GEN_TOKENS_PER_S] = result.num_tokens / max(result.seconds, 1e-9)
     log.info("evaluated %d questions: %s", len(sample), ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     rows = [{"question": q, "reference": r, "prediction": p} for q, r, p in zip(questions, references, result.answers)]
