@@ -39,6 +39,11 @@ class ModelConfig(_Section):
     trust_remote_code: bool = False  # needed for models like ChatGLM; runs the model's own code
     revision: str | None = None
     gguf_file: str | None = None  # file name inside a hub repo / folder holding GGUF weights
+    # bitsandbytes quantisation of the frozen base (QLoRA); adapters stay fp32 and travel in fp32.
+    # 4bit: ~0.5 byte per base weight (+ absmax), 8bit: ~1 byte; dtype is then the compute dtype.
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    quant_type: Literal["nf4", "fp4"] = "nf4"  # 4bit code book (QLoRA's NF4, or FP4)
+    double_quant: bool = True  # 4bit: quantise the absmax constants too (~0.4 bit per weight saved)
 
 
 class _Named(_Section):

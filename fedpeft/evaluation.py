@@ -114,7 +114,8 @@ def evaluate(
     sample = examples[: cfg.max_samples]
     questions = [e["question"] for e in sample]
     references = [e["answer"] for e in sample]
-    merge = merged_lora(model) if cfg.merge_lora and is_lora(model) else contextlib.nullcontext()
+    quantized = getattr(model, "hf_quantizer", None) is not None  # merging into 4/8-bit weights is lossy: never
+    merge = merged_lora(model) if cfg.merge_lora and is_lora(model) and not quantized else contextlib.nullcontext()
     with merge:
         result = run_generation(
             model, tokenizer, questions, system_prompt=system_prompt, max_new_tokens=cfg.max_new_tokens,

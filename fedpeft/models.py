@@ -115,21 +115,58 @@ def tiny_random_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     return model
 
 
-def _load_weights(cfg: ModelConfig, dtype: torch.dtype | str, vocab_size: int) -> PreTrainedModel:
+def _load_weights(cfg: ModelConfig, dtype: torch.dtype | str, vocab_size: int,
+                  device: str | torch.device) -> PreTrainedModel:
     name = cfg.name
-    if name == TINY:
+    quant = quantization_config(cfg)
+    if quant is not None:  # bitsandbytes places the weights itself
+        extra = {"quantization_config": quant, "device_map": {"": str(device)}}
+    else:
+        extra = {}
+    if name == TINY and quant is None:
         return tiny_random_llama(vocab_size).to(dtype if isinstance(dtype, torch.dtype) else torch.float32)
+    if name == TINY:  # quantisation loads from a folder: the tiny model's, written once
+        return AutoModelForCausalLM.from_pretrained(_tiny_dir(vocab_size), dtype=dtype, **extra)
     if name == SMOLLM2:
-        return AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=dtype, **extra)
     if name.endswith(".gguf"):
         path = Path(name).expanduser()
         if not path.is_file():
             raise ModelError(f"model.name: GGUF file not found: {path}")
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **extra)
     return AutoModelForCausalLM.from_pretrained(
         name, dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
-        gguf_file=cfg.gguf_file,
+        gguf_file=cfg.gguf_file, **extra,
     )
+
+
+def quantization_config(cfg: ModelConfig) -> object | None:
+    """transformers' ``BitsAndBytesConfig`` for ``model.quantization`` (None for ``none``).
+
+    Raises:
+        ModelError: if bitsandbytes is not installed (the message says what works without it).
+    """
+    if cfg.quantization == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"model.quantization: {cfg.quantization} needs bitsandbytes (pip install 'bitsandbytes>=0.50'; "
+                         "0.50+ also runs on CPU); without it use quantization: none with dtype: bfloat16")
+    from transformers import BitsAndBytesConfig
+
+    compute = _DTYPES.get(cfg.dtype, torch.float32) if cfg.dtype != "auto" else torch.bfloat16
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
+                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=compute)
+
+
+def _tiny_dir(vocab_size: int) -> Path:
+    """The tiny model saved as a folder (quantised loads need one), written once in the cache."""
+    out = cache_dir() / f"tiny-random-llama-{vocab_size}"
+    if not (out / "config.json").is_file():
+        with atomic_path(out) as tmp:
+            tiny_random_llama(vocab_size).save_pretrained(tmp)
+    return out
 
 
 def load_base_model(
@@ -150,7 +187,7 @@ def load_base_model(
     dtype = "auto" if cfg.dtype == "auto" else _DTYPES[cfg.dtype]
     try:
         tok = load_tokenizer(cfg)
-        model = _load_weights(cfg, dtype, len(tok))
+        model = _load_weights(cfg, dtype, len(tok), device)
     except (OSError, ValueError) as e:
         if "custom code" in str(e) and not cfg.trust_remote_code:
             raise ModelError(
@@ -161,7 +198,12 @@ def load_base_model(
             f"model.name={cfg.name!r} could not be loaded: {e}. Use a Hugging Face hub id, a local "
             f"folder, a .gguf file, or one of {', '.join(BUILTIN_MODELS)}."
         ) from e
-    model.to(device)
+    if cfg.quantization == "none":
+        model.to(device)
+    else:  # norms and head in fp32, input grads on (PEFT's QLoRA recipe); bitsandbytes placed the weights
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
