@@ -59,7 +59,10 @@ def build_worker(cfg: JobConfig, device: str) -> Worker:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         peft_model = wrap_model(model, build_peft_method(cfg.peft.method, cfg.peft.params))
-    peft_model.to(device)
+    if cfg.model.quantization == "none":  # a quantised base stays where bitsandbytes put it (PEFT follows it)
+        peft_model.to(device)
+    if cfg.train.gradient_checkpointing:  # recompute activations in backward: training only (generation is eval)
+        peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model.eval()
     return Worker(peft_model, tok, device)
 

@@ -80,3 +80,24 @@ def test_bf16_autocast_runs_the_forward_in_bfloat16(lora, examples, tokenizer):
     assert math.isfinite(update.metrics["train_loss"]) and update.metrics["train_loss"] > 0
     assert all(t.dtype == torch.float32 for t in update.state.values())  # the weights stay fp32
     assert _distance(update.state, start) > 0
+
+
+def test_gradient_checkpointing_gives_the_same_update(tokenizer):
+    from fedpeft.adapters import get_trainable_state
+    from fedpeft.config import TrainConfig, validate_tree
+    from fedpeft.data.prompts import tokenize_examples
+    from fedpeft.trainer import fit
+    from fedpeft.worker import build_worker
+    from tiny_jobs import tiny_job
+
+    rows = [{"question": f"What is condition {i}?", "answer": f"Condition {i} is made up."} for i in range(4)]
+    examples = tokenize_examples(tokenizer, rows, 48)
+    updates = []
+    for checkpointing in (False, True):
+        job = {**tiny_job("gc"), "train": {"gradient_checkpointing": checkpointing}}
+        worker = build_worker(validate_tree(job), "cpu")
+        assert worker.model.get_base_model().is_gradient_checkpointing == checkpointing
+        updates.append(fit(worker.model, examples, TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-2),
+                           get_trainable_state(worker.model), seed=0, pad_token_id=tokenizer.pad_token_id,
+                           progress=False).state)
+    assert all(torch.allclose(updates[0][k], updates[1][k], atol=1e-6) for k in updates[0])
