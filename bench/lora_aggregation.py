@@ -208,7 +208,29 @@ def main(argv: list[str] | None = None) -> dict:
     rows.insert(0, {"arm": "zero-shot", "heldout_loss": zero_loss})
     md = markdown_table(COLUMNS, rows) + "\n\n" + _footer(args)
     return rec.finish(args.results_dir, title=f"LoRA-aware aggregation on MedQuAD: {args.suite}", rows=rows,
-                      markdown=md, params={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
+                      markdown=md, params={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                      goal=goal(args.suite, rows))
+
+
+def goal(suite: str, rows: list[dict]) -> dict | None:
+    """The issue's goal for ``suite`` and whether these rows meet it."""
+    if suite == "rules":
+        fed = [r for r in rows if r.get("gap_closed") is not None]
+        if not fed:
+            return None
+        best = max(fed, key=lambda r: r["gap_closed"])
+        return {"text": "best federated arm closes >= 90 % of the zero-shot -> centralised held-out-loss gap "
+                        "(non-IID)", "met": best["gap_closed"] >= 0.90, "best": best["arm"],
+                "gap_closed": best["gap_closed"]}
+    if suite == "compression":
+        by = {r["arm"]: r for r in rows}
+        if "nf4" not in by or "fp32" not in by:
+            return None
+        ratio = by["fp32"]["bytes_per_round"] / by["nf4"]["bytes_per_round"]
+        loss = by["nf4"]["heldout_loss"] / by["fp32"]["heldout_loss"] - 1
+        return {"text": "nf4 updates: >= 7x fewer bytes per round than fp32, held-out loss within 1 %",
+                "met": ratio >= 7 and abs(loss) <= 0.01, "ratio": ratio, "loss_change": loss}
+    return None
 
 
 def _bytes_per_round(run_dir: Path) -> int:

@@ -17,6 +17,8 @@ as a new section.
     python bench/privacy.py                       # DP vs utility, canary exposure (about 35 min)
     python bench/server_memory.py                 # server RSS of a round, 2 to 32 clients (about 2 min)
     python bench/robust.py                        # robust rules vs a scaled update (about 15 min)
+    python bench/lora_aggregation.py --suite rules        # fedavg, ffa_lora, svd, ranks vs centralised (~1 h)
+    python bench/lora_aggregation.py --suite compression  # fp32/fp16/int8/nf4/top-k bytes and loss (~1 h)
 """
 
 from __future__ import annotations
@@ -57,10 +59,14 @@ SECTIONS = {
     "privacy": "Privacy",
     "server_memory": "LoRA-aware aggregation: server memory",
     "robust": "Robust aggregation: a site sending a scaled update",
+    "lora_aggregation_rules": "LoRA-aware aggregation: rules and ranks",
+    "lora_aggregation_compression": "Update compression",
 }
 LONG = {"quality": "python bench/quality.py", "medquad": "python bench/medquad.py",  # run on their own
         "faults": "python bench/faults.py", "privacy": "python bench/privacy.py",
-        "server_memory": "python bench/server_memory.py", "robust": "python bench/robust.py"}
+        "server_memory": "python bench/server_memory.py", "robust": "python bench/robust.py",
+        "lora_aggregation_rules": "python bench/lora_aggregation.py --suite rules",
+        "lora_aggregation_compression": "python bench/lora_aggregation.py --suite compression"}
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
 
@@ -158,6 +164,11 @@ HEADLINES = {  # one line of what each result measured, for the summary table
     "privacy": lambda r: _privacy_headline(r["rows"], r["repetitions_found"]),
     "server_memory": lambda r: _server_memory_headline(r["goal"]),
     "robust": lambda r: _robust_headline(r["rows"]),
+    "lora_aggregation_rules": lambda r: "gap to centralised closed: " + ", ".join(
+        f"{x['arm']} {100 * x['gap_closed']:.0f} %" for x in r["rows"] if x.get("gap_closed") is not None),
+    "lora_aggregation_compression": lambda r: ", ".join(
+        f"{x['arm']} {x['fp32_ratio']:.1f}× fewer bytes, loss {x['heldout_loss']:.4f}" for x in r["rows"]
+        if x.get("fp32_ratio")),
 }
 
 
