@@ -62,7 +62,8 @@ def save_adapter(model: PeftModel, state: State, out: Path, cfg: JobConfig) -> N
     set_trainable_state(model, state)
     with atomic_path(out) as tmp:
         model.save_pretrained(tmp)
-        info = {"model": cfg.model.model_dump(mode="json"), "peft": {"method": cfg.peft.method, **cfg.peft.params}}
+        info = {"model": cfg.model.model_dump(mode="json"), "peft": {"method": cfg.peft.method, **cfg.peft.params},
+                "prompt_template": cfg.data.prompt_template}
         (tmp / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2))
 
 
@@ -76,4 +77,8 @@ def load_adapter(adapter_dir: str | Path, device: str = "cpu") -> tuple[PeftMode
     from fedpeft.models import load_base_model
 
     base, tok = load_base_model(ModelConfig(**info["model"]), device)
+    if info.get("prompt_template"):  # the layout the adapter was trained with
+        from fedpeft.data.prompts import chat_template_from
+
+        tok.chat_template = chat_template_from(info["prompt_template"])
     return PeftModel.from_pretrained(base, adapter_dir), tok

@@ -97,6 +97,20 @@ class DataConfig(_Section):
     question_field: str | None = None  # None: detect question/instruction/input/Question
     answer_field: str | None = None  # None: detect answer/response/output/Answer
     system_prompt: str | None = None
+    # Prompt layout instead of the tokenizer's chat template (models without one, e.g. ChatGLM):
+    # placeholders {bos} {eos} {question} {system}, e.g. "{bos}{question}\n"; None: the chat template
+    prompt_template: str | None = None
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _known_placeholders(cls, template: str | None) -> str | None:
+        if template is not None:
+            from fedpeft.data.prompts import chat_template_from
+
+            chat_template_from(template)  # ValueError names the unknown placeholder
+            if "{question}" not in template:
+                raise ValueError("has no {question}: the model would never see the question")
+        return template
     max_seq_len: int = Field(384, ge=16)  # longer costs memory and time per step quadratically
     # At most this many training rows in total over all clients: a seeded subset of the training
     # rows, taken after the test rows are held out. Pooled data (data.train) is capped, then

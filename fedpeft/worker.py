@@ -20,6 +20,7 @@ from fedpeft.adapters import set_trainable_state
 from fedpeft.config import JobConfig
 from fedpeft.evaluation import evaluate
 from fedpeft.models import load_base_model
+from fedpeft.data.prompts import chat_template_from
 from fedpeft.peft_methods import build_peft_method, wrap_model
 from fedpeft.state import State
 
@@ -56,6 +57,8 @@ class LocalHost:
 def build_worker(cfg: JobConfig, device: str) -> Worker:
     """Load the base model on ``device`` and wrap it (same seeded adapter init on every device)."""
     model, tok = load_base_model(cfg.model, device)
+    if cfg.data.prompt_template is not None:  # every prompt (training, generation, MCQ) goes through it
+        tok.chat_template = chat_template_from(cfg.data.prompt_template)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         peft_model = wrap_model(model, build_peft_method(cfg.peft.method, cfg.peft.params))

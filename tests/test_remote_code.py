@@ -52,3 +52,26 @@ def test_without_trust_remote_code_it_is_a_model_error_saying_so(remote_model, t
 
     with pytest.raises(ModelError, match="ships its own model code.*model.trust_remote_code: true"):
         load_base_model(validate_tree({**tiny_job("r"), "model": {"name": str(remote_model)}}).model)
+
+
+def test_a_prompt_template_lays_out_every_prompt_and_the_saved_adapter_keeps_it(tmp_path, tokenizer):
+    from fedpeft.adapters import load_adapter
+    from fedpeft.data.prompts import chat_template_from, prompt_ids
+
+    tok = load_tokenizer(validate_tree(tiny_job("x")).model)
+    tok.chat_template = chat_template_from("{bos}Q: {question}\nA:")
+    ids = prompt_ids(tok, "What is gout?")
+    assert ids == [tok.bos_token_id] + tok("Q: What is gout?\nA:", add_special_tokens=False)["input_ids"]
+    job = {**tiny_job("tmpl"), "workspace": str(tmp_path), "data": {**tiny_job("x")["data"],
+                                                                     "prompt_template": "{bos}Q: {question}\nA:"}}
+    run = run_job(validate_tree(job))
+    _, loaded = load_adapter(run.adapter_dir)
+    assert prompt_ids(loaded, "What is gout?") == ids  # `fedpeft generate` prompts as training did
+
+
+def test_prompt_template_problems_are_config_errors():
+    from fedpeft.errors import ConfigError
+
+    for template, message in [("{bos}{quesiton}", r"unknown placeholder \{quesiton\}"), ("{bos}hello", "no {question}")]:
+        with pytest.raises(ConfigError, match=message):
+            validate_tree({**tiny_job("x"), "data": {"prompt_template": template}})

@@ -14,6 +14,37 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
+PROMPT_FIELDS = {  # data.prompt_template placeholders -> the Jinja of a chat template
+    "bos": "{{ bos_token }}", "eos": "{{ eos_token }}", "question": "{{ messages[-1]['content'] }}",
+    "system": "{{ messages[0]['content'] if messages[0]['role'] == 'system' else '' }}",
+}
+
+
+def chat_template_from(prompt_template: str) -> str:
+    """A tokenizer chat template that lays the prompt out as ``data.prompt_template`` says.
+
+    ``"{bos}{question}\n"`` -> BOS, the question, a newline; the answer follows (as a model
+    without a chat template, such as ChatGLM's ``"[gMASK]sop{question}"``, expects). Literal text
+    is kept as is; the placeholders are :data:`PROMPT_FIELDS`.
+
+    Raises:
+        ValueError: naming an unknown placeholder and the valid ones.
+    """
+    import re
+
+    parts, pos = [], 0
+    for m in re.finditer(r"\{(\w*)\}", prompt_template):
+        if m.group(1) not in PROMPT_FIELDS:
+            raise ValueError(f"unknown placeholder {{{m.group(1)}}}; valid: "
+                             + ", ".join(f"{{{k}}}" for k in PROMPT_FIELDS))
+        parts += [_jinja_literal(prompt_template[pos:m.start()]), PROMPT_FIELDS[m.group(1)]]
+        pos = m.end()
+    parts.append(_jinja_literal(prompt_template[pos:]))
+    return "".join(parts)
+
+
+def _jinja_literal(text: str) -> str:
+    return "{{ " + repr(text) + " }}" if text else ""
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str, system_prompt: str | None = None) -> list[int]:
