@@ -223,12 +223,13 @@ class Recorder:
     Args:
         name: Script name (``overhead``); the result goes to ``<results_dir>/<name>.json``.
         argv: The script's arguments (``None``: ``sys.argv[1:]``), recorded as the command.
+        script: The script's file name when it is not ``<name>.py`` (one script, several results).
     """
 
-    def __init__(self, name: str, argv: Sequence[str] | None) -> None:
+    def __init__(self, name: str, argv: Sequence[str] | None, script: str | None = None) -> None:
         self.name = name
         args = list(sys.argv[1:] if argv is None else argv)
-        self.command = shlex.join(["python", f"bench/{name}.py", *args])
+        self.command = shlex.join(["python", f"bench/{script or name + '.py'}", *args])
         self.started = dt.datetime.now(dt.timezone.utc)
         self.load_start = loadavg()
         self.machine = machine_info()  # the commit that runs, not the one checked out when it ends

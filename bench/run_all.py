@@ -166,9 +166,8 @@ HEADLINES = {  # one line of what each result measured, for the summary table
     "robust": lambda r: _robust_headline(r["rows"]),
     "lora_aggregation_rules": lambda r: "gap to centralised closed: " + ", ".join(
         f"{x['arm']} {100 * x['gap_closed']:.0f} %" for x in r["rows"] if x.get("gap_closed") is not None),
-    "lora_aggregation_compression": lambda r: ", ".join(
-        f"{x['arm']} {x['fp32_ratio']:.1f}× fewer bytes, loss {x['heldout_loss']:.4f}" for x in r["rows"]
-        if x.get("fp32_ratio")),
+    "lora_aggregation_compression": lambda r: "bytes up ÷ fp32, held-out loss: " + ", ".join(
+        f"{x['arm']} {x['fp32_up_ratio']:.1f}× {x['heldout_loss']:.4f}" for x in r["rows"] if x.get("fp32_up_ratio")),
 }
 
 
