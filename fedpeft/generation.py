@@ -233,11 +233,12 @@ def _generate_after_prefix(model: PeftModel, ids: torch.Tensor, mask: torch.Tens
     full_mask = torch.cat([mask.new_ones(batch, prefix), mask], dim=1)  # (batch, prefix + seq)
     positions = (prefix + mask.cumsum(1) - 1).clamp(min=prefix)  # padding's positions are masked anyway
     step_ids, seen = ids, ids
+    cache_kwarg = _cache_kwarg(base)  # once, not per token
     done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     new: list[torch.Tensor] = []
     for _ in range(gen_kwargs["max_new_tokens"]):
         logits = base(input_ids=step_ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
-                      logits_to_keep=1, **{_cache_kwarg(base): cache}).logits[:, -1].float()
+                      logits_to_keep=1, **{cache_kwarg: cache}).logits[:, -1].float()
         token = processors(seen, logits).argmax(-1)  # (batch,)
         token = torch.where(done, gen_kwargs["pad_token_id"], token)
         new.append(token)

@@ -32,11 +32,10 @@ import torch
 
 from fedpeft.aggregators.base import AGGREGATORS, refuse_mean
 from fedpeft.errors import AggregationError
+from fedpeft.ranks import LORA_A, LORA_B
 from fedpeft.state import ClientUpdate, State
 
 log = logging.getLogger(__name__)
-
-LORA_A, LORA_B = ".lora_A.", ".lora_B."
 
 
 @AGGREGATORS.register("svd")
