@@ -19,6 +19,7 @@ as a new section.
     python bench/robust.py                        # robust rules vs a scaled update (about 15 min)
     python bench/lora_aggregation.py --suite rules        # fedavg, ffa_lora, svd, ranks vs centralised (~1 h)
     python bench/lora_aggregation.py --suite compression  # fp32/fp16/int8/nf4/top-k bytes and loss (~1 h)
+    python bench/peft_methods.py                  # every PEFT method, 2 rounds each (about 10 min)
 """
 
 from __future__ import annotations
@@ -61,12 +62,14 @@ SECTIONS = {
     "robust": "Robust aggregation: a site sending a scaled update",
     "lora_aggregation_rules": "LoRA-aware aggregation: rules and ranks",
     "lora_aggregation_compression": "Update compression",
+    "peft_methods": "PEFT methods side by side",
 }
 LONG = {"quality": "python bench/quality.py", "medquad": "python bench/medquad.py",  # run on their own
         "faults": "python bench/faults.py", "privacy": "python bench/privacy.py",
         "server_memory": "python bench/server_memory.py", "robust": "python bench/robust.py",
         "lora_aggregation_rules": "python bench/lora_aggregation.py --suite rules",
-        "lora_aggregation_compression": "python bench/lora_aggregation.py --suite compression"}
+        "lora_aggregation_compression": "python bench/lora_aggregation.py --suite compression",
+        "peft_methods": "python bench/peft_methods.py"}
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
 
@@ -143,6 +146,18 @@ def _robust_headline(rows: list[dict]) -> str:
     return f"final held-out loss: clean {clean['final']:.2f} (zero-shot {clean['zero_shot']:.2f}); attacked: {attacked}"
 
 
+def _peft_methods_headline(rows: list[dict]) -> str:
+    """Held-out loss change from zero-shot per method, then the smallest and largest update."""
+    methods = [x for x in rows[1:] if x.get("bytes_per_update")]
+    loss = ", ".join(f"{x['method']} {x['vs_zero_shot']:+.3f}" if x.get("vs_zero_shot") is not None
+                     else f"{x['method']} failed" for x in rows[1:])
+    if not methods:
+        return f"held-out loss vs zero-shot: {loss}"
+    small, large = (f(methods, key=lambda x: x["bytes_per_update"]) for f in (min, max))
+    return (f"held-out loss vs zero-shot: {loss}; bytes per update {small['method']} "
+            f"{small['bytes_per_update'] / 1e3:.3g} kB … {large['method']} {large['bytes_per_update'] / 1e3:.3g} kB")
+
+
 HEADLINES = {  # one line of what each result measured, for the summary table
     "overhead": lambda r: (f"outside the optimizer steps: {_pct_range([x['outside_steps'] for x in r['rows']])} "
                            f"of the run; wall ratio {_pct_range([x['overhead'] for x in r['rows']])}"),
@@ -168,6 +183,7 @@ HEADLINES = {  # one line of what each result measured, for the summary table
         f"{x['arm']} {100 * x['gap_closed']:.0f} %" for x in r["rows"] if x.get("gap_closed") is not None),
     "lora_aggregation_compression": lambda r: "bytes up ÷ fp32, held-out loss: " + ", ".join(
         f"{x['arm']} {x['fp32_up_ratio']:.1f}× {x['heldout_loss']:.4f}" for x in r["rows"] if x.get("fp32_up_ratio")),
+    "peft_methods": lambda r: _peft_methods_headline(r["rows"]),
 }
 
 
