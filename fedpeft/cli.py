@@ -1,4 +1,4 @@
-"""Command line: ``fedpeft run | validate | demo | data split | data mcq | generate | audit``."""
+"""Command line: ``fedpeft run | validate | demo | data split | data mcq | generate | export | chat | audit``."""
 
 from __future__ import annotations
 
@@ -124,12 +124,14 @@ def _cmd_mcq(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from fedpeft.adapters import load_adapter
     from fedpeft.generation import generate_answers
+    from fedpeft.serve.saved import load_model, open_adapter
 
-    model, tok = load_adapter(args.adapter, args.device)
-    answers = generate_answers(model, tok, args.questions, max_new_tokens=args.max_new_tokens,
-                               repetition_penalty=args.repetition_penalty, progress=False)
+    saved = open_adapter(args.adapter)
+    model, tok = load_model(saved, args.device)
+    answers = generate_answers(model, tok, args.questions, system_prompt=saved.system_prompt,
+                               max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+                               progress=False)
     for q, a in zip(args.questions, answers):
         print(f"Q: {q}\nA: {a}\n")
     return 0
@@ -185,12 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
     mcq.add_argument("--max", type=int, metavar="N", help="items for N rows at most (a seeded random subset)")
     mcq.set_defaults(fn=_cmd_mcq)
     gen = sub.add_parser("generate", help="answer questions with a trained global adapter")
-    gen.add_argument("--adapter", required=True, help="adapter folder of a run (RUN_DIR/adapter)")
+    gen.add_argument("--adapter", required=True, metavar="DIR",
+                     help="a run folder (workspace/<job>/<run-id>) or its adapter/ folder; the job's system "
+                          "prompt and chat template apply")
     gen.add_argument("questions", nargs="+")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--repetition-penalty", type=float, default=1.1)
     gen.set_defaults(fn=_cmd_generate)
+    from fedpeft.serve.cli import add_commands as add_serve_commands
+
+    add_serve_commands(sub)  # export | chat
     audit = sub.add_parser("audit", help="canary memorisation audit of a run trained with audit.canaries > 0")
     audit.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (workspace/<job>/<run-id>)")
     audit.add_argument("--candidates", type=int, metavar="N",

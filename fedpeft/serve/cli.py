@@ -1,0 +1,102 @@
+"""Serving subcommands of ``fedpeft``: ``export`` and ``chat``.
+
+Heavy imports (torch, transformers) happen inside the commands, so ``fedpeft --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ADAPTER_HELP = "a run folder (workspace/<job>/<run-id>), its adapter/ folder, or a folder from fedpeft export --out"
+
+
+def positive_int(value: str) -> int:
+    """An argparse type: an integer >= 1."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fedpeft.errors import ConfigError
+    from fedpeft.serve.export import (
+        EXPORT_INFO_FILE,
+        check_mergeable,
+        check_out,
+        export_adapter,
+        export_merged,
+    )
+    from fedpeft.serve.saved import open_adapter
+
+    if not (args.out or args.merge):
+        raise ConfigError("fedpeft export: give --out OUT (the adapter folder) and/or --merge OUT (a merged model)")
+    if args.out and args.merge and Path(args.out).resolve() == Path(args.merge).resolve():
+        raise ConfigError("fedpeft export: --out and --merge name the same folder; give two folders")
+    saved = open_adapter(args.adapter)
+    for out in filter(None, (args.out, args.merge)):  # every refusal before the first byte is written
+        check_out(out, saved.path, force=args.force)
+    if args.merge:
+        check_mergeable(saved, dequantize=args.dequantize)
+    if args.out:
+        out = export_adapter(saved, args.out, force=args.force)
+        print(f"adapter folder: {out} (peft.PeftModel.from_pretrained(base, '{out}'); base: {saved.model.name})")
+    if args.merge:
+        out = export_merged(saved, args.merge, force=args.force, dequantize=args.dequantize, device=args.device)
+        print(f"merged model: {out} (transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
+        settings = {"system prompt": saved.system_prompt, "repetition penalty": saved.repetition_penalty}
+        known = ", ".join(f"{k} {v!r}" for k, v in settings.items() if v is not None)
+        if known:
+            print(f"serve it with the job's {known} (in {out / EXPORT_INFO_FILE})")
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from fedpeft.serve.chat import run_chat
+    from fedpeft.serve.saved import load_model, open_adapter
+
+    saved = open_adapter(args.adapter)
+    model, tok = load_model(saved, args.device)
+    if sys.stdin.isatty():
+        print(f"chatting with the {saved.method} adapter {saved.path} on {saved.model.name}")
+    run_chat(model, tok, sys.stdin, sys.stdout,
+             system=saved.system_prompt if args.system is None else (args.system or None),
+             max_new_tokens=args.max_new_tokens or saved.max_new_tokens or 256,
+             repetition_penalty=args.repetition_penalty or saved.repetition_penalty or 1.1,
+             single_turn_template=bool(saved.prompt_template))
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``export`` and ``chat`` to the ``fedpeft`` subcommands."""
+    exp = sub.add_parser(
+        "export", help="write a trained adapter for a serving stack: the adapter folder, or merged into its base",
+        description="--out OUT: the PEFT adapter folder with the tokenizer and the job's chat template "
+                    "(peft.PeftModel.from_pretrained(base, OUT) loads it). --merge OUT: LoRA-family and IA3 "
+                    "adapters merged into the base weights, a full model folder with tokenizer and generation "
+                    "config (AutoModelForCausalLM.from_pretrained(OUT) loads it). Prompt-learning adapters "
+                    "(ptuning, prefix, prompt_tuning) cannot be merged.")
+    exp.add_argument("--adapter", required=True, metavar="DIR", help=ADAPTER_HELP)
+    exp.add_argument("--out", metavar="OUT", help="write the adapter folder (with tokenizer and chat template) here")
+    exp.add_argument("--merge", metavar="OUT", help="write the base model with the adapter merged in here")
+    exp.add_argument("--dequantize", action="store_true",
+                     help="with --merge and a 4bit/8bit base (model.quantization): merge into the unquantised base "
+                          "in model.dtype (merging into quantised weights is lossy, so it is refused without this)")
+    exp.add_argument("--force", action="store_true", help="replace an OUT folder that already holds files")
+    exp.add_argument("--device", default="cpu", help="where to load and merge the model (cpu, cuda:0)")
+    exp.set_defaults(fn=_cmd_export)
+    chat = sub.add_parser(
+        "chat", help="chat with a trained adapter in the terminal (multi-turn; /reset, /exit)",
+        description="Reads user lines from stdin and streams greedy answers, keeping the conversation in the "
+                    "prompt (the job's chat template and system prompt). /reset forgets the conversation; "
+                    "/exit or end of input (Ctrl-D) leaves.")
+    chat.add_argument("--adapter", required=True, metavar="DIR", help=ADAPTER_HELP)
+    chat.add_argument("--system", metavar="TEXT",
+                      help="system prompt instead of the job's data.system_prompt ('' for none)")
+    chat.add_argument("--max-new-tokens", type=positive_int, metavar="N", help="answer length cap (default: the job's "
+                                                                      "eval.max_new_tokens, else 256)")
+    chat.add_argument("--repetition-penalty", type=float, help="default: the job's eval.repetition_penalty, else 1.1")
+    chat.add_argument("--device", default="cpu")
+    chat.set_defaults(fn=_cmd_chat)
