@@ -22,13 +22,20 @@ import contextlib
 import logging
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from fedpeft.config import EvalConfig
 from fedpeft.constants import KEY_GEN_TOKENS_PER_S, KEY_HELDOUT_LOSS
-from fedpeft.data.prompts import IGNORE_INDEX, TokenizedExample, collate, tokenize_examples
-from fedpeft.generation import Model, eval_mode, is_lora, merged_lora, model_device, run_generation
+from fedpeft.data.prompts import TokenizedExample, collate, tokenize_examples
+from fedpeft.generation import (
+    Model,
+    eval_mode,
+    is_lora,
+    merged_lora,
+    model_device,
+    run_generation,
+)
+from fedpeft.losses import answer_nll
 from fedpeft.mcq import KEY_MCQ_ACCURACY, load_mcq, mcq_accuracy, mcq_scores
 from fedpeft.metrics import compute_metrics
 
@@ -37,13 +44,8 @@ log = logging.getLogger(__name__)
 
 def _batch_loss_sum(model: Model, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
     """Sum of answer-token cross-entropies in ``batch``, and how many answer tokens it has."""
-    labels = batch["labels"]  # (batch, seq)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, -labels.shape[1]:, :]  # prompt learning prepends virtual tokens
-    targets = labels[:, 1:]  # position t predicts token t + 1
-    keep = targets != IGNORE_INDEX  # (batch, seq - 1); upcast only the answer positions' logits
-    loss = F.cross_entropy(logits[:, :-1, :][keep].float(), targets[keep], reduction="sum")
-    return float(loss), int(keep.sum())
+    sums, counts = answer_nll(model, batch)  # the head runs at answer positions only (fedpeft.losses)
+    return float(sums.sum()), int(counts.sum())
 
 
 def heldout_loss(

@@ -15,11 +15,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fedpeft.adapters import get_trainable_state, set_trainable_state, trainable_parameters
+from fedpeft.adapters import (
+    get_trainable_state,
+    set_trainable_state,
+    trainable_parameters,
+)
 from fedpeft.config import PrivacyConfig, TrainConfig
 from fedpeft.constants import KEY_DEVICE, KEY_SECONDS, KEY_STEPS, KEY_TRAIN_LOSS
 from fedpeft.data.prompts import TokenizedExample, collate
 from fedpeft.errors import TrainingError
+from fedpeft.losses import answer_nll
+from fedpeft.memory import breakdown_once, release_freed_memory
 from fedpeft.state import ClientUpdate, State
 
 log = logging.getLogger(__name__)
@@ -106,8 +112,12 @@ def fit(
         from fedpeft.privacy.example_level import private_steps
 
         steps = private_steps(privacy, len(examples), cfg, rounds)
-    metrics = steps(model, examples, cfg, seed=seed, pad_token_id=pad_token_id, anchor=anchor,
-                    client_id=client_id, progress=progress)
+    longest = max((len(ex.input_ids) for ex in examples), default=0)
+    with breakdown_once(model, client_id, cfg.batch_size, longest) as memory:  # logged once per worker
+        metrics = steps(model, examples, cfg, seed=seed, pad_token_id=pad_token_id, anchor=anchor,
+                        client_id=client_id, progress=progress)
+    metrics = {**metrics, **memory}
+    release_freed_memory()  # what the allocator kept from the step's activations
     state, weight = get_trainable_state(model), len(examples)  # and out
     if level == "client":
         from fedpeft.privacy.client_level import release
@@ -157,7 +167,8 @@ def local_steps(
         for i, idx in enumerate(batches):
             batch = {k: v.to(device) for k, v in collate([examples[j] for j in idx], pad_token_id).items()}
             with _autocast(device, cfg.bf16):
-                loss = model(**batch).loss
+                sums, counts = answer_nll(model, batch)  # no full-vocabulary logits (fedpeft.losses)
+                loss = sums.sum() / counts.sum().clamp(min=1)
             losses.append(loss.item())
             if not math.isfinite(losses[-1]):
                 raise TrainingError(f"client {client_id}: the training loss is {losses[-1]} at micro-batch {i + 1} "
