@@ -118,6 +118,10 @@ class DataConfig(_Section):
     # own rows, so a deployed site can apply the cap alone.
     max_train_samples: int | None = Field(None, ge=1)
     max_test_samples: int | None = Field(None, ge=1)
+    # Per-site scores: each client holds out this share of its own rows (by split_by, seeded) and
+    # the global adapter is scored on every client's slice at each evaluation; 0: off. In a
+    # deployment each site scores its slice itself and sends only the numbers.
+    client_test_ratio: float = Field(0.0, ge=0, lt=1)
 
 
 class FederationConfig(_Section):
@@ -177,6 +181,8 @@ class EvalConfig(_Section):
     # adds mcq_accuracy; one forward pass over each item's options, batch_size options a pass
     mcq: str | None = None
     mcq_max_items: int | None = Field(None, ge=1)  # score only the first N items (cost grows with N)
+    # Per-site scores (data.client_test_ratio): questions generated per site (0: held-out loss only)
+    site_max_samples: int = Field(0, ge=0)
 
     @field_validator("mcq")
     @classmethod

@@ -102,6 +102,9 @@ def semantic_problems(cfg: JobConfig) -> list[tuple[Loc, str]]:
                          f"({fed.num_clients}) for each client to keep a row (got {data.max_train_samples})"))
     if cfg.audit.canaries and cfg.audit.client >= fed.num_clients:
         problems.append((("audit", "client"), f"must be a client index in 0..{fed.num_clients - 1} (got {cfg.audit.client})"))
+    if data.client_test_ratio and not (cfg.eval.heldout_loss or cfg.eval.site_max_samples):
+        problems.append((("data", "client_test_ratio"), "asks for per-site scores, but eval.heldout_loss is false and "
+                         "eval.site_max_samples is 0: nothing would be scored; turn one of them on"))
     from fedpeft.compression import CODECS
 
     problems += _rank_problems(cfg)

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedpeft.config import EvalConfig
-from fedpeft.constants import KEY_GEN_TOKENS_PER_S, KEY_HELDOUT_LOSS
+from fedpeft.constants import KEY_EVAL_SECONDS, KEY_GEN_TOKENS, KEY_GEN_TOKENS_PER_S, KEY_HELDOUT_LOSS, KEY_PEAK_MEMORY
 from fedpeft.data.prompts import TokenizedExample, collate, tokenize_examples
 from fedpeft.generation import (
     Model,
@@ -36,6 +37,7 @@ from fedpeft.generation import (
     run_generation,
 )
 from fedpeft.losses import answer_nll
+from fedpeft.memory import peak_memory_bytes
 from fedpeft.mcq import KEY_MCQ_ACCURACY, load_mcq, mcq_accuracy, mcq_scores
 from fedpeft.metrics import compute_metrics
 
@@ -80,6 +82,19 @@ def heldout_loss(
     return total / count
 
 
+def _generate(model: Model, tokenizer: PreTrainedTokenizerBase, questions: list[str], cfg: EvalConfig,
+              system_prompt: str | None) -> tuple[list[str], tuple[float, int]]:
+    """Greedy answers to ``questions`` (LoRA merged meanwhile, unless quantised); (tokens/s, tokens)."""
+    quantized = getattr(model, "hf_quantizer", None) is not None  # merging into 4/8-bit weights is lossy: never
+    merge = merged_lora(model) if cfg.merge_lora and is_lora(model) and not quantized else contextlib.nullcontext()
+    with merge:
+        result = run_generation(
+            model, tokenizer, questions, system_prompt=system_prompt, max_new_tokens=cfg.max_new_tokens,
+            repetition_penalty=cfg.repetition_penalty, batch_size=cfg.batch_size,
+        )
+    return result.answers, (result.num_tokens / max(result.seconds, 1e-9), int(result.num_tokens))
+
+
 def evaluate(
     model: Model,
     tokenizer: PreTrainedTokenizerBase,
@@ -113,17 +128,14 @@ def evaluate(
     """
     if not examples:
         raise ValueError("evaluate needs at least one test example, got none")
+    start = time.perf_counter()
     sample = examples[: cfg.max_samples]
     questions = [e["question"] for e in sample]
     references = [e["answer"] for e in sample]
-    quantized = getattr(model, "hf_quantizer", None) is not None  # merging into 4/8-bit weights is lossy: never
-    merge = merged_lora(model) if cfg.merge_lora and is_lora(model) and not quantized else contextlib.nullcontext()
-    with merge:
-        result = run_generation(
-            model, tokenizer, questions, system_prompt=system_prompt, max_new_tokens=cfg.max_new_tokens,
-            repetition_penalty=cfg.repetition_penalty, batch_size=cfg.batch_size,
-        )
-    metrics = compute_metrics(cfg.metrics, predictions=result.answers, references=references)
+    metrics, answers, generated = {}, [], None
+    if sample:  # max_samples 0 (a site's held-out loss only): nothing to generate
+        answers, generated = _generate(model, tokenizer, questions, cfg, system_prompt)
+        metrics = compute_metrics(cfg.metrics, predictions=answers, references=references)
     if cfg.heldout_loss:
         tokenized = tokenize_examples(tokenizer, examples, max_seq_len, system_prompt)
         metrics[KEY_HELDOUT_LOSS] = heldout_loss(model, tokenized, cfg.batch_size, pad_token_id=tokenizer.pad_token_id)
@@ -132,7 +144,10 @@ def evaluate(
         chosen = mcq_scores(model, tokenizer, items, system_prompt=system_prompt, batch_size=cfg.batch_size,
                             max_seq_len=max_seq_len)
         metrics[KEY_MCQ_ACCURACY] = mcq_accuracy(chosen, items)
-    metrics[KEY_GEN_TOKENS_PER_S] = result.num_tokens / max(result.seconds, 1e-9)
+    if generated is not None:
+        metrics[KEY_GEN_TOKENS_PER_S], metrics[KEY_GEN_TOKENS] = generated
+    metrics[KEY_EVAL_SECONDS] = round(time.perf_counter() - start, 3)
+    metrics[KEY_PEAK_MEMORY] = peak_memory_bytes(model_device(model))
     log.info("evaluated %d questions: %s", len(sample), ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    rows = [{"question": q, "reference": r, "prediction": p} for q, r, p in zip(questions, references, result.answers)]
+    rows = [{"question": q, "reference": r, "prediction": p} for q, r, p in zip(questions, references, answers)]
     return metrics, rows

@@ -54,6 +54,16 @@ def rss_bytes() -> int:
         return 0
 
 
+def peak_memory_bytes(device: torch.device | str) -> int:
+    """The process's peak memory so far: CUDA ``max_memory_allocated`` on a GPU, else peak RSS."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
+
+
 def _page_size() -> int:
     import resource
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fedpeft.constants import KEY_EVAL, METRICS_FILE, SUMMARY_FILE
+from fedpeft.constants import KEY_EVAL, KEY_EVAL_SECONDS, KEY_GEN_TOKENS, KEY_PEAK_MEMORY, METRICS_FILE, SUMMARY_FILE
 from fedpeft.io_utils import read_jsonl
 
 
@@ -15,7 +15,8 @@ def print_results(run_dir: str | Path, console: Console | None = None) -> None:
     """Print every evaluation of ``run_dir`` (round 0 is zero-shot) and the run's footprint."""
     run_dir = Path(run_dir)
     records = [r for r in read_jsonl(run_dir / METRICS_FILE) if KEY_EVAL in r]
-    names = list(dict.fromkeys(k for r in records for k in r[KEY_EVAL]))
+    hidden = (KEY_GEN_TOKENS, KEY_EVAL_SECONDS, KEY_PEAK_MEMORY)  # in metrics.jsonl; not scores
+    names = list(dict.fromkeys(k for r in records for k in r[KEY_EVAL] if k not in hidden))
     table = Table(title=f"fedpeft results: {run_dir}")
     table.add_column("round")
     for n in names:

@@ -32,6 +32,7 @@ from fedpeft.io_utils import read_jsonl
 from fedpeft.privacy.ledger import Ledger
 from fedpeft.problems import did_you_mean
 from fedpeft.run_dir import RunDir
+from fedpeft.site_scores import KEY_SITES, summarize
 from fedpeft.state import RoundResult, State
 from fedpeft.update_checks import check_global, check_secure_mean
 from fedpeft.worker import Host, evaluate_global
@@ -114,7 +115,7 @@ def run_rounds(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, test: 
     config = {k: v for k, v in flatten(cfg.model_dump(mode="json")).items() if k not in where}
     fingerprint = {"config": config, "data": _digest([pool.fingerprint, test])}
     state, start = _start(cfg, run, host, aggregator, pool, test, fingerprint, allow_config_change)
-    total, last_eval, ledger = cfg.federation.rounds, None, _ledger(cfg, run)
+    total, last_eval, last_sites, ledger = cfg.federation.rounds, None, None, _ledger(cfg, run)
     for rnd in range(start, total + 1):
         if _budget_spent(ledger, rnd, total):
             last_eval = last_eval if last_eval and last_eval[2] == rnd - 1 else None
@@ -134,15 +135,33 @@ def run_rounds(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, test: 
             record["aggregation"] = dict(aggregator.round_report)
         _account(ledger, record, len(sampled))
         state = new_state
-        if test and (rnd == total or (cfg.eval.every and rnd % cfg.eval.every == 0)):
+        evaluating = rnd == total or bool(cfg.eval.every and rnd % cfg.eval.every == 0)
+        if test and evaluating:
             last_eval = (*host.call(lambda w: evaluate_global(w, state, cfg, test)), rnd)
             record[KEY_EVAL] = last_eval[0]
+        if evaluating:
+            last_sites = score_sites(cfg, pool, rnd, state, record) or last_sites
         run.log_metrics(record)
         log_round(rnd, total, record)
         save_checkpoint(run.path, rnd, state, _server_state(aggregator, pool), fingerprint, keep=cfg.checkpoint.keep)
         run.write_partitions(pool.partitions())
-    _finish(cfg, run, pool, host, state, last_eval, test, _privacy_summary(ledger))
+    _finish(cfg, run, pool, host, state, last_eval, test, _privacy_summary(ledger), last_sites)
     return state
+
+
+def score_sites(cfg: JobConfig, pool: ClientPool | None, rnd: int, state: State | None, record: dict) -> dict | None:
+    """Per-site scores (``data.client_test_ratio``) of ``state`` into ``record``; their summary, or None."""
+    if not cfg.data.client_test_ratio or pool is None or not hasattr(pool, "evaluate_sites"):
+        return None
+    per_site = pool.evaluate_sites(rnd, state)
+    if not per_site:
+        return None
+    summary = summarize(per_site)
+    record[KEY_SITES] = per_site
+    record.setdefault(KEY_EVAL, {}).update(summary)
+    worst = {k: round(v, 4) for k, v in summary.items() if k.startswith("site_worst/")}
+    log.info("[round %d] %d sites scored their own slices: %s", rnd, len(per_site), worst)
+    return summary
 
 
 def new_fold(cfg: JobConfig, aggregator: Aggregator, state: State, sampled: list[str], where: str) -> Fold:
@@ -282,29 +301,36 @@ def _start(cfg: JobConfig, run: RunDir, host: Host, aggregator: Aggregator, pool
             pool.load_state_dict(pool_state)
         log.info("resuming %s after round %d", run.path, ckpt.round)
         return ckpt.global_state, ckpt.round + 1
-    if test and cfg.eval.zero_shot:
-        zero_shot(cfg, run, host, test)
+    if cfg.eval.zero_shot and (test or cfg.data.client_test_ratio):
+        zero_shot(cfg, run, host, test, pool)
     return host.call(lambda w: get_trainable_state(w.model)), 1
 
 
-def zero_shot(cfg: JobConfig, run: RunDir, host: Host, test: list[dict]) -> dict:
-    """Score the base model alone (round 0); write its record and predictions; return its metrics."""
-    metrics, preds = host.call(lambda w: evaluate_global(w, None, cfg, test))
-    run.log_metrics({"round": 0, "event": EVENT_EVAL, KEY_EVAL: metrics, "zero_shot": True})
-    run.write_predictions(preds, PREDICTIONS_ZERO_SHOT_FILE)
+def zero_shot(cfg: JobConfig, run: RunDir, host: Host, test: list[dict], pool: ClientPool | None = None) -> dict:
+    """Score the base model alone (round 0), on ``test`` and on the sites' own slices (``pool``);
+    write its record and predictions; return its metrics."""
+    metrics, preds = host.call(lambda w: evaluate_global(w, None, cfg, test)) if test else ({}, [])
+    record = {"round": 0, "event": EVENT_EVAL, KEY_EVAL: metrics, "zero_shot": True}
+    score_sites(cfg, pool, 0, None, record)
+    run.log_metrics(record)
+    if test:
+        run.write_predictions(preds, PREDICTIONS_ZERO_SHOT_FILE)
     log.info("[round 0/%d] zero-shot %s", cfg.federation.rounds, metrics)
     return metrics
 
 
 def _finish(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, state: State,
-            last_eval: Evaluation | None, test: list[dict], privacy: dict) -> None:
-    """Final predictions, the adapter folder and ``summary.json``."""
+            last_eval: Evaluation | None, test: list[dict], privacy: dict, sites: dict | None = None) -> None:
+    """Final predictions, the adapter folder and ``summary.json`` (final scores, per-site summary too)."""
     if test and last_eval is None:  # resumed after the last round had already been evaluated
         last_eval = host.call(lambda w: evaluate_global(w, state, cfg, test))
+    if sites is None:  # the same: score the sites again (no record is written)
+        sites = score_sites(cfg, pool, cfg.federation.rounds, state, {})
     if last_eval is not None:
         run.write_predictions(last_eval[1])
     host.call(lambda w: save_adapter(w.model, state, run.adapter_dir, cfg))
-    write_summary(cfg, run, state, last_eval[0] if last_eval else {}, **pool.runtime, **privacy)
+    final = {**(last_eval[0] if last_eval else {}), **(sites or {})}
+    write_summary(cfg, run, state, final, **pool.runtime, **privacy)
 
 
 def write_summary(cfg: JobConfig, run: RunDir, state: State | None, final: dict, **fields: object) -> None:

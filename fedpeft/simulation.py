@@ -31,6 +31,7 @@ from fedpeft.scheduler import DeviceScheduler, Task
 from fedpeft.fold import Fold
 from fedpeft.state import ClientReport, RoundResult, State
 from fedpeft.trainer import fit
+from fedpeft.site_scores import score_site
 from fedpeft.worker import Worker, build_worker
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,12 @@ class SchedulerPool:
             update.state, up = self.link.rebuild(arrays, state, view.rank), payload_nbytes(arrays)
         report = ClientReport(cid, update.num_examples, update.metrics, view.nbytes, up)
         return None if fold.add(update) is not None else report
+
+    def evaluate_sites(self, rnd: int, state: State | None) -> dict[str, dict]:
+        """Score ``state`` (``None``: the base model) on every client's own slice, on the worker."""
+        slices = zip(self.client_ids, self.data.client_test_rows)
+        return {cid: self.sched.call(lambda w, rows=rows: score_site(w, state, self.cfg, rows))
+                for cid, rows in slices if rows}
 
     def state_dict(self) -> dict:
         """The clients' error-feedback residuals (top-k), for the checkpoint."""

@@ -9,7 +9,9 @@ import torch
 from peft import LoraConfig, PromptEncoderConfig, get_peft_model
 
 from fedpeft.config import EvalConfig
-from fedpeft.constants import KEY_GEN_TOKENS_PER_S, KEY_HELDOUT_LOSS
+from fedpeft.constants import (
+    EVAL_MEASUREMENTS, KEY_EVAL_SECONDS, KEY_GEN_TOKENS, KEY_GEN_TOKENS_PER_S, KEY_HELDOUT_LOSS, KEY_PEAK_MEMORY,
+)
 from fedpeft.data.prompts import tokenize_examples
 from fedpeft.evaluation import evaluate, heldout_loss
 
@@ -82,9 +84,10 @@ def test_heldout_loss_sees_the_adapters(base_model, lora_model, ptuning_model, t
 def test_evaluate_returns_metrics_and_prediction_rows(base_model, tokenizer):
     cfg = EvalConfig(max_samples=3, max_new_tokens=6, batch_size=2, metrics=["rouge1", "bleu4"])
     metrics, rows = evaluate(base_model, tokenizer, EXAMPLES, cfg)
-    assert list(metrics) == ["rouge1", "bleu4", KEY_HELDOUT_LOSS, KEY_GEN_TOKENS_PER_S]
+    assert list(metrics) == ["rouge1", "bleu4", KEY_HELDOUT_LOSS, *EVAL_MEASUREMENTS]
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("rouge1", "bleu4"))
-    assert metrics[KEY_GEN_TOKENS_PER_S] > 0
+    assert metrics[KEY_GEN_TOKENS_PER_S] > 0 and metrics[KEY_EVAL_SECONDS] > 0
+    assert 0 < metrics[KEY_GEN_TOKENS] <= 3 * 6 and metrics[KEY_PEAK_MEMORY] > 100e6  # 3 answers of <= 6 tokens
     tokenized = tokenize_examples(tokenizer, EXAMPLES, max_seq_len=384)  # the loss uses every example
     assert metrics[KEY_HELDOUT_LOSS] == pytest.approx(_reference_loss(base_model, tokenized), rel=1e-5)
     assert [set(r) for r in rows] == [{"question", "reference", "prediction"}] * 3
@@ -96,8 +99,14 @@ def test_evaluate_returns_metrics_and_prediction_rows(base_model, tokenizer):
 def test_evaluate_without_heldout_loss_or_sample_cap(tiny_model, tokenizer):
     cfg = EvalConfig(max_samples=None, max_new_tokens=4, metrics=["rougeL"], heldout_loss=False)
     metrics, rows = evaluate(tiny_model, tokenizer, EXAMPLES, cfg)
-    assert set(metrics) == {"rougeL", KEY_GEN_TOKENS_PER_S}
+    assert set(metrics) == {"rougeL", *EVAL_MEASUREMENTS}
     assert len(rows) == len(EXAMPLES)
+
+
+def test_evaluate_with_no_question_to_generate_scores_the_loss_only(tiny_model, tokenizer):
+    cfg = EvalConfig(max_new_tokens=4, metrics=["rougeL"]).model_copy(update={"max_samples": 0})  # a site's slice
+    metrics, rows = evaluate(tiny_model, tokenizer, EXAMPLES, cfg)
+    assert set(metrics) == {KEY_HELDOUT_LOSS, KEY_EVAL_SECONDS, KEY_PEAK_MEMORY} and rows == []
 
 
 def test_evaluate_merges_lora_only_while_generating(lora_model, tokenizer):

@@ -15,7 +15,8 @@ from tiny_jobs import tiny_job
 JOB = tiny_job("rounds", seed=5, test_rows=3,
                eval={"every": 1, "max_new_tokens": 4, "batch_size": 4, "metrics": ["rougeL"]})
 _TIMING = ("seconds", "tokens_per_s", "gen_tokens_per_s", "wall_s",  # measurements, not results
-           "memory_base_weights_bytes", "memory_adapter_optimizer_bytes", "memory_peak_activation_bytes")
+           "memory_base_weights_bytes", "memory_adapter_optimizer_bytes", "memory_peak_activation_bytes",
+           "eval_seconds", "peak_memory_bytes")
 
 
 def test_client_seeds_are_distinct_for_thousands_of_clients():

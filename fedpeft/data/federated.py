@@ -15,25 +15,31 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedpeft.audit.canary import make_canaries, plant
 from fedpeft.config import DataConfig, JobConfig
 from fedpeft.data.io import load_client_files, load_examples, resolve_source
 from fedpeft.data.partitioners import partition_rows, partition_summary
 from fedpeft.data.split import split_rows
+from fedpeft.errors import DataError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class FederatedData:
-    """Rows per client (``client-0`` ...), the test rows, and the per-client size summary."""
+    """Rows per client (``client-0`` ...), the test rows, and the per-client size summary.
+
+    ``client_test_rows``: each client's own held-out slice (``data.client_test_ratio``), for
+    per-site scores; empty lists (or none at all) when the job asks for none.
+    """
 
     client_ids: list[str]
     client_rows: list[list[dict]]
     test_rows: list[dict]
     summary: list[dict]
+    client_test_rows: list[list[dict]] = field(default_factory=list)
 
 
 def cap_rows(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
@@ -63,6 +69,24 @@ def client_file_rows(rows: list[dict], data: DataConfig, seed: int, holdout: boo
     """
     train, test = split_rows(rows, data.test_ratio, seed, data.split_by) if holdout else (rows, [])
     return cap_rows(train, cap, seed), test
+
+
+def site_split(rows: list[dict], data: DataConfig, seed: int, client: str) -> tuple[list[dict], list[dict]]:
+    """One client's ``(train, own test slice)``: ``data.client_test_ratio`` of its rows held out.
+
+    The same function, seed and rows in the simulation and on a deployed site give the same slice.
+    The slice is taken from the client's training rows after the caps (and before any canary).
+
+    Raises:
+        DataError: if the slice or the rest would be empty (the message names the client).
+    """
+    if not data.client_test_ratio:
+        return rows, []
+    try:
+        return split_rows(rows, data.client_test_ratio, seed, data.split_by)
+    except DataError as e:
+        raise DataError(f"{client}: data.client_test_ratio={data.client_test_ratio} cannot hold out a slice of its "
+                        f"{len(rows)} rows ({e}); give it more rows or lower the ratio") from None
 
 
 def plant_canaries(cfg: JobConfig, parts: list[list[dict]]) -> list[list[dict]]:
@@ -101,11 +125,14 @@ def prepare_data(cfg: JobConfig) -> FederatedData:
         p = fed.partition
         parts = partition_rows(train, fed.num_clients, cfg.seed, p.method, p.params)
     test = cap_rows(test, d.max_test_samples, cfg.seed + 1)
-    parts = plant_canaries(cfg, parts)  # after the split and the caps: never in the test rows
-    field = fed.partition.params.get("field")
+    sliced = [site_split(rows, d, cfg.seed, f"client-{i}") for i, rows in enumerate(parts)]
+    parts, slices = [train for train, _ in sliced], [held for _, held in sliced]
+    parts = plant_canaries(cfg, parts)  # after the splits and the caps: never in test rows
+    group = fed.partition.params.get("field")
     return FederatedData(
         client_ids=[f"client-{i}" for i in range(len(parts))],
         client_rows=parts,
         test_rows=test,
-        summary=partition_summary(parts, field),
+        summary=partition_summary(parts, group),
+        client_test_rows=slices if d.client_test_ratio else [],
     )

@@ -85,6 +85,27 @@ def train(msg: Message, context: Context) -> Message:
         raise _failure(context, type(e).__name__) from None
 
 
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the global adapter in ``msg`` on this site's own held-out slice; reply with numbers only.
+
+    Raises:
+        SiteFailure: naming only the exception type; the traceback is logged on the site.
+    """
+    try:
+        config = dict(msg.content.config_records[C.RECORD_CONFIG])
+        config[C.KEY_TASK] = C.TASK_EVALUATE
+        state = {k: a.numpy() for k, a in msg.content.array_records[C.RECORD_STATE].items()}
+        n, metrics, _ = _train(context, config, state)
+    except SiteFailure:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported without details, so no data or path leaks
+        log.exception("site %r: scoring failed", site_name(context))
+        raise _failure(context, type(e).__name__) from None
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return Message(RecordDict({C.RECORD_METRICS: MetricRecord({**numeric, KEY_NUM_EXAMPLES: n})}), reply_to=msg)
+
+
 def _failure(context: Context, error: str) -> SiteFailure:
     return SiteFailure(f"site {site_name(context)!r} failed with {error}; the details are in that "
                        "site's log")

@@ -22,6 +22,9 @@ KEY_STATE_KEYS = "state_keys"  # SecAgg+ only: State keys, "\n"-joined (legacy a
 KEY_CLIP = "secagg_clipping_range"  # SecAgg+ only: lets a site report clipped values
 KEY_MAX_WEIGHT = "secagg_max_weight"
 KEY_CLIPPED = "secagg_clipped"  # metric: values a site clipped before SecAgg+ (should be 0)
+KEY_TASK = "task"  # absent: train; TASK_EVALUATE: score the global adapter on the site's own slice
+TASK_EVALUATE = "evaluate"
+KEY_ZERO_SHOT = "zero_shot"  # evaluate: the base model alone (the state record is empty)
 KEY_QUERY = "query"  # QUERY message: what the server asks
 QUERY_SITE_NAME = "site-name"  # ... the site's name (answered as KEY_SITE)
 

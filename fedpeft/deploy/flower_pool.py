@@ -110,6 +110,15 @@ class FlowerPool:
             f"completed round is {rnd - 1}. Start the missing sites, then resume with "
             "`fedpeft server --resume RUN_DIR`.")
 
+    def evaluate_sites(self, rnd: int, state: State | None) -> dict[str, dict]:
+        """Every connected site scores ``state`` (``None``: the base model) on its own slice."""
+        present = wait_for_sites(self.transport, self.client_ids, 1, self.dep.wait_for_sites_s, want_all=self.first)
+        scores = self.transport.evaluate(rnd, present, state, self.job)
+        missing = [n for n in self.client_ids if n not in scores]
+        if missing:
+            log.warning("[round %d] no per-site scores from %s", rnd, ", ".join(missing))
+        return scores
+
     def partitions(self) -> list[dict]:
         """Each site's training size, as it last reported it."""
         return [{"client": i, "site": n, "size": self.sizes.get(n)} for i, n in enumerate(self.client_ids)]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedpeft.adapters import trainable_parameters
 from fedpeft.compression import ErrorFeedback
@@ -24,9 +25,11 @@ from fedpeft.compression.link import Link
 from fedpeft.data.prompts import TokenizedExample, tokenize_examples
 from fedpeft.deploy import constants as C
 from fedpeft.deploy.site_policy import SitePolicy, check_job, check_privacy
-from fedpeft.deploy.wire import site_job_from_payload, site_rows
+from fedpeft.deploy.wire import site_data, site_job_from_payload, site_rows
+from fedpeft.config import JobConfig
 from fedpeft.errors import ConfigError
 from fedpeft.privacy.client_level import private_seed
+from fedpeft.site_scores import KEY_N, score_site
 from fedpeft.worker import Worker, build_worker
 from fedpeft.models import resolve_devices
 from fedpeft.trainer import fit
@@ -74,6 +77,8 @@ class SiteTrainer:
                               f"{self.name!r}; do two sites share a name or a key?")
         cfg, holdout = site_job_from_payload(str(config[C.KEY_JOB]))
         check_job(cfg, self.policy, self.name)  # before any model or plugin is loaded
+        if config.get(C.KEY_TASK) == C.TASK_EVALUATE:
+            return self.evaluate(cfg, holdout, config, state)
         with self._lock:
             worker = self._worker_for(cfg)
             examples = self._examples_for(cfg, holdout, worker)
@@ -94,6 +99,26 @@ class SiteTrainer:
                          shares=int(config.get(C.KEY_SHARES, 1)))
             arrays = link.client_reply(received, update.state, rank, self._feedback)  # top-k: this site's residual
         return update.num_examples, update.metrics, update.client_id, arrays
+
+    def evaluate(self, cfg: JobConfig, holdout: bool, config: Mapping[str, Any],
+                 state: Arrays) -> tuple[int, dict, str, Arrays]:
+        """Score the global ``state`` (or, zero-shot, the base model) on this site's own slice.
+
+        Only numbers leave: ``(slice size, metrics, site, {})``; the questions and answers stay here.
+
+        Raises:
+            ConfigError: if the job holds out no slice (``data.client_test_ratio`` is 0).
+        """
+        if not cfg.data.client_test_ratio:
+            raise ConfigError("the server asked for per-site scores, but its job has data.client_test_ratio 0")
+        with self._lock:
+            worker = self._worker_for(cfg)
+            rows = site_data(cfg, self.data_path, holdout)[1]
+            start = None if config.get(C.KEY_ZERO_SHOT) else {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+            log.info("site %s: scoring round %s on its own %d held-out rows", self.name,
+                     config.get(C.KEY_SERVER_ROUND), len(rows))
+            scores = score_site(worker, start, cfg, rows)
+        return scores.pop(KEY_N), scores, self.name, {}
 
     def _worker_for(self, cfg) -> Worker:
         device = self.device or resolve_devices(cfg.model.devices)[0]

@@ -62,6 +62,10 @@ class Transport(Protocol):
         """
         ...
 
+    def evaluate(self, rnd: int, sites: list[str], state: State | None, job: str) -> dict[str, dict]:
+        """Have each of ``sites`` score ``state`` on its own held-out slice; ``{site: scores}``."""
+        ...
+
 
 def wait_for_sites(transport: Transport, wanted: list[str], need: int, timeout_s: float,
                    want_all: bool) -> list[str]:
@@ -161,6 +165,36 @@ class FlowerTransport:
             nid = self.node_of[report.client_id]
             report.bytes_down, report.bytes_up = down.get(nid, 0), up.get(nid, 0)
         return result
+
+    def evaluate(self, rnd: int, sites: list[str], state: State | None, job: str) -> dict[str, dict]:
+        """Have each of ``sites`` score ``state`` (``None``: the base model) on its own slice.
+
+        Returns:
+            ``{site: {n, metric: value}}`` of the sites that answered within the round timeout
+            (a site that fails or stays silent is logged and left out).
+        """
+        from fedpeft.site_scores import KEY_N
+
+        config = {C.KEY_SERVER_ROUND: rnd, C.KEY_JOB: job, C.KEY_TIMEOUT: self.dep.round_timeout_s,
+                  C.KEY_ZERO_SHOT: state is None}
+        record = state_to_record(state or {})
+        msgs = [Message(RecordDict({C.RECORD_STATE: record, C.RECORD_CONFIG: ConfigRecord({**config, C.KEY_SITE: n})}),
+                        self.node_of[n], MessageType.EVALUATE, ttl=self.dep.round_timeout_s + 60,
+                        group_id=f"{rnd}-evaluate") for n in sites]
+        name_of = {self.node_of[n]: n for n in sites}
+        scores = {}
+        with self.grid.round_deadline(self.dep.round_timeout_s):
+            for reply in self.grid.send_and_receive(msgs, timeout=self.dep.round_timeout_s):
+                name = name_of.get(reply.metadata.src_node_id)
+                if name is None:
+                    continue
+                if reply.has_error():
+                    log.warning("[round %d] site %s did not score its slice: %s", rnd, name, _reason(reply))
+                    continue
+                metrics = dict(reply.content.metric_records[C.RECORD_METRICS])
+                scores[name] = {KEY_N: int(metrics.pop(KEY_NUM_EXAMPLES)), **metrics}
+        self.grid.take_traffic()  # scoring is not part of any round's training traffic
+        return {n: scores[n] for n in sites if n in scores}  # site order
 
     def _config(self, rnd: int, task: SiteTask, job: str, shares: int) -> dict:
         rank = {} if task.rank is None else {C.KEY_RANK: task.rank}

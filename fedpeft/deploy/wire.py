@@ -12,12 +12,14 @@ import json
 from pathlib import Path
 
 from fedpeft.config import JobConfig
-from fedpeft.data.federated import client_file_rows, client_share  # the simulation's, so rows match
+from fedpeft.data.federated import client_file_rows, client_share, site_split  # the simulation's: rows match
 from fedpeft.data.io import load_examples
 from fedpeft.errors import ConfigError
 
 # Data keys that name files on the server: never sent to a site.
 _SERVER_ONLY_DATA_KEYS = ("train", "test", "client_files", "max_test_samples")
+_SITE_EVAL_KEYS = ("batch_size", "max_new_tokens", "repetition_penalty", "metrics", "heldout_loss", "merge_lora",
+                   "site_max_samples")
 HOLDOUT = "holdout"  # True: the site holds out test_ratio of its rows, as the simulation does
 
 
@@ -41,7 +43,8 @@ def site_job_payload(cfg: JobConfig) -> str:
     payload = {k: dumped[k] for k in ("seed", "model", "peft", "train", "privacy")}
     # what differential privacy needs: each site calibrates and checks its budget over the rounds
     federation = {k: dumped["federation"][k] for k in ("num_clients", "rounds", "clients_per_round", "compression")}
-    payload.update(data=data, federation=federation, **{HOLDOUT: cfg.data.test is None})
+    ev = {k: v for k, v in dumped["eval"].items() if k in _SITE_EVAL_KEYS}  # scoring its own slice
+    payload.update(data=data, federation=federation, eval=ev, **{HOLDOUT: cfg.data.test is None})
     return json.dumps(payload, sort_keys=True)
 
 
@@ -76,6 +79,15 @@ def site_rows(cfg: JobConfig, path: str | Path, holdout: bool) -> list[dict]:
     Raises:
         DataError: if the file is unusable (the message names file and line; it stays on the site).
     """
+    return site_data(cfg, path, holdout)[0]
+
+
+def site_data(cfg: JobConfig, path: str | Path, holdout: bool) -> tuple[list[dict], list[dict]]:
+    """``(training rows, own test slice)`` of one site, as the simulation builds its client's.
+
+    The slice (``data.client_test_ratio``; empty when 0) stays on the site: it scores it itself.
+    """
     d = cfg.data
     rows = load_examples(path, d.question_field, d.answer_field)
-    return client_file_rows(rows, d, cfg.seed, holdout, d.max_train_samples)[0]  # the site's share
+    train = client_file_rows(rows, d, cfg.seed, holdout, d.max_train_samples)[0]  # the site's share
+    return site_split(train, d, cfg.seed, f"site {Path(path).name}")

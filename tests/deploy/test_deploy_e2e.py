@@ -103,20 +103,32 @@ def test_tls_with_site_keys_equals_the_simulation_bit_for_bit_and_refuses_an_unk
 def test_plain_deployment_with_compressed_updates_equals_the_simulation_bit_for_bit(sites_and_test, tmp_path):
     # nf4 updates up, fp16 adapter down: the codecs' arrays (uint8, float16) cross Flower and the
     # site's trainer process as they are; plain fp32 is the TLS test's.
+    # Per-site scores too (data.client_test_ratio): each site scores its own slice and sends numbers.
     sites, test = sites_and_test
     compression = {"up": {"name": "nf4"}, "down": {"name": "fp16"}}
     job = tiny_job(sites, test, compression=compression)
+    job["data"]["client_test_ratio"] = 0.25
+    job["eval"]["zero_shot"] = True
     with torch_threads(1):
         sim = run_job(validate_tree({**job, "workspace": str(tmp_path / "sim-ws"), "run_id": "sim"}))
     server_job = _server_job(sites, test)
     server_job["federation"]["compression"] = compression
+    server_job["data"]["client_test_ratio"], server_job["eval"]["zero_shot"] = 0.25, True
     with Loopback(tmp_path, server_job, sites, env=SITE_ENV,
                   deploy={"round_timeout_s": 150, "wait_for_sites_s": 150}) as lb:
         lb.start()
         _run(lb)
     for rnd in (1, 2):
         assert max_abs_diff(checkpoint(sim.path, rnd), checkpoint(lb.run_dir, rnd)) == 0.0, rnd
-    records = read_jsonl(lb.run_dir / "metrics.jsonl")
+    measured = ("eval_seconds", "peak_memory_bytes")
+    scores = [{n: {k: v for k, v in s.items() if k not in measured} for n, s in r["sites"].items()}
+              for r in read_jsonl(lb.run_dir / "metrics.jsonl") if "sites" in r]
+    expected = [{n: {k: v for k, v in s.items() if k not in measured} for n, s in r["sites"].items()}
+                for r in read_jsonl(sim.metrics_file) if "sites" in r]
+    # zero-shot and after round 2, site i as client i, bit for bit
+    assert len(scores) == 2 and [list(r.values()) for r in scores] == [list(r.values()) for r in expected]
+    assert list(scores[0]) == list(sites) and all(s["heldout_loss"] > 0 and s["n"] > 0 for s in scores[1].values())
+    records = [r for r in read_jsonl(lb.run_dir / "metrics.jsonl") if r["event"] == "round"]
     assert [r["dropped"] for r in records] == [[], []] and not any(r["secure_aggregation"] for r in records)
     fp32 = 3 * state_nbytes(checkpoint(sim.path, 1))  # three sites, each way
     # as Flower counts them (message bytes: .npy headers and the job's config weigh on the tiny model's

@@ -1,0 +1,68 @@
+"""Per-site scores (data.client_test_ratio) in the simulation: each client's own held-out slice,
+scored at zero-shot and every evaluation; mean and worst site in the eval record and summary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedpeft.config import validate_tree
+from fedpeft.data.federated import prepare_data
+from fedpeft.errors import ConfigError
+from fedpeft.simulation import run_job
+from fedpeft.site_scores import summarize
+from tests.tiny_jobs import tiny_job
+
+SITE_EVAL = {"every": 1, "zero_shot": True, "max_new_tokens": 2, "metrics": ["rougeL"], "heldout_loss": True,
+             "max_samples": 1, "site_max_samples": 1}
+
+
+def _job(tmp_path, **data):  # noqa: ANN001, ANN202
+    job = tiny_job("sites", eval=SITE_EVAL)
+    job["data"].update(data)
+    return validate_tree({**job, "workspace": str(tmp_path)})
+
+
+def test_each_client_holds_out_a_slice_of_its_own_rows(tmp_path):
+    without = prepare_data(_job(tmp_path))
+    data = prepare_data(_job(tmp_path, client_test_ratio=0.25))
+    assert without.client_test_rows == []
+    for whole, train, held in zip(without.client_rows, data.client_rows, data.client_test_rows):
+        assert held and abs(len(held) - len(whole) * 0.25) <= 3  # about a quarter (whole focus groups)
+        assert sorted(map(json.dumps, train + held)) == sorted(map(json.dumps, whole))  # a split of that client's rows
+        assert {r["focus"] for r in train}.isdisjoint({r["focus"] for r in held})  # by data.split_by, like data.test
+
+
+def test_sites_are_scored_at_zero_shot_and_every_evaluation(tmp_path):
+    run = run_job(_job(tmp_path, client_test_ratio=0.25))
+    records = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in records if "sites" in r]
+    assert [r["round"] for r in evaluated] == [0, 1, 2]
+    for r in evaluated:
+        sites = r["sites"]
+        assert sorted(sites) == ["client-0", "client-1"]
+        assert all(s["n"] > 0 and s["heldout_loss"] > 0 and "rougeL" in s for s in sites.values())
+        losses = [s["heldout_loss"] for s in sites.values()]
+        assert r["eval"]["site_worst/heldout_loss"] == max(losses)
+        assert r["eval"]["site_mean/heldout_loss"] == pytest.approx(sum(losses) / 2)
+        assert r["eval"]["site_worst/rougeL"] == min(s["rougeL"] for s in sites.values())
+        assert "heldout_loss" in r["eval"]  # the global test set is scored as before
+    assert evaluated[0]["sites"] != evaluated[-1]["sites"]  # the adapter trained in between
+    summary = json.loads((run.path / "summary.json").read_text())
+    assert summary["final"]["site_worst/heldout_loss"] == evaluated[-1]["eval"]["site_worst/heldout_loss"]
+    assert summarize(evaluated[-1]["sites"]) == {k: v for k, v in evaluated[-1]["eval"].items() if k.startswith("site_")}
+
+
+def test_without_the_ratio_nothing_is_scored_per_site(tmp_path):
+    job = tiny_job("sites", eval={**SITE_EVAL, "every": 0})
+    run = run_job(validate_tree({**job, "workspace": str(tmp_path)}))
+    records = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert not any("sites" in r or any(k.startswith("site_") for k in r.get("eval", {})) for r in records)
+
+
+def test_a_ratio_with_nothing_to_score_is_a_config_error(tmp_path):
+    job = tiny_job("sites", eval={**SITE_EVAL, "heldout_loss": False, "site_max_samples": 0})
+    job["data"]["client_test_ratio"] = 0.2
+    with pytest.raises(ConfigError, match="client_test_ratio"):
+        validate_tree({**job, "workspace": str(tmp_path)})
