@@ -28,16 +28,30 @@ from fedpeft.constants import (
 )
 from fedpeft.errors import ConfigError
 from fedpeft.io_utils import append_jsonl, write_json, write_jsonl, write_text
+from fedpeft.tracking import Tracking
+from fedpeft.tracking.settings import TrackingConfig
 
 log = logging.getLogger(__name__)
 
 
 class RunDir:
-    """Paths and writers of one run's outputs."""
+    """Paths and writers of one run's outputs.
 
-    def __init__(self, path: Path) -> None:
+    Every record :meth:`log_metrics` appends also goes to the run's trackers (TensorBoard,
+    MLflow: :mod:`fedpeft.tracking`), started at the first record from the ``tracking`` section
+    of ``config.yaml`` (or ``tracking``, when given) and closed by :meth:`write_summary` (the
+    run's end) or :meth:`release`.
+
+    Args:
+        path: The run folder.
+        tracking: The trackers to use instead of those ``config.yaml`` names.
+    """
+
+    def __init__(self, path: Path, tracking: TrackingConfig | None = None) -> None:
         self.path = Path(path)
         self._lock: FileLock | None = None
+        self._tracking_settings = tracking
+        self._tracking: Tracking | None = None
 
     @classmethod
     def create(cls, cfg: JobConfig) -> "RunDir":
@@ -59,6 +73,7 @@ class RunDir:
             run.release()
             raise ConfigError(f"{path} already holds a run; resume it with --resume {path}, or pick another run_id")
         write_text(run.config_file, dump_config(cfg))
+        run._check_tracking(remove=True)
         return run
 
     @classmethod
@@ -73,6 +88,7 @@ class RunDir:
                               "e.g. workspace/<job>/<run-id>")
         run = cls(path)
         run.acquire()
+        run._check_tracking(remove=False)
         return run
 
     def acquire(self) -> None:
@@ -93,7 +109,9 @@ class RunDir:
         self._lock = lock
 
     def release(self) -> None:
-        """Let another process write into the folder (idempotent)."""
+        """Close the trackers; let another process write into the folder (idempotent)."""
+        if self._tracking is not None:
+            self._tracking.close(finished=False)
         if self._lock is not None:
             (self.path / LOCK_HOLDER_FILE).unlink(missing_ok=True)
             self._lock.release()
@@ -119,9 +137,28 @@ class RunDir:
     predictions_file = property(lambda self: self.path / PREDICTIONS_FILE)
     adapter_dir = property(lambda self: self.path / FINAL_ADAPTER_DIR)
 
+    @property
+    def tracking(self) -> Tracking:
+        """The run's trackers (none unless the job names some)."""
+        if self._tracking is None:
+            self._tracking = Tracking(self.path, self._tracking_settings)
+        return self._tracking
+
+    def _check_tracking(self, remove: bool) -> None:
+        """Fail before training when a tracking library is missing (``remove``: the new folder too)."""
+        try:
+            self.tracking.check()
+        except ConfigError:
+            if remove:
+                self.remove_if_untrained()
+            else:
+                self.release()
+            raise
+
     def log_metrics(self, record: dict) -> None:
-        """Append one record to ``metrics.jsonl``."""
+        """Append one record to ``metrics.jsonl`` and send it to the run's trackers."""
         append_jsonl(self.metrics_file, record)
+        self.tracking.log(record)
 
     def truncate_metrics_after(self, rnd: int) -> None:
         """Drop records of rounds after ``rnd`` (left by a run that died before checkpointing)."""
@@ -143,7 +180,10 @@ class RunDir:
         write_json(self.path / PARTITIONS_FILE, summary)
 
     def write_summary(self, summary: dict) -> None:
+        """Write ``summary.json``: the run is complete, so its trackers close (MLflow: FINISHED)."""
         write_json(self.path / SUMMARY_FILE, summary)
+        if self._tracking is not None:
+            self._tracking.close(finished=True)
 
     def read_summary(self) -> dict:
         return json.loads((self.path / SUMMARY_FILE).read_text())
