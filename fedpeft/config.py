@@ -23,6 +23,7 @@ from fedpeft.data.io import resolve_input
 from fedpeft.data.mcq_io import load_mcq
 from fedpeft.errors import ConfigError, DataError
 from fedpeft.privacy.settings import AuditConfig, PrivacyConfig
+from fedpeft.tracking.settings import TrackingConfig
 from fedpeft.problems import Loc, Problems, read_yaml
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,7 @@ class JobConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     audit: AuditConfig = AuditConfig()
+    tracking: TrackingConfig = TrackingConfig()  # [tensorboard, mlflow]: each round's numbers to local stores
 
     @field_validator("job", "run_id")
     @classmethod

@@ -111,7 +111,8 @@ def run_rounds(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, test: 
         The final global adapter state.
     """
     aggregator = build_aggregator(cfg.federation.aggregation.name, cfg.federation.aggregation.params)
-    where = ("job", "workspace", "run_id")  # where the folder is, not what it computes: a moved run resumes
+    # where the folder is and where its numbers are also sent, not what it computes: a moved run resumes
+    where = ("job", "workspace", "run_id", "tracking.backends", "tracking.mlflow_uri")
     config = {k: v for k, v in flatten(cfg.model_dump(mode="json")).items() if k not in where}
     fingerprint = {"config": config, "data": _digest([pool.fingerprint, test])}
     state, start = _start(cfg, run, host, aggregator, pool, test, fingerprint, allow_config_change)
