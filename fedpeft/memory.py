@@ -7,8 +7,9 @@
   packed bytes);
 * adapter + optimizer: trainable parameters x (weight + gradient + AdamW's two moments);
 * peak activations: on CUDA, ``max_memory_allocated`` above what was allocated when training
-  started; on CPU, the process's peak resident memory above its level when training started,
-  sampled every :data:`SAMPLE_SECONDS` by a thread (it includes what the allocator keeps).
+  started; on CPU, the process's peak resident memory above its level when training started
+  (after one read of every weight page, so memory-mapped weights count as weights), sampled every
+  :data:`SAMPLE_SECONDS` by a thread; it includes what the allocator keeps.
 
 :func:`release_freed_memory` hands memory that glibc's allocator keeps after a phase back to
 the system (``malloc_trim``), so the next phase, and other processes, start lower.
@@ -115,6 +116,8 @@ def breakdown_once(model: nn.Module, client_id: str, batch_size: int, max_tokens
     object.__setattr__(model, _LOGGED, True)
     device = next(model.parameters()).device
     frozen, trainable = weight_bytes(model)
+    if device.type == "cpu":
+        _touch(model)  # memory-mapped weights count once read: read them now, not inside the training peak
     with PeakSampler(device) as sampler:
         yield numbers
     numbers.update(memory_base_weights_bytes=frozen, memory_adapter_optimizer_bytes=trainable * _ADAM_COPIES,
@@ -123,6 +126,14 @@ def breakdown_once(model: nn.Module, client_id: str, batch_size: int, max_tokens
     log.info("memory on %s (%s, first training): base weights %s · adapter + AdamW %s · peak activations %s "
              "(%s; batches of %d × ≤%d tokens)", device, client_id, _mb(frozen), _mb(trainable * _ADAM_COPIES),
              _mb(sampler.above_start), kind, batch_size, max_tokens)
+
+
+def _touch(model: nn.Module) -> None:
+    """Read every parameter once (safetensors weights are memory-mapped: pages count when first read)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel():
+                p.view(-1)[:: max(1, 4096 // p.element_size())].sum()  # one value per page
 
 
 def _mb(n: int) -> str:
