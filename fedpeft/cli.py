@@ -1,4 +1,4 @@
-"""Command line: ``fedpeft run | validate | demo | data split | data mcq | generate | export | chat | audit``."""
+"""Command line: ``fedpeft run | validate | demo | data split | data mcq | generate | export | chat | eval | audit``."""
 
 from __future__ import annotations
 
@@ -56,6 +56,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fedpeft.simulation import run_job
     from fedpeft.results import print_results
 
+    if getattr(args, "baseline", None):  # `fedpeft demo` has no --baseline
+        return _cmd_baseline(args)
     if not args.resume and _is_benchmark(args.config):  # Ianvs files or a native grid
         return _cmd_benchmark(args)
     if getattr(args, "dry_run", False) and not args.resume:
@@ -67,6 +69,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from fedpeft.audit.report import audit_run, audit_tables, report_path
 
         print(audit_tables([audit_run(run.path)]) + f"\ncanary audit: {report_path(run.path)}")
+    return 0
+
+
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    from fedpeft.benchmark.baseline_command import print_baseline, run_baseline
+    from fedpeft.benchmark.baselines import check_baseline
+    from fedpeft.config import load_config
+    from fedpeft.errors import ConfigError
+
+    try:
+        check_baseline(args.baseline)
+    except ConfigError as e:
+        raise ConfigError(f"--baseline: {e}") from None
+    if args.resume:
+        raise ConfigError("--baseline starts a new baseline run and cannot be combined with --resume (a baseline's "
+                          "folder holds its one-client config, not the job its data come from); run it again: "
+                          f"fedpeft run JOB.yaml --baseline {args.baseline}")
+    if _is_benchmark(args.config):
+        raise ConfigError(f"{args.config} is a benchmark file, which lists its own baselines (baselines: [...]); "
+                          "--baseline takes a native job YAML")
+    if getattr(args, "dry_run", False):
+        return _cmd_validate(args)
+    runs = run_baseline(load_config(args.config, args.overrides), args.baseline)
+    print_baseline(runs, args.baseline)
     return 0
 
 
@@ -161,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "(e.g. federation.rounds to add rounds); repeatable")
     run.add_argument("--dry-run", action="store_true",
                      help="check the config and exit; a benchmark file also lists its test cases")
+    run.add_argument("--baseline", metavar="NAME",
+                     help="run one baseline arm of the job alone, as fedpeft benchmark does: zero_shot (the base "
+                          "model), centralized (all clients' rows as one client, same optimizer steps) or local_only "
+                          "(each client alone: one run per client); run ids name the baseline")
     run.set_defaults(fn=_cmd_run)
     val = sub.add_parser("validate", help="check a job or benchmark config and list every problem")
     val.add_argument("config", help="job YAML, benchmarkingjob.yaml (Ianvs format) or configs/benchmark-*.yaml")
@@ -228,8 +258,20 @@ def _where(error: BaseException) -> str:
     return f"raised at {frame.filename}:{frame.lineno} in {frame.name}" if frame else "no traceback"
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; a command with ``trailing_items`` (``eval``) also takes positional items after
+    its options (``fedpeft eval RUN --test t.jsonl eval.max_samples=5``), which argparse alone refuses."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not getattr(args, "trailing_items", False) or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.items += extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     _setup_logging(args.verbose)
     if args.command == "run" and not (args.config or args.resume):
         print("fedpeft run: give a CONFIG.yaml or --resume RUN_DIR", file=sys.stderr)

@@ -14,7 +14,8 @@
 
 Baselines are computed once per distinct training setup of the federated test cases, with the
 aggregation left out (``signature``): a grid over ``peft_method`` gets one set per method, a
-grid over aggregations shares one.
+grid over aggregations shares one. :func:`arm_runs` is what both ``fedpeft benchmark`` and
+``fedpeft run JOB --baseline NAME`` run for one job.
 """
 
 from __future__ import annotations
@@ -23,11 +24,16 @@ import copy
 import hashlib
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from fedpeft.benchmark.constants import BASELINES, CENTRALIZED, LOCAL_ONLY, ZERO_SHOT
 from fedpeft.config import JobConfig, validate_tree
 from fedpeft.data.federated import FederatedData
 from fedpeft.data.partitioners import partition_summary
+from fedpeft.errors import ConfigError
+from fedpeft.problems import did_you_mean
 from fedpeft.run_dir import RunDir
 from fedpeft.trainer import num_optimizer_steps
 
@@ -121,3 +127,51 @@ def run_zero_shot(cfg: JobConfig, data: FederatedData) -> RunDir:
     metrics = zero_shot(cfg, run, host, data.test_rows)
     write_summary(cfg, run, None, copy.deepcopy(metrics), rounds=0, num_clients=0, peft=None, aggregation=None)
     return run
+
+
+def check_baseline(name: str) -> str:
+    """``name`` if it names a baseline.
+
+    Raises:
+        ConfigError: naming the closest baseline and listing them all.
+    """
+    if name not in BASELINES:
+        raise ConfigError(f"unknown baseline {name!r}{did_you_mean(name, BASELINES)}; "
+                          f"baselines: {', '.join(BASELINES)}")
+    return name
+
+
+@dataclass(frozen=True)
+class ArmRun:
+    """One run of a baseline arm. ``run(cfg)`` makes its run folder, where ``cfg`` is :attr:`cfg`
+    with the workspace, job and run id to write under."""
+
+    client: str | None  # local_only: the client that trains alone; None otherwise
+    cfg: JobConfig
+    run: Callable[[JobConfig], RunDir]
+
+
+def arm_runs(name: str, cfg: JobConfig, data: Callable[[], FederatedData]) -> list[ArmRun]:
+    """The runs of baseline ``name`` for the federated job ``cfg``, in order.
+
+    Args:
+        name: ``zero_shot``, ``local_only`` or ``centralized``.
+        cfg: The federated job.
+        data: Returns the job's data (``prepare_data``); called here, or for ``zero_shot`` only
+            when its run starts.
+
+    Returns:
+        One run for ``zero_shot`` and ``centralized``, one per client for ``local_only``.
+
+    Raises:
+        ConfigError: for an unknown ``name``.
+    """
+    from fedpeft.simulation import run_job
+
+    if check_baseline(name) == ZERO_SHOT:
+        return [ArmRun(None, cfg, lambda c: run_zero_shot(c, data()))]
+    if name == LOCAL_ONLY:
+        return [ArmRun(cid, one, lambda c, d=d: run_job(c, data=d)) for cid, one, d in local_only(cfg, data())]
+    assert name == CENTRALIZED
+    one, central, _ = centralized(cfg, data())
+    return [ArmRun(None, one, lambda c: run_job(c, data=central))]

@@ -147,26 +147,23 @@ def plan_jobs(plan: BenchmarkPlan) -> list[Job]:
             data_cache[key] = prepare_data(case.cfg)
         return data_cache[key]
 
+    def arm(name: str, case: TestCase, sig: str, keep: Callable[[Setting], bool]) -> list[Job]:
+        return [Job(name, name, f"{name} {r.client}" if r.client else name, r.cfg,
+                    _baseline_meta(case, keep, sig, r.client), r.run)
+                for r in bl.arm_runs(name, case.cfg, lambda: data_of(case))]
+
     jobs: list[Job] = []
     if ZERO_SHOT in plan.baselines:
         for sig, case in _distinct(cases, bl.zero_shot_signature).items():
-            jobs.append(Job(ZERO_SHOT, ZERO_SHOT, ZERO_SHOT, case.cfg, _baseline_meta(case, _no_training, sig),
-                            lambda cfg, case=case: bl.run_zero_shot(cfg, data_of(case))))
+            jobs += arm(ZERO_SHOT, case, sig, _no_training)
     for case in cases:
         meta = {"paradigm": case.paradigm, "modules": case.modules, "hyperparameters": case.hyperparameters,
                 "group": bl.training_signature(case.cfg), "client": None,
                 "zero_shot_group": bl.zero_shot_signature(case.cfg)}  # its round 0 in the report
         jobs.append(Job(KIND_FEDERATED, case.algorithm, case.algorithm, case.cfg, meta, run_job))
     for sig, case in _distinct(cases, bl.training_signature).items():
-        if LOCAL_ONLY in plan.baselines:
-            for cid, cfg, data in bl.local_only(case.cfg, data_of(case)):
-                jobs.append(Job(LOCAL_ONLY, LOCAL_ONLY, f"{LOCAL_ONLY} {cid}", cfg,
-                                _baseline_meta(case, _not_aggregation, sig, cid),
-                                lambda c, data=data: run_job(c, data=data)))
-        if CENTRALIZED in plan.baselines:
-            cfg, data, _ = bl.centralized(case.cfg, data_of(case))
-            jobs.append(Job(CENTRALIZED, CENTRALIZED, CENTRALIZED, cfg, _baseline_meta(case, _not_aggregation, sig),
-                            lambda c, data=data: run_job(c, data=data)))
+        jobs += [job for name in (LOCAL_ONLY, CENTRALIZED) if name in plan.baselines
+                 for job in arm(name, case, sig, _not_aggregation)]
     return jobs
 
 

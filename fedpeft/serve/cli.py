@@ -1,4 +1,4 @@
-"""Serving subcommands of ``fedpeft``: ``export`` and ``chat``.
+"""Serving subcommands of ``fedpeft``: ``export``, ``chat`` and ``eval``.
 
 Heavy imports (torch, transformers) happen inside the commands, so ``fedpeft --help`` stays fast.
 """
@@ -69,8 +69,35 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from fedpeft.models import resolve_devices
+    from fedpeft.serve.eval_report import out_dir, report, write_scores
+    from fedpeft.serve.evaluate import Column, Scores, TestSet, load_tests, resolve_columns, score, split_items
+
+    targets, overrides = split_items(args.items)
+    columns = resolve_columns(targets, args.base, overrides)
+    tests = load_tests(args.test, columns[0].cfg)  # every refusal before the model loads
+    device = args.device or resolve_devices(columns[0].cfg.model.devices)[0]
+    out = out_dir(args.out, columns)
+    results: dict[tuple[str, str], Scores] = {}
+
+    def done(column: Column, test: TestSet, scores: Scores) -> None:
+        write_scores(out, column, test, scores)
+        results[column.label, test.label] = scores
+
+    try:
+        score(columns, tests, device, done)
+    except BaseException:
+        if not any(out.iterdir()):  # nothing scored: leave no empty results folder behind
+            out.rmdir()
+        raise
+    print(report(out, columns, tests, results))
+    print(f"\nresults: {out}")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``export`` and ``chat`` to the ``fedpeft`` subcommands."""
+    """Add ``export``, ``chat`` and ``eval`` to the ``fedpeft`` subcommands."""
     exp = sub.add_parser(
         "export", help="write a trained adapter for a serving stack: the adapter folder, or merged into its base",
         description="--out OUT: the PEFT adapter folder with the tokenizer and the job's chat template "
@@ -100,3 +127,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     chat.add_argument("--repetition-penalty", type=float, help="default: the job's eval.repetition_penalty, else 1.1")
     chat.add_argument("--device", default="cpu")
     chat.set_defaults(fn=_cmd_chat)
+    ev = sub.add_parser(
+        "eval", help="score trained adapters, or their base model, on any JSONL test files, side by side",
+        description="Scores each adapter (and with --base the base model) on each --test file with the job's eval "
+                    "settings (the first adapter's run config.yaml, eval: section; key=value overrides them) and "
+                    "the prompt settings it was trained with. Writes metrics.json and predictions.jsonl per column "
+                    "and test file into a new folder, and prints a table per test file: every column side by side, "
+                    "and each difference against the first column (the base model with --base) with its paired "
+                    "bootstrap 95% interval over the generated questions.")
+    ev.add_argument("items", nargs="*", metavar="RUN_DIR_OR_ADAPTER",
+                    help=f"{ADAPTER_HELP}; all of one base model. Then key=value overrides: eval.* (e.g. "
+                         "eval.max_samples=50), data.system_prompt, data.max_seq_len, data.question_field, "
+                         "data.answer_field")
+    ev.add_argument("--base", action="store_true",
+                    help="also score the base model alone (the first column); with a job YAML instead of adapters, "
+                         "score that job's base model only")
+    ev.add_argument("--test", action="append", required=True, metavar="FILE",
+                    help="JSONL file of question/answer rows (repeatable)")
+    ev.add_argument("--out", metavar="DIR", help="new or empty folder for the results (default: eval-<time> beside "
+                                                 "the first run)")
+    ev.add_argument("--device", help="cpu or cuda:N (default: the job's model.devices, first one)")
+    ev.set_defaults(fn=_cmd_eval, trailing_items=True)

@@ -5,8 +5,8 @@ A run writes its global adapter to ``RUN_DIR/adapter``: a PEFT adapter folder
 the PEFT method and ``data.prompt_template``. The job's system prompt and generation settings
 (``data.system_prompt``, ``eval.max_new_tokens``, ``eval.repetition_penalty``) are read from the
 same file where ``fedpeft export`` wrote them, else from the run's ``config.yaml`` beside it.
-``fedpeft generate``, ``export`` and ``chat`` all open an adapter through :func:`open_adapter`
-and load it through :func:`load_model`.
+``fedpeft generate``, ``export``, ``chat`` and ``eval`` all open an adapter through :func:`open_adapter`
+and load it through :func:`load_model` (``eval``: :func:`attach_adapter` onto one loaded base).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 from peft import PeftConfig, PeftModel
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedpeft.adapters import MODEL_INFO_FILE
 from fedpeft.config import ModelConfig
@@ -53,18 +53,23 @@ class SavedAdapter:
         return {**json.loads((self.path / MODEL_INFO_FILE).read_text()), **self.serving_settings()}
 
 
-def adapter_folder(path: str | Path) -> Path:
+def adapter_folder(path: str | Path, flag: str = "--adapter") -> Path:
     """The adapter folder that ``path`` names: the folder itself, or ``RUN_DIR/adapter`` for a run folder.
+
+    Args:
+        path: What the user gave.
+        flag: The option that gave it, named in errors (``""``: a positional argument).
 
     Raises:
         ModelError: if ``path`` is missing, a file, a run without an adapter yet, or not an adapter folder.
     """
     path = Path(path).expanduser()
+    given = f"{flag} {path}".strip()
     if not path.exists():
-        raise ModelError(f"--adapter {path}: no such folder; give a run folder (workspace/<job>/<run-id>) "
+        raise ModelError(f"{given}: no such folder; give a run folder (workspace/<job>/<run-id>) "
                          f"or its {FINAL_ADAPTER_DIR}/ folder")
     if not path.is_dir():
-        raise ModelError(f"--adapter {path} is a file; give the adapter folder that holds {MODEL_INFO_FILE}")
+        raise ModelError(f"{given} is a file; give the adapter folder that holds {MODEL_INFO_FILE}")
     if (path / CONFIG_FILE).is_file() and not (path / MODEL_INFO_FILE).is_file():  # a run folder
         if not (path / FINAL_ADAPTER_DIR / MODEL_INFO_FILE).is_file():
             raise ModelError(f"{path} is a run folder without a final {FINAL_ADAPTER_DIR}/ (it is written after the "
@@ -74,16 +79,17 @@ def adapter_folder(path: str | Path) -> Path:
         found = (f"a PEFT adapter that fedpeft did not write (no {MODEL_INFO_FILE} naming its base model)"
                  if (path / ADAPTER_CONFIG_FILE).is_file() else
                  f"neither an adapter folder (no {MODEL_INFO_FILE}) nor a run folder (no {CONFIG_FILE})")
-        raise ModelError(f"--adapter {path} is {found}; give a run folder (workspace/<job>/<run-id>), its "
+        raise ModelError(f"{flag} {path}".strip() + f" is {found}; give a run folder (workspace/<job>/<run-id>), its "
                          f"{FINAL_ADAPTER_DIR}/ folder, or a folder written by fedpeft export --out")
     return path
 
 
-def open_adapter(path: str | Path) -> SavedAdapter:
+def open_adapter(path: str | Path, flag: str = "--adapter") -> SavedAdapter:
     """Read a saved adapter's settings without loading any weights.
 
     Args:
         path: An adapter folder, or a run folder (its ``adapter/`` is used).
+        flag: The option that gave ``path``, named in errors (``""``: a positional argument).
 
     Returns:
         The base model, method and prompt settings the adapter was trained with.
@@ -91,7 +97,7 @@ def open_adapter(path: str | Path) -> SavedAdapter:
     Raises:
         ModelError: if ``path`` is not an adapter or run folder, or its files are unreadable.
     """
-    folder = adapter_folder(path)
+    folder = adapter_folder(path, flag)
     try:
         info = json.loads((folder / MODEL_INFO_FILE).read_text())
         model = ModelConfig(**info["model"])
@@ -137,10 +143,24 @@ def load_model(saved: SavedAdapter, device: str = "cpu", *,
 
     cfg = saved.model.model_copy(update={"quantization": "none"}) if dequantize else saved.model
     base, tok = load_base_model(cfg, device)
+    return attach_adapter(base, saved), with_job_template(tok, saved)
+
+
+def attach_adapter(base: PreTrainedModel, saved: SavedAdapter) -> PeftModel:
+    """``base`` with the adapter ``saved`` on top (inference mode); :func:`detach_adapter` undoes it."""
     with warnings.catch_warnings():  # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = PeftModel.from_pretrained(base, saved.path)
-    return model, with_job_template(tok, saved)
+        return PeftModel.from_pretrained(base, saved.path)
+
+
+def detach_adapter(model: PeftModel) -> PreTrainedModel:
+    """The base model of ``model`` as it was before :func:`attach_adapter`, so another adapter can go on it.
+
+    Layer adapters (LoRA, IA3) are removed without merging; prompt learning never touched the base.
+    """
+    if model.peft_config[model.active_adapter].is_prompt_learning:
+        return model.get_base_model()
+    return model.unload()
 
 
 def load_tokenizer(saved: SavedAdapter) -> PreTrainedTokenizerBase:

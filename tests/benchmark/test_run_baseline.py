@@ -1,0 +1,80 @@
+"""``fedpeft run JOB --baseline NAME``: one baseline arm alone, in normal run folders named after it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from tiny_jobs import tiny_job
+
+from fedpeft.cli import main
+from fedpeft.io_utils import read_jsonl
+
+EVAL = {"every": 0, "zero_shot": True, "max_new_tokens": 2, "metrics": ["rougeL"], "heldout_loss": True}
+
+
+@pytest.fixture
+def job(tmp_path: Path) -> Path:
+    """2 clients x 1 round, one optimizer step per client: the federated run takes 2 steps in all."""
+    tree = {**tiny_job("base", eval=EVAL), "workspace": str(tmp_path / "ws")}
+    tree["federation"] = {**tree["federation"], "rounds": 1}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(tree))
+    return tmp_path / "job.yaml"
+
+
+def _runs(job: Path, prefix: str) -> list[Path]:
+    return sorted(p for p in (job.parent / "ws" / "base").iterdir() if p.name.startswith(prefix))
+
+
+def test_centralized_run_trains_all_rows_as_one_client_with_the_federated_step_budget(job, capsys):
+    assert main(["run", str(job), "--baseline", "centralized"]) == 0
+    (run,) = _runs(job, "centralized-")
+    partitions = json.loads((run / "partitions.json").read_text())
+    (record,) = read_jsonl(run / "metrics.jsonl")  # no zero-shot round: that is the zero_shot baseline's
+    (client,) = record["clients"]
+    assert client["client_id"] == "central" and client["steps"] == 2  # both clients' one step each
+    assert client["num_examples"] == partitions[0]["size"] > 0
+    assert record["eval"]["heldout_loss"] > 0 and len(read_jsonl(run / "predictions.jsonl")) == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["num_clients"] == 1 and summary["final"]["rougeL"] == record["eval"]["rougeL"]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert f"fedpeftresults:{run}" in "".join(capsys.readouterr().out.split())  # rich wraps long lines
+
+
+def test_local_only_makes_one_run_per_client_and_prints_the_mean_and_worst_client(job, capsys):
+    assert main(["run", str(job), "--baseline", "local_only"]) == 0
+    runs = _runs(job, "local_only-")
+    assert [r.name.rsplit("-", 2)[-2:] for r in runs] == [["client", "0"], ["client", "1"]]
+    losses = []
+    for i, run in enumerate(runs):
+        (record,) = read_jsonl(run / "metrics.jsonl")
+        assert [c["client_id"] for c in record["clients"]] == [f"client-{i}"]
+        losses.append(json.loads((run / "summary.json").read_text())["final"]["heldout_loss"])
+    assert losses[0] != losses[1]  # premise: the clients' runs differ
+    rows = {line.split("│")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.count("│") > 2}
+    assert f"{max(losses):.4f}" in rows["worst"] and f"{sum(losses) / 2:.4f}" in rows["mean"]
+
+
+def test_zero_shot_run_scores_the_base_model_under_the_jobs_run_id(job, capsys):
+    tree = yaml.safe_load(job.read_text())
+    job.write_text(yaml.safe_dump({**tree, "run_id": "r7"}))
+    assert main(["run", str(job), "--baseline", "zero_shot"]) == 0
+    (run,) = _runs(job, "r7")
+    assert run.name == "r7-zero_shot"
+    (record,) = read_jsonl(run / "metrics.jsonl")
+    assert record["round"] == 0 and record["zero_shot"] and record["eval"]["heldout_loss"] > 0
+    assert len(read_jsonl(run / "predictions_zero_shot.jsonl")) == 2
+    assert "zero-shot" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--baseline", "centralised"], "--baseline: unknown baseline 'centralised'; did you mean 'centralized'?"),
+    (["--baseline", "local_only", "--resume", "ws/base/r1"], "cannot be combined with --resume"),
+])
+def test_baseline_errors_are_one_line(job, capsys, args, message):
+    assert main(["run", str(job), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.strip().count("\n") == 0
+    assert not (job.parent / "ws").exists()
