@@ -184,6 +184,9 @@ class EvalConfig(_Section):
     mcq_max_items: int | None = Field(None, ge=1)  # score only the first N items (cost grows with N)
     # Per-site scores (data.client_test_ratio): questions generated per site (0: held-out loss only)
     site_max_samples: int = Field(0, ge=0)
+    # Personalised scores too: each site first trains the global adapter this many local steps on its
+    # own training rows (kept on the site, never sent), then scores its slice again; 0: off
+    site_finetune_steps: int = Field(0, ge=0)
 
     @field_validator("mcq")
     @classmethod

@@ -105,6 +105,9 @@ def semantic_problems(cfg: JobConfig) -> list[tuple[Loc, str]]:
     if data.client_test_ratio and not (cfg.eval.heldout_loss or cfg.eval.site_max_samples):
         problems.append((("data", "client_test_ratio"), "asks for per-site scores, but eval.heldout_loss is false and "
                          "eval.site_max_samples is 0: nothing would be scored; turn one of them on"))
+    if cfg.eval.site_finetune_steps and not data.client_test_ratio:
+        problems.append((("eval", "site_finetune_steps"), "personalised scores are scored on each client's own slice: "
+                         "set data.client_test_ratio (e.g. 0.2) too, or set this to 0"))
     from fedpeft.compression import CODECS
 
     problems += _rank_problems(cfg)

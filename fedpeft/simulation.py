@@ -31,7 +31,7 @@ from fedpeft.scheduler import DeviceScheduler, Task
 from fedpeft.fold import Fold
 from fedpeft.state import ClientReport, RoundResult, State
 from fedpeft.trainer import fit
-from fedpeft.site_scores import score_site
+from fedpeft.site_scores import personal_seed, score_site
 from fedpeft.worker import Worker, build_worker
 
 log = logging.getLogger(__name__)
@@ -93,9 +93,13 @@ class SchedulerPool:
 
     def evaluate_sites(self, rnd: int, state: State | None) -> dict[str, dict]:
         """Score ``state`` (``None``: the base model) on every client's own slice, on the worker."""
-        slices = zip(self.client_ids, self.data.client_test_rows)
-        return {cid: self.sched.call(lambda w, rows=rows: score_site(w, state, self.cfg, rows))
-                for cid, rows in slices if rows}
+        scores = {}
+        for i, (cid, rows) in enumerate(zip(self.client_ids, self.data.client_test_rows)):
+            if rows:
+                seed = personal_seed(self.cfg, rnd, i)
+                scores[cid] = self.sched.call(
+                    lambda w, rows=rows, i=i, seed=seed: score_site(w, state, self.cfg, rows, self.tokenized[i], seed))
+        return scores
 
     def state_dict(self) -> dict:
         """The clients' error-feedback residuals (top-k), for the checkpoint."""

@@ -66,3 +66,23 @@ def test_a_ratio_with_nothing_to_score_is_a_config_error(tmp_path):
     job["data"]["client_test_ratio"] = 0.2
     with pytest.raises(ConfigError, match="client_test_ratio"):
         validate_tree({**job, "workspace": str(tmp_path)})
+
+
+def test_personalised_scores_leave_the_global_run_as_it_was(tmp_path):
+    job = tiny_job("sites", eval={**SITE_EVAL, "every": 0, "zero_shot": False})
+    job["data"]["client_test_ratio"] = 0.25
+    plain = run_job(validate_tree({**job, "workspace": str(tmp_path / "a")}))
+    job["eval"]["site_finetune_steps"] = 3
+    personal = run_job(validate_tree({**job, "workspace": str(tmp_path / "b")}))
+    last = [[json.loads(x) for x in (r.path / "metrics.jsonl").read_text().splitlines()][-1] for r in (plain, personal)]
+    for before, after in zip(last[0]["sites"].values(), last[1]["sites"].values()):
+        assert after["heldout_loss"] == before["heldout_loss"]  # the global adapter is scored as without
+        assert after["personal/heldout_loss"] != after["heldout_loss"]  # 3 local steps changed the adapter
+        assert "personal/rougeL" in after and "personal/eval_seconds" not in after
+    assert last[1]["eval"]["site_worst/personal/heldout_loss"] == max(
+        s["personal/heldout_loss"] for s in last[1]["sites"].values())
+    adapters = [(r.path / "adapter" / "adapter_model.safetensors").read_bytes() for r in (plain, personal)]
+    assert adapters[0] == adapters[1]  # the personalised adapters stay where they were made
+    job["data"]["client_test_ratio"] = 0.0
+    with pytest.raises(ConfigError, match="site_finetune_steps"):
+        validate_tree({**job, "workspace": str(tmp_path)})

@@ -27,6 +27,7 @@ from fedpeft.models import resolve_devices
 from fedpeft.ranks import client_rank
 from fedpeft.rounds import client_seed, run_rounds
 from fedpeft.run_dir import RunDir
+from fedpeft.site_scores import personal_seed
 from fedpeft.state import RoundResult, State
 from fedpeft.worker import LocalHost, build_worker
 
@@ -113,7 +114,8 @@ class FlowerPool:
     def evaluate_sites(self, rnd: int, state: State | None) -> dict[str, dict]:
         """Every connected site scores ``state`` (``None``: the base model) on its own slice."""
         present = wait_for_sites(self.transport, self.client_ids, 1, self.dep.wait_for_sites_s, want_all=self.first)
-        scores = self.transport.evaluate(rnd, present, state, self.job)
+        seeds = {n: personal_seed(self.cfg, rnd, self.client_ids.index(n)) for n in present}
+        scores = self.transport.evaluate(rnd, present, state, self.job, seeds)
         missing = [n for n in self.client_ids if n not in scores]
         if missing:
             log.warning("[round %d] no per-site scores from %s", rnd, ", ".join(missing))

@@ -117,7 +117,8 @@ class SiteTrainer:
             start = None if config.get(C.KEY_ZERO_SHOT) else {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
             log.info("site %s: scoring round %s on its own %d held-out rows", self.name,
                      config.get(C.KEY_SERVER_ROUND), len(rows))
-            scores = score_site(worker, start, cfg, rows)
+            train = self._examples_for(cfg, holdout, worker) if cfg.eval.site_finetune_steps else None
+            scores = score_site(worker, start, cfg, rows, train, int(config.get(C.KEY_SEED, 0)))
         return scores.pop(KEY_N), scores, self.name, {}
 
     def _worker_for(self, cfg) -> Worker:

@@ -62,7 +62,8 @@ class Transport(Protocol):
         """
         ...
 
-    def evaluate(self, rnd: int, sites: list[str], state: State | None, job: str) -> dict[str, dict]:
+    def evaluate(self, rnd: int, sites: list[str], state: State | None, job: str,
+                 seeds: dict[str, int] | None = None) -> dict[str, dict]:
         """Have each of ``sites`` score ``state`` on its own held-out slice; ``{site: scores}``."""
         ...
 
@@ -166,8 +167,11 @@ class FlowerTransport:
             report.bytes_down, report.bytes_up = down.get(nid, 0), up.get(nid, 0)
         return result
 
-    def evaluate(self, rnd: int, sites: list[str], state: State | None, job: str) -> dict[str, dict]:
+    def evaluate(self, rnd: int, sites: list[str], state: State | None, job: str,
+                 seeds: dict[str, int] | None = None) -> dict[str, dict]:
         """Have each of ``sites`` score ``state`` (``None``: the base model) on its own slice.
+
+        ``seeds``: each site's personalisation seed (``eval.site_finetune_steps``).
 
         Returns:
             ``{site: {n, metric: value}}`` of the sites that answered within the round timeout
@@ -178,7 +182,9 @@ class FlowerTransport:
         config = {C.KEY_SERVER_ROUND: rnd, C.KEY_JOB: job, C.KEY_TIMEOUT: self.dep.round_timeout_s,
                   C.KEY_ZERO_SHOT: state is None}
         record = state_to_record(state or {})
-        msgs = [Message(RecordDict({C.RECORD_STATE: record, C.RECORD_CONFIG: ConfigRecord({**config, C.KEY_SITE: n})}),
+        seeds = seeds or {}
+        msgs = [Message(RecordDict({C.RECORD_STATE: record,
+                                    C.RECORD_CONFIG: ConfigRecord({**config, C.KEY_SITE: n, C.KEY_SEED: seeds.get(n, 0)})}),
                         self.node_of[n], MessageType.EVALUATE, ttl=self.dep.round_timeout_s + 60,
                         group_id=f"{rnd}-evaluate") for n in sites]
         name_of = {self.node_of[n]: n for n in sites}

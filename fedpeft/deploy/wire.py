@@ -19,7 +19,7 @@ from fedpeft.errors import ConfigError
 # Data keys that name files on the server: never sent to a site.
 _SERVER_ONLY_DATA_KEYS = ("train", "test", "client_files", "max_test_samples")
 _SITE_EVAL_KEYS = ("batch_size", "max_new_tokens", "repetition_penalty", "metrics", "heldout_loss", "merge_lora",
-                   "site_max_samples")
+                   "site_max_samples", "site_finetune_steps")
 HOLDOUT = "holdout"  # True: the site holds out test_ratio of its rows, as the simulation does
 
 

@@ -108,12 +108,13 @@ def test_plain_deployment_with_compressed_updates_equals_the_simulation_bit_for_
     compression = {"up": {"name": "nf4"}, "down": {"name": "fp16"}}
     job = tiny_job(sites, test, compression=compression)
     job["data"]["client_test_ratio"] = 0.25
-    job["eval"]["zero_shot"] = True
+    job["eval"].update(zero_shot=True, site_finetune_steps=1)  # personalised: one step on the site
     with torch_threads(1):
         sim = run_job(validate_tree({**job, "workspace": str(tmp_path / "sim-ws"), "run_id": "sim"}))
     server_job = _server_job(sites, test)
     server_job["federation"]["compression"] = compression
-    server_job["data"]["client_test_ratio"], server_job["eval"]["zero_shot"] = 0.25, True
+    server_job["data"]["client_test_ratio"] = 0.25
+    server_job["eval"].update(zero_shot=True, site_finetune_steps=1)
     with Loopback(tmp_path, server_job, sites, env=SITE_ENV,
                   deploy={"round_timeout_s": 150, "wait_for_sites_s": 150}) as lb:
         lb.start()
@@ -128,6 +129,7 @@ def test_plain_deployment_with_compressed_updates_equals_the_simulation_bit_for_
     # zero-shot and after round 2, site i as client i, bit for bit
     assert len(scores) == 2 and [list(r.values()) for r in scores] == [list(r.values()) for r in expected]
     assert list(scores[0]) == list(sites) and all(s["heldout_loss"] > 0 and s["n"] > 0 for s in scores[1].values())
+    assert all("personal/heldout_loss" in s for s in scores[1].values())  # trained and scored on the site
     records = [r for r in read_jsonl(lb.run_dir / "metrics.jsonl") if r["event"] == "round"]
     assert [r["dropped"] for r in records] == [[], []] and not any(r["secure_aggregation"] for r in records)
     fp32 = 3 * state_nbytes(checkpoint(sim.path, 1))  # three sites, each way
