@@ -93,12 +93,12 @@ class SchedulerPool:
 
     def evaluate_sites(self, rnd: int, state: State | None) -> dict[str, dict]:
         """Score ``state`` (``None``: the base model) on every client's own slice, on the worker."""
-        scores = {}
-        for i, (cid, rows) in enumerate(zip(self.client_ids, self.data.client_test_rows)):
+        scores, own = {}, not self.data.site_ids  # the slices are the clients' own (not the centralised baseline's)
+        for i, (sid, rows) in enumerate(zip(self.data.site_ids or self.client_ids, self.data.client_test_rows)):
             if rows:
-                seed = personal_seed(self.cfg, rnd, i)
-                scores[cid] = self.sched.call(
-                    lambda w, rows=rows, i=i, seed=seed: score_site(w, state, self.cfg, rows, self.tokenized[i], seed))
+                train, seed = (self.tokenized[i] if own else None), personal_seed(self.cfg, rnd, i)
+                scores[sid] = self.sched.call(
+                    lambda w, rows=rows, train=train, seed=seed: score_site(w, state, self.cfg, rows, train, seed))
         return scores
 
     def state_dict(self) -> dict:

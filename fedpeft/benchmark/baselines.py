@@ -73,16 +73,19 @@ def single_client_config(cfg: JobConfig, train: dict[str, Any] | None = None) ->
     return validate_tree(tree, source="baseline config")
 
 
-def _one_client(client_id: str, rows: list[dict], test: list[dict], field: str | None) -> FederatedData:
-    return FederatedData([client_id], [rows], test, partition_summary([rows], field))
+def _one_client(client_id: str, rows: list[dict], test: list[dict], field: str | None,
+                slices: list[list[dict]] | None = None, site_ids: list[str] | None = None) -> FederatedData:
+    """One client's data; ``slices``: the sites' own test slices it is scored on (per-site scores)."""
+    return FederatedData([client_id], [rows], test, partition_summary([rows], field), slices or [], site_ids or [])
 
 
 def local_only(cfg: JobConfig, data: FederatedData) -> list[tuple[str, JobConfig, FederatedData]]:
     """One ``(client id, config, data)`` per client: that client's partition alone."""
     field = cfg.federation.partition.params.get("field")
     one = single_client_config(cfg)
-    return [(cid, one, _one_client(cid, rows, data.test_rows, field))
-            for cid, rows in zip(data.client_ids, data.client_rows)]
+    slices = data.client_test_rows or [[] for _ in data.client_ids]  # each client scored on its own slice
+    return [(cid, one, _one_client(cid, rows, data.test_rows, field, [held] if held else None))
+            for cid, rows, held in zip(data.client_ids, data.client_rows, slices)]
 
 
 def federated_steps(cfg: JobConfig, data: FederatedData) -> int:
@@ -109,7 +112,8 @@ def centralized(cfg: JobConfig, data: FederatedData) -> tuple[JobConfig, Federat
     one = single_client_config(cfg, {"max_steps": per_round, "local_epochs": epochs})
     assert num_optimizer_steps(len(rows), one.train) == per_round
     field = cfg.federation.partition.params.get("field")
-    return one, _one_client(CENTRAL_CLIENT, rows, data.test_rows, field), per_round
+    # scored on every site's own slice, under the sites' names (per-site scores)
+    return one, _one_client(CENTRAL_CLIENT, rows, data.test_rows, field, data.client_test_rows, data.client_ids), per_round
 
 
 def run_zero_shot(cfg: JobConfig, data: FederatedData) -> RunDir:

@@ -39,10 +39,18 @@ COL_HELDOUT_LOSS = "heldout_loss"
 COL_PCT_CENTRALIZED = "pct_of_centralized"
 COL_EPSILON = "epsilon"  # privacy budget spent (summary.json); inf: trained without DP
 COL_DP = "dp"  # the DP level and delta the epsilon is at, e.g. "client, δ=1e-05"; "none"
+COL_SITE_MEAN_LOSS = "site_mean_heldout_loss"  # per-site scores (data.client_test_ratio): mean over sites
+COL_SITE_WORST_LOSS = "site_worst_heldout_loss"  # ... and the worst site
+COL_PERSONAL_MEAN_LOSS = "personal_site_mean_heldout_loss"  # after eval.site_finetune_steps on each site
+COL_PERSONAL_WORST_LOSS = "personal_site_worst_heldout_loss"
+SITE_COLUMNS = {COL_SITE_MEAN_LOSS: "site_mean/heldout_loss", COL_SITE_WORST_LOSS: "site_worst/heldout_loss",
+                COL_PERSONAL_MEAN_LOSS: "site_mean/personal/heldout_loss",
+                COL_PERSONAL_WORST_LOSS: "site_worst/personal/heldout_loss"}  # column: key in summary final
 EXTRA_COLUMNS = (COL_ROUNDS, COL_CLIENTS, COL_TRAINABLE, COL_BYTES_PER_ROUND, COL_WALL_SECONDS,
-                 COL_PEAK_MEMORY, COL_PEAK_GPU_MEMORY, COL_HELDOUT_LOSS, COL_PCT_CENTRALIZED, COL_EPSILON, COL_DP)
+                 COL_PEAK_MEMORY, COL_PEAK_GPU_MEMORY, COL_HELDOUT_LOSS, *SITE_COLUMNS, COL_PCT_CENTRALIZED, COL_EPSILON,
+                 COL_DP)
 # Columns where smaller is better (default sort direction and the 'worst client' rule).
 ASCENDING_COLUMNS = frozenset({COL_BYTES_PER_ROUND, COL_WALL_SECONDS, COL_PEAK_MEMORY, COL_PEAK_GPU_MEMORY,
-                               COL_HELDOUT_LOSS, COL_TRAINABLE, COL_EPSILON})
+                               COL_HELDOUT_LOSS, COL_TRAINABLE, COL_EPSILON, *SITE_COLUMNS})
 # The privacy entry of a run's summary.json and round records (written by fedpeft.rounds).
 KEY_PRIVACY = "privacy"

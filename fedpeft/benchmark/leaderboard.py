@@ -46,6 +46,7 @@ from fedpeft.benchmark.constants import (
     COL_PEAK_MEMORY,
     COL_WALL_SECONDS,
     EXTRA_COLUMNS,
+    SITE_COLUMNS,
     KEY_PRIVACY,
     LOCAL_ONLY,
     PLAN_FILE,
@@ -278,7 +279,8 @@ def all_columns(meta: dict, rows: list[dict]) -> list[str]:
     metrics = [m["column"] for m in meta["metrics"]]
     seen = {k for r in rows for k in r} - fixed - set(metrics)
     hyper = [h for h in meta["hyperparameters"] if h in seen] + sorted(seen - set(meta["hyperparameters"]))
-    hidden = {c for c in (COL_PEAK_GPU_MEMORY, COL_PCT_CENTRALIZED) if all(r.get(c) is None for r in rows)}
+    optional = (COL_PEAK_GPU_MEMORY, COL_PCT_CENTRALIZED, *SITE_COLUMNS)  # shown when some row has a value
+    hidden = {c for c in optional if all(r.get(c) is None for r in rows)}
     if not uses_dp(rows):
         hidden |= set(PRIVACY_COLUMNS)  # every epsilon is inf (or 0): nothing to compare
     extras = [c for c in EXTRA_COLUMNS if c not in hidden]

@@ -33,7 +33,7 @@ from fedpeft.benchmark import baselines as bl
 from fedpeft.benchmark.constants import (
     CENTRALIZED, COL_BYTES_PER_ROUND, COL_CLIENTS, COL_HELDOUT_LOSS, COL_PEAK_GPU_MEMORY, COL_PEAK_MEMORY,
     COL_ROUNDS, COL_TRAINABLE, COL_WALL_SECONDS, KIND_FEDERATED, LOCAL_ONLY, PARADIGM_BASELINE, TESTCASE_FILE,
-    ZERO_SHOT,
+    SITE_COLUMNS, ZERO_SHOT,
 )
 from fedpeft.benchmark.leaderboard import print_board, write_board, write_plan_file
 from fedpeft.benchmark.plan import BenchmarkPlan, Setting, TestCase
@@ -187,6 +187,7 @@ def _record(job: Job, run: RunDir, plan: BenchmarkPlan, wall: float, mem: PeakMe
         COL_WALL_SECONDS: round(wall, 1), COL_PEAK_MEMORY: round(mem.peak_mb, 1),
         COL_PEAK_GPU_MEMORY: None if mem.gpu_peak_mb is None else round(mem.gpu_peak_mb, 1),
         COL_HELDOUT_LOSS: final.get(KEY_HELDOUT_LOSS),
+        **{col: final[key] for col, key in SITE_COLUMNS.items() if key in final},  # per-site scores
     }
     return {
         "kind": job.kind, "session": session, "algorithm": job.algorithm, **job.meta,

@@ -32,7 +32,8 @@ class FederatedData:
     """Rows per client (``client-0`` ...), the test rows, and the per-client size summary.
 
     ``client_test_rows``: each client's own held-out slice (``data.client_test_ratio``), for
-    per-site scores; empty lists (or none at all) when the job asks for none.
+    per-site scores; empty lists (or none at all) when the job asks for none. ``site_ids`` names
+    the slices when they are not the clients' (the centralised baseline: one client, every site's slice).
     """
 
     client_ids: list[str]
@@ -40,6 +41,7 @@ class FederatedData:
     test_rows: list[dict]
     summary: list[dict]
     client_test_rows: list[list[dict]] = field(default_factory=list)
+    site_ids: list[str] = field(default_factory=list)
 
 
 def cap_rows(rows: list[dict], limit: int | None, seed: int) -> list[dict]:

@@ -78,3 +78,20 @@ def test_baseline_errors_are_one_line(job, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and err.strip().count("\n") == 0
     assert not (job.parent / "ws").exists()
+
+
+def test_baselines_are_scored_on_the_sites_own_slices(job, tmp_path):
+    tree = yaml.safe_load(job.read_text())
+    tree["data"]["client_test_ratio"] = 0.25  # per-site scores
+    job.write_text(yaml.safe_dump(tree))
+    assert main(["run", str(job), "--baseline", "centralized"]) == 0
+    assert main(["run", str(job), "--baseline", "local_only"]) == 0
+    (central,) = _runs(job, "centralized-")
+    (record,) = read_jsonl(central / "metrics.jsonl")
+    assert sorted(record["sites"]) == ["client-0", "client-1"]  # one client, scored on every site's slice
+    for i, run in enumerate(_runs(job, "local_only-")):  # each client alone, on its own slice only
+        (own,) = read_jsonl(run / "metrics.jsonl")
+        assert list(own["sites"]) == [f"client-{i}"]
+        assert own["sites"][f"client-{i}"]["n"] == record["sites"][f"client-{i}"]["n"] > 0
+        final = json.loads((run / "summary.json").read_text())["final"]
+        assert final["site_worst/heldout_loss"] == own["sites"][f"client-{i}"]["heldout_loss"]
