@@ -46,9 +46,12 @@ COL_PERSONAL_WORST_LOSS = "personal_site_worst_heldout_loss"
 SITE_COLUMNS = {COL_SITE_MEAN_LOSS: "site_mean/heldout_loss", COL_SITE_WORST_LOSS: "site_worst/heldout_loss",
                 COL_PERSONAL_MEAN_LOSS: "site_mean/personal/heldout_loss",
                 COL_PERSONAL_WORST_LOSS: "site_worst/personal/heldout_loss"}  # column: key in summary final
+COL_VS_ZERO_SHOT = "vs_zero_shot"  # first metric minus zero-shot's, with its paired bootstrap 95 % CI
+COL_VS_CENTRALIZED = "vs_centralized"  # ... minus the centralised baseline's
+PAIRED_COLUMNS = (COL_VS_ZERO_SHOT, COL_VS_CENTRALIZED)
 EXTRA_COLUMNS = (COL_ROUNDS, COL_CLIENTS, COL_TRAINABLE, COL_BYTES_PER_ROUND, COL_WALL_SECONDS,
-                 COL_PEAK_MEMORY, COL_PEAK_GPU_MEMORY, COL_HELDOUT_LOSS, *SITE_COLUMNS, COL_PCT_CENTRALIZED, COL_EPSILON,
-                 COL_DP)
+                 COL_PEAK_MEMORY, COL_PEAK_GPU_MEMORY, COL_HELDOUT_LOSS, *SITE_COLUMNS, COL_PCT_CENTRALIZED,
+                 *PAIRED_COLUMNS, COL_EPSILON, COL_DP)
 # Columns where smaller is better (default sort direction and the 'worst client' rule).
 ASCENDING_COLUMNS = frozenset({COL_BYTES_PER_ROUND, COL_WALL_SECONDS, COL_PEAK_MEMORY, COL_PEAK_GPU_MEMORY,
                                COL_HELDOUT_LOSS, COL_TRAINABLE, COL_EPSILON, *SITE_COLUMNS})

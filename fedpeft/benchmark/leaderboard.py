@@ -46,15 +46,17 @@ from fedpeft.benchmark.constants import (
     COL_PEAK_MEMORY,
     COL_WALL_SECONDS,
     EXTRA_COLUMNS,
-    SITE_COLUMNS,
     KEY_PRIVACY,
     LOCAL_ONLY,
+    PAIRED_COLUMNS,
     PLAN_FILE,
     RANK_DIR,
     SELECTED_RANK,
+    SITE_COLUMNS,
     TESTCASE_FILE,
     ZERO_SHOT,
 )
+from fedpeft.benchmark.paired import add_paired_cis
 from fedpeft.benchmark.plan import BenchmarkPlan
 from fedpeft.benchmark.schema import RankSpec
 from fedpeft.constants import KEY_EPSILON, SUMMARY_FILE
@@ -265,6 +267,7 @@ def build_board(job_dir: Path, sort_by: list[tuple[str, str]] | None = None) -> 
     rows = [_flat(r) for r in load_records(job_dir)]
     rows += _local_only_summaries(rows, metrics + [c for c in EXTRA_COLUMNS if c != COL_DP])
     _add_pct_of_centralized(rows, primary_metric(meta))
+    add_paired_cis(rows, meta)  # vs zero-shot and vs centralised, with paired bootstrap CIs
     keys = sort_by or [next(iter(i.items())) for i in meta["rank"].get("sort_by", [])]
     keys = keys or ([(metrics[0], "descend")] if metrics else [])
     rows = sort_rows(rows, keys, frozenset(metrics))
@@ -279,7 +282,7 @@ def all_columns(meta: dict, rows: list[dict]) -> list[str]:
     metrics = [m["column"] for m in meta["metrics"]]
     seen = {k for r in rows for k in r} - fixed - set(metrics)
     hyper = [h for h in meta["hyperparameters"] if h in seen] + sorted(seen - set(meta["hyperparameters"]))
-    optional = (COL_PEAK_GPU_MEMORY, COL_PCT_CENTRALIZED, *SITE_COLUMNS)  # shown when some row has a value
+    optional = (COL_PEAK_GPU_MEMORY, COL_PCT_CENTRALIZED, *SITE_COLUMNS, *PAIRED_COLUMNS)  # shown when some row has one
     hidden = {c for c in optional if all(r.get(c) is None for r in rows)}
     if not uses_dp(rows):
         hidden |= set(PRIVACY_COLUMNS)  # every epsilon is inf (or 0): nothing to compare

@@ -55,7 +55,7 @@ def test_rank_csv_rows_columns_and_sort_order(job):
         "basemodel-batch_size", "basemodel-learning_rate", "basemodel-model_name", "basemodel-save_dir",
         "basemodel-peft_method", "aggregation-beta", "aggregation-server_lr", "rounds", "clients",
         "trainable_parameters", "bytes_per_round", "wall_seconds", "peak_memory_mb", "heldout_loss",
-        "pct_of_centralized", "time", "url"]
+        "pct_of_centralized", "vs_zero_shot", "vs_centralized", "time", "url"]
     assert len(rows) == 2 + 1 + 4 + 2 + 2 * 2  # cases, zero-shot, local per client, centralised, mean+worst x2
     assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
     keys = [(float(r["heldout_loss"]), -float(r["rougel_metric"])) for r in rows]
@@ -69,6 +69,8 @@ def test_rank_csv_rows_columns_and_sort_order(job):
         assert int(r["bytes_per_round"]) == 2 * 2 * 4 * int(r["trainable_parameters"])  # 2 clients, down + up
         assert float(r["wall_seconds"]) > 0 and float(r["peak_memory_mb"]) > 0
         assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", r["time"]) and Path(r["url"]).is_dir()
+        for col in ("vs_zero_shot", "vs_centralized"):  # first metric's difference [paired bootstrap 95 % CI]
+            assert re.fullmatch(r"[+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]", r[col]), r[col]
     _, selected = _rank(job, "selected_rank")
     assert len(selected) == len(rows)
 

@@ -137,15 +137,16 @@ class ClassFactory:
 '''
 
 
-def test_a_plugin_that_fails_to_import_reports_its_own_error_every_time(tmp_path, ianvs_files):
+def test_a_plugin_that_fails_to_import_reports_its_own_error_every_time(tmp_path, ianvs_files, monkeypatch):
+    monkeypatch.setitem(sys.modules, "evaluate", None)  # HF evaluate absent (lm-eval installs it)
     job = _job(tmp_path, ianvs_files, [{"name": "bleu4_metric", "url": "./bleu4_metric.py"}])  # no evaluate
     env, plugin = tmp_path / "testenv/testenv.yaml", tmp_path / "testenv/bleu4_metric.py"
     for _ in range(2):
         with pytest.raises(ConfigError) as err:
             load_plan(job)
         assert f"{env}:{_line(env, 'bleu4_metric.py')}: testenv.metrics.2.url: plugin '{plugin}:bleu4_metric' " \
-               f"failed in import: ModuleNotFoundError: No module named 'evaluate' ({plugin}:" \
-               f"{_line(plugin, 'from evaluate')}: from evaluate import load as load_metric)" in str(err.value)
+               "failed in import: ModuleNotFoundError: import of evaluate halted; None in sys.modules " \
+               f"({plugin}:{_line(plugin, 'from evaluate')}: from evaluate import load as load_metric)" in str(err.value)
     for _ in range(2):  # what every test case of a run would see
         with pytest.raises(ModuleNotFoundError, match="evaluate"):
             METRICS.get(f"{plugin}:bleu4_metric")

@@ -1,0 +1,57 @@
+"""vs_zero_shot and vs_centralized: paired bootstrap intervals of the leaderboard's differences,
+from hand-written run folders with predictions (no model runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedpeft.benchmark.leaderboard import build_board
+from fedpeft.metrics import paired_bootstrap_ci
+
+META = {
+    "name": "paired", "source": "job.yaml", "metrics": [{"column": "rougel_metric", "key": "rougeL"}],
+    "modules": ["basemodel"], "hyperparameters": [],
+    "rank": {"sort_by": [{"rougel_metric": "descend"}], "save_mode": "selected_and_all",
+             "selected_dataitem": {"paradigms": ["all"], "modules": ["all"], "hyperparameters": ["all"],
+                                   "metrics": ["all"]}},
+}
+REFS = [f"the answer to question {i} is word{i} and more words" for i in range(12)]
+ANSWERS = {  # kind -> one prediction per question
+    "zero_shot": ["nothing useful here"] * 12,
+    "centralized": [r if i % 2 == 0 else "the answer is unknown" for i, r in enumerate(REFS)],
+    "federated": [r if i % 3 else "no idea" for i, r in enumerate(REFS)],
+}
+
+
+def _case(job: Path, kind: str) -> Path:
+    run = job / kind / "run"
+    run.mkdir(parents=True)
+    (run / "testcase.json").write_text(json.dumps({
+        "kind": kind, "session": "s1", "algorithm": "fedavg" if kind == "federated" else kind, "group": "g1",
+        "paradigm": "federatedlearning" if kind == "federated" else "baseline", "modules": {"basemodel": "m"},
+        "hyperparameters": {}, "metrics": {"rougel_metric": 0.5}, "extra": {}, "time": "2025-01-01 00:00:00",
+        "url": str(run), "_dir": str(run)}))
+    (run / "summary.json").write_text(json.dumps({"rounds": 2, "final": {}}))
+    name = "predictions_zero_shot.jsonl" if kind == "zero_shot" else "predictions.jsonl"
+    (run / name).write_text("".join(json.dumps({"question": f"q{i}", "reference": r, "prediction": p}) + "\n"
+                                    for i, (r, p) in enumerate(zip(REFS, ANSWERS[kind]))))
+    return run
+
+
+def test_each_difference_comes_with_its_paired_interval(tmp_path):
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "benchmark.json").write_text(json.dumps(META))
+    for kind in ANSWERS:
+        _case(job, kind)
+    board, _ = build_board(job)
+    rows = {r["algorithm"]: r for r in board.rows}
+    assert {"vs_zero_shot", "vs_centralized"} <= set(board.columns)
+    low, high = paired_bootstrap_ci("rougeL", predictions=ANSWERS["federated"], baseline=ANSWERS["zero_shot"],
+                                    references=REFS)
+    cell = rows["fedavg"]["vs_zero_shot"]
+    assert cell.endswith(f"[{low:+.4f}, {high:+.4f}]") and low > 0  # the federated run beats zero-shot
+    assert rows["fedavg"]["vs_centralized"].startswith(("+", "-"))
+    assert rows["centralized"]["vs_zero_shot"] and rows["centralized"].get("vs_centralized") is None
+    assert rows["zero_shot"].get("vs_zero_shot") is None
