@@ -20,6 +20,7 @@ as a new section.
     python bench/lora_aggregation.py --suite rules        # fedavg, ffa_lora, svd, ranks vs centralised (~1 h)
     python bench/lora_aggregation.py --suite compression  # fp32/fp16/int8/nf4/top-k bytes and loss (~1 h)
     python bench/peft_methods.py                  # every PEFT method, 2 rounds each (about 10 min)
+    python bench/memory_breakdown.py              # where a LoRA round's memory goes; a 1B-13B plan (~12 min)
 """
 
 from __future__ import annotations
@@ -63,13 +64,14 @@ SECTIONS = {
     "lora_aggregation_rules": "LoRA-aware aggregation: rules and ranks",
     "lora_aggregation_compression": "Update compression",
     "peft_methods": "PEFT methods side by side",
+    "memory_breakdown": "Memory breakdown and a plan for bigger bases",
 }
 LONG = {"quality": "python bench/quality.py", "medquad": "python bench/medquad.py",  # run on their own
         "faults": "python bench/faults.py", "privacy": "python bench/privacy.py",
         "server_memory": "python bench/server_memory.py", "robust": "python bench/robust.py",
         "lora_aggregation_rules": "python bench/lora_aggregation.py --suite rules",
         "lora_aggregation_compression": "python bench/lora_aggregation.py --suite compression",
-        "peft_methods": "python bench/peft_methods.py"}
+        "peft_methods": "python bench/peft_methods.py", "memory_breakdown": "python bench/memory_breakdown.py"}
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
 
@@ -158,6 +160,13 @@ def _peft_methods_headline(rows: list[dict]) -> str:
             f"{small['bytes_per_update'] / 1e3:.3g} kB … {large['method']} {large['bytes_per_update'] / 1e3:.3g} kB")
 
 
+def _memory_breakdown_headline(r: dict) -> str:
+    """Peak RSS of the round per arm vs before, and of the held-out loss."""
+    arms = ", ".join(f"{x['arm']} {100 * x['vs_before']:+.0f} %" for x in r["rows"] if x["arm"] != "before")
+    held = next((x for x in r.get("heldout", []) if x["arm"] == "now"), None)
+    return f"round peak RSS vs before: {arms}" + (f"; held-out loss {100 * held['vs_before']:+.0f} %" if held else "")
+
+
 HEADLINES = {  # one line of what each result measured, for the summary table
     "overhead": lambda r: (f"outside the optimizer steps: {_pct_range([x['outside_steps'] for x in r['rows']])} "
                            f"of the run; wall ratio {_pct_range([x['overhead'] for x in r['rows']])}"),
@@ -184,6 +193,7 @@ HEADLINES = {  # one line of what each result measured, for the summary table
     "lora_aggregation_compression": lambda r: "bytes up ÷ fp32, held-out loss: " + ", ".join(
         f"{x['arm']} {x['fp32_up_ratio']:.1f}× {x['heldout_loss']:.4f}" for x in r["rows"] if x.get("fp32_up_ratio")),
     "peft_methods": lambda r: _peft_methods_headline(r["rows"]),
+    "memory_breakdown": lambda r: _memory_breakdown_headline(r),
 }
 
 
