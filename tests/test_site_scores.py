@@ -34,8 +34,19 @@ def test_each_client_holds_out_a_slice_of_its_own_rows(tmp_path):
         assert {r["focus"] for r in train}.isdisjoint({r["focus"] for r in held})  # by data.split_by, like data.test
 
 
-def test_sites_are_scored_at_zero_shot_and_every_evaluation(tmp_path):
-    run = run_job(_job(tmp_path, client_test_ratio=0.25))
+@pytest.fixture(scope="module")
+def site_runs(tmp_path_factory):
+    """The same job run twice with per-site scores: global only, and with 3 personalisation steps."""
+    tmp = tmp_path_factory.mktemp("sites")
+    job = tiny_job("sites", eval=SITE_EVAL)
+    job["data"]["client_test_ratio"] = 0.25
+    plain = run_job(validate_tree({**job, "workspace": str(tmp / "a")}))
+    job["eval"] = {**SITE_EVAL, "site_finetune_steps": 3}
+    return plain, run_job(validate_tree({**job, "workspace": str(tmp / "b")}))
+
+
+def test_sites_are_scored_at_zero_shot_and_every_evaluation(site_runs):
+    run = site_runs[0]
     records = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
     evaluated = [r for r in records if "sites" in r]
     assert [r["round"] for r in evaluated] == [0, 1, 2]
@@ -68,13 +79,9 @@ def test_a_ratio_with_nothing_to_score_is_a_config_error(tmp_path):
         validate_tree({**job, "workspace": str(tmp_path)})
 
 
-def test_personalised_scores_leave_the_global_run_as_it_was(tmp_path):
-    job = tiny_job("sites", eval={**SITE_EVAL, "every": 0, "zero_shot": False})
-    job["data"]["client_test_ratio"] = 0.25
-    plain = run_job(validate_tree({**job, "workspace": str(tmp_path / "a")}))
-    job["eval"]["site_finetune_steps"] = 3
-    personal = run_job(validate_tree({**job, "workspace": str(tmp_path / "b")}))
-    last = [[json.loads(x) for x in (r.path / "metrics.jsonl").read_text().splitlines()][-1] for r in (plain, personal)]
+def test_personalised_scores_leave_the_global_run_as_it_was(site_runs, tmp_path):
+    plain, personal = site_runs
+    last = [[json.loads(x) for x in (r.path / "metrics.jsonl").read_text().splitlines()][-1] for r in site_runs]
     for before, after in zip(last[0]["sites"].values(), last[1]["sites"].values()):
         assert after["heldout_loss"] == before["heldout_loss"]  # the global adapter is scored as without
         assert after["personal/heldout_loss"] != after["heldout_loss"]  # 3 local steps changed the adapter
@@ -83,6 +90,7 @@ def test_personalised_scores_leave_the_global_run_as_it_was(tmp_path):
         s["personal/heldout_loss"] for s in last[1]["sites"].values())
     adapters = [(r.path / "adapter" / "adapter_model.safetensors").read_bytes() for r in (plain, personal)]
     assert adapters[0] == adapters[1]  # the personalised adapters stay where they were made
+    job = tiny_job("sites", eval={**SITE_EVAL, "site_finetune_steps": 3})
     job["data"]["client_test_ratio"] = 0.0
     with pytest.raises(ConfigError, match="site_finetune_steps"):
         validate_tree({**job, "workspace": str(tmp_path)})
