@@ -21,6 +21,7 @@ as a new section.
     python bench/lora_aggregation.py --suite compression  # fp32/fp16/int8/nf4/top-k bytes and loss (~1 h)
     python bench/peft_methods.py                  # every PEFT method, 2 rounds each (about 10 min)
     python bench/memory_breakdown.py              # where a LoRA round's memory goes; a 1B-13B plan (~12 min)
+    python bench/precision_cpu.py                 # fp32, bf16, 8-bit, 4-bit bases trained on CPU (~10 min)
 """
 
 from __future__ import annotations
@@ -65,13 +66,15 @@ SECTIONS = {
     "lora_aggregation_compression": "Update compression",
     "peft_methods": "PEFT methods side by side",
     "memory_breakdown": "Memory breakdown and a plan for bigger bases",
+    "precision_cpu": "Base precisions on CPU",
 }
 LONG = {"quality": "python bench/quality.py", "medquad": "python bench/medquad.py",  # run on their own
         "faults": "python bench/faults.py", "privacy": "python bench/privacy.py",
         "server_memory": "python bench/server_memory.py", "robust": "python bench/robust.py",
         "lora_aggregation_rules": "python bench/lora_aggregation.py --suite rules",
         "lora_aggregation_compression": "python bench/lora_aggregation.py --suite compression",
-        "peft_methods": "python bench/peft_methods.py", "memory_breakdown": "python bench/memory_breakdown.py"}
+        "peft_methods": "python bench/peft_methods.py", "memory_breakdown": "python bench/memory_breakdown.py",
+        "precision_cpu": "python bench/precision_cpu.py"}
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
 
@@ -194,6 +197,9 @@ HEADLINES = {  # one line of what each result measured, for the summary table
         f"{x['arm']} {x['fp32_up_ratio']:.1f}× {x['heldout_loss']:.4f}" for x in r["rows"] if x.get("fp32_up_ratio")),
     "peft_methods": lambda r: _peft_methods_headline(r["rows"]),
     "memory_breakdown": lambda r: _memory_breakdown_headline(r),
+    "precision_cpu": lambda r: "loss before → after, CPU s/step: " + ", ".join(
+        f"{x['arm']} {x['before']:.2f} → {x['after']:.2f}, {x['cpu_per_step']:.1f}" if "after" in x else f"{x['arm']} failed"
+        for x in r["rows"]),
 }
 
 
