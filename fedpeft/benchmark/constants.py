@@ -32,6 +32,7 @@ COL_ROUNDS = "rounds"
 COL_CLIENTS = "clients"
 COL_TRAINABLE = "trainable_parameters"
 COL_BYTES_PER_ROUND = "bytes_per_round"
+COL_BYTES_PER_UPDATE = "bytes_per_update"  # one client's fp32 update (summary.json update_bytes)
 COL_WALL_SECONDS = "wall_seconds"
 COL_PEAK_MEMORY = "peak_memory_mb"
 COL_PEAK_GPU_MEMORY = "peak_gpu_memory_mb"
@@ -49,11 +50,11 @@ SITE_COLUMNS = {COL_SITE_MEAN_LOSS: "site_mean/heldout_loss", COL_SITE_WORST_LOS
 COL_VS_ZERO_SHOT = "vs_zero_shot"  # first metric minus zero-shot's, with its paired bootstrap 95 % CI
 COL_VS_CENTRALIZED = "vs_centralized"  # ... minus the centralised baseline's
 PAIRED_COLUMNS = (COL_VS_ZERO_SHOT, COL_VS_CENTRALIZED)
-EXTRA_COLUMNS = (COL_ROUNDS, COL_CLIENTS, COL_TRAINABLE, COL_BYTES_PER_ROUND, COL_WALL_SECONDS,
+EXTRA_COLUMNS = (COL_ROUNDS, COL_CLIENTS, COL_TRAINABLE, COL_BYTES_PER_UPDATE, COL_BYTES_PER_ROUND, COL_WALL_SECONDS,
                  COL_PEAK_MEMORY, COL_PEAK_GPU_MEMORY, COL_HELDOUT_LOSS, *SITE_COLUMNS, COL_PCT_CENTRALIZED,
                  *PAIRED_COLUMNS, COL_EPSILON, COL_DP)
 # Columns where smaller is better (default sort direction and the 'worst client' rule).
-ASCENDING_COLUMNS = frozenset({COL_BYTES_PER_ROUND, COL_WALL_SECONDS, COL_PEAK_MEMORY, COL_PEAK_GPU_MEMORY,
+ASCENDING_COLUMNS = frozenset({COL_BYTES_PER_ROUND, COL_BYTES_PER_UPDATE, COL_WALL_SECONDS, COL_PEAK_MEMORY, COL_PEAK_GPU_MEMORY,
                                COL_HELDOUT_LOSS, COL_TRAINABLE, COL_EPSILON, *SITE_COLUMNS})
 # The privacy entry of a run's summary.json and round records (written by fedpeft.rounds).
 KEY_PRIVACY = "privacy"

@@ -38,6 +38,7 @@ from fedpeft.benchmark.constants import (
     ALL_RANK,
     ASCENDING_COLUMNS,
     CENTRALIZED,
+    COL_BYTES_PER_UPDATE,
     COL_DP,
     COL_EPSILON,
     COL_HELDOUT_LOSS,
@@ -282,7 +283,8 @@ def all_columns(meta: dict, rows: list[dict]) -> list[str]:
     metrics = [m["column"] for m in meta["metrics"]]
     seen = {k for r in rows for k in r} - fixed - set(metrics)
     hyper = [h for h in meta["hyperparameters"] if h in seen] + sorted(seen - set(meta["hyperparameters"]))
-    optional = (COL_PEAK_GPU_MEMORY, COL_PCT_CENTRALIZED, *SITE_COLUMNS, *PAIRED_COLUMNS)  # shown when some row has one
+    optional = (COL_PEAK_GPU_MEMORY, COL_PCT_CENTRALIZED, COL_BYTES_PER_UPDATE, *SITE_COLUMNS,
+                *PAIRED_COLUMNS)  # shown when some row has a value
     hidden = {c for c in optional if all(r.get(c) is None for r in rows)}
     if not uses_dp(rows):
         hidden |= set(PRIVACY_COLUMNS)  # every epsilon is inf (or 0): nothing to compare

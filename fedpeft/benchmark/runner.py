@@ -31,7 +31,7 @@ from rich.console import Console
 
 from fedpeft.benchmark import baselines as bl
 from fedpeft.benchmark.constants import (
-    CENTRALIZED, COL_BYTES_PER_ROUND, COL_CLIENTS, COL_HELDOUT_LOSS, COL_PEAK_GPU_MEMORY, COL_PEAK_MEMORY,
+    CENTRALIZED, COL_BYTES_PER_ROUND, COL_BYTES_PER_UPDATE, COL_CLIENTS, COL_HELDOUT_LOSS, COL_PEAK_GPU_MEMORY, COL_PEAK_MEMORY,
     COL_ROUNDS, COL_TRAINABLE, COL_WALL_SECONDS, KIND_FEDERATED, LOCAL_ONLY, PARADIGM_BASELINE, TESTCASE_FILE,
     SITE_COLUMNS, ZERO_SHOT,
 )
@@ -182,6 +182,7 @@ def _record(job: Job, run: RunDir, plan: BenchmarkPlan, wall: float, mem: PeakMe
     extra = {
         COL_ROUNDS: summary.get("rounds"), COL_CLIENTS: summary.get("num_clients"),
         COL_TRAINABLE: summary.get("trainable_parameters"),
+        COL_BYTES_PER_UPDATE: summary.get("update_bytes") or None,  # zero-shot trains nothing
         # baselines communicate nothing: a single client needs no server
         COL_BYTES_PER_ROUND: round(sum(sent) / len(sent)) if sent and job.kind == KIND_FEDERATED else 0,
         COL_WALL_SECONDS: round(wall, 1), COL_PEAK_MEMORY: round(mem.peak_mb, 1),

@@ -54,7 +54,7 @@ def test_rank_csv_rows_columns_and_sort_order(job):
         "rank", "algorithm", "rouge1_metric", "rougel_metric", "paradigm", "basemodel", "aggregation",
         "basemodel-batch_size", "basemodel-learning_rate", "basemodel-model_name", "basemodel-save_dir",
         "basemodel-peft_method", "aggregation-beta", "aggregation-server_lr", "rounds", "clients",
-        "trainable_parameters", "bytes_per_round", "wall_seconds", "peak_memory_mb", "heldout_loss",
+        "trainable_parameters", "bytes_per_update", "bytes_per_round", "wall_seconds", "peak_memory_mb", "heldout_loss",
         "pct_of_centralized", "vs_zero_shot", "vs_centralized", "time", "url"]
     assert len(rows) == 2 + 1 + 4 + 2 + 2 * 2  # cases, zero-shot, local per client, centralised, mean+worst x2
     assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
@@ -67,6 +67,7 @@ def test_rank_csv_rows_columns_and_sort_order(job):
         assert r["aggregation"] == "FedAvgM-PEFT" and r["aggregation-beta"] == "0.5"
         assert r["rounds"] == "2" and r["clients"] == "2" and int(r["trainable_parameters"]) > 0
         assert int(r["bytes_per_round"]) == 2 * 2 * 4 * int(r["trainable_parameters"])  # 2 clients, down + up
+        assert int(r["bytes_per_update"]) == 4 * int(r["trainable_parameters"])  # one fp32 update
         assert float(r["wall_seconds"]) > 0 and float(r["peak_memory_mb"]) > 0
         assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", r["time"]) and Path(r["url"]).is_dir()
         for col in ("vs_zero_shot", "vs_centralized"):  # first metric's difference [paired bootstrap 95 % CI]
