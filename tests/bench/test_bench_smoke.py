@@ -8,33 +8,16 @@ the numbers themselves are what ``bench/`` is for, not these tests.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from bench import communication, generation, memory, overhead, quality, run_all, scaling, swap  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _restore_global_settings():
-    """The scripts set torch threads and quiet library logging; give other tests theirs back."""
-    import transformers
-
-    threads, level = torch.get_num_threads(), logging.getLogger("fedpeft").level
-    verbosity = transformers.logging.get_verbosity()
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    yield
-    torch.set_num_threads(threads)
-    logging.getLogger("fedpeft").setLevel(level)
-    transformers.logging.set_verbosity(verbosity)
-    if bars:
-        transformers.utils.logging.enable_progress_bar()
 
 
 def _written(results: Path, name: str) -> dict:

@@ -7,13 +7,11 @@ Uses MedQuAD when it is beside the repo, the shipped sample otherwise; about 25 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -21,21 +19,6 @@ sys.path.insert(0, str(REPO))
 from bench import peft_methods, run_all  # noqa: E402
 from bench.common import RESULTS_DIR  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _restore_global_settings():
-    """The script sets torch threads and quiets library logging; give other tests theirs back."""
-    import transformers
-
-    threads, level = torch.get_num_threads(), logging.getLogger("fedpeft").level
-    verbosity = transformers.logging.get_verbosity()
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    yield
-    torch.set_num_threads(threads)
-    logging.getLogger("fedpeft").setLevel(level)
-    transformers.logging.set_verbosity(verbosity)
-    if bars:
-        transformers.utils.logging.enable_progress_bar()
 
 
 @pytest.fixture(scope="module")

@@ -6,27 +6,16 @@ Needs MedQuAD beside the repo (skipped otherwise); about 30 s.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from bench import privacy  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _restore_global_settings():
-    """The script sets torch threads and quiets library logging; give other tests theirs back."""
-    threads, levels = torch.get_num_threads(), {n: logging.getLogger(n).level for n in ("fedpeft", "absl")}
-    yield
-    torch.set_num_threads(threads)
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
 
 
 @pytest.fixture(scope="module")
