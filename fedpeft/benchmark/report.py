@@ -38,9 +38,10 @@ from fedpeft.benchmark.leaderboard import (  # noqa: E402
     build_board, hyperparameter_columns, primary_metric, select, uses_dp,
 )
 from fedpeft.constants import (  # noqa: E402
-    EVENT_ROUND, KEY_EPSILON, KEY_EVAL, KEY_EVENT, METRICS_FILE, PARTITIONS_FILE,
+    EVENT_ROUND, KEY_EPSILON, KEY_EVAL, KEY_EVENT, KEY_HELDOUT_LOSS, METRICS_FILE, PARTITIONS_FILE,
 )
 from fedpeft.io_utils import read_jsonl, write_text  # noqa: E402
+from fedpeft.site_scores import KEY_SITES, PERSONAL  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,36 @@ def partitions_figure(rows: list[dict]) -> str | None:
     return _png(fig)
 
 
+def _final_sites(run_dir: str | None) -> dict[str, dict]:
+    """The per-site scores of a run's last evaluation that has them (``{}``: none)."""
+    path = Path(run_dir) / METRICS_FILE if run_dir else None
+    records = read_jsonl(path) if path and path.is_file() else []
+    return next((r[KEY_SITES] for r in reversed(records) if r.get(KEY_SITES)), {})
+
+
+def sites_figure(rows: list[dict], labels: dict[int, str]) -> str | None:
+    """Held-out loss on each site's own slice (``data.client_test_ratio``) after the last evaluation,
+    one bar per test case and site (hatched: personalised); ``None`` when no run scored sites."""
+    scored = {i: _final_sites(r["_dir"]) for i, r in enumerate(rows)}
+    scored = {i: s for i, s in scored.items() if s}
+    if not scored:
+        return None
+    sites = sorted({name for s in scored.values() for name in s})
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(sites) * max(1, len(scored)) / 3), 4.2), layout="constrained")
+    width = 0.8 / len(scored)
+    for k, (i, per_site) in enumerate(scored.items()):
+        here = [(j + k * width, per_site[name]) for j, name in enumerate(sites) if name in per_site]
+        ax.bar([x for x, _ in here], [s[KEY_HELDOUT_LOSS] for _, s in here], width, label=labels[i])
+        personal = [(x, s[PERSONAL + KEY_HELDOUT_LOSS]) for x, s in here if PERSONAL + KEY_HELDOUT_LOSS in s]
+        if personal:
+            ax.bar(*zip(*personal), width, fill=False, hatch="//", edgecolor="black")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sites))], sites)
+    ax.set_ylabel("held-out loss on the site's own slice")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
 def _epsilon_curve(run_dir: str | None) -> list[tuple[int, float]]:
     """(round, epsilon so far) of a run's round records, from (0, 0) (finite values only: ∞ cannot be drawn)."""
     if not run_dir or not (Path(run_dir) / METRICS_FILE).is_file():
@@ -279,6 +310,7 @@ def render_report(job_dir: Path) -> str:
         "curves": curves_figure(rows, labels, metric_keys),
         "train_loss": train_loss_figure(rows, labels),
         "partitions": partitions_figure(rows),
+        "sites": sites_figure(rows, labels),
         "epsilon": epsilon_figure(rows, labels),
         "score_epsilon": score_epsilon_figure(rows, labels, primary_metric(meta)),
     }

@@ -33,6 +33,7 @@ def _case(job: Path, kind: str) -> Path:
         "hyperparameters": {}, "metrics": {"rougel_metric": 0.5}, "extra": {}, "time": "2025-01-01 00:00:00",
         "url": str(run), "_dir": str(run)}))
     (run / "summary.json").write_text(json.dumps({"rounds": 2, "final": {}}))
+    (run / "metrics.jsonl").write_text("")
     name = "predictions_zero_shot.jsonl" if kind == "zero_shot" else "predictions.jsonl"
     (run / name).write_text("".join(json.dumps({"question": f"q{i}", "reference": r, "prediction": p}) + "\n"
                                     for i, (r, p) in enumerate(zip(REFS, ANSWERS[kind]))))
@@ -55,3 +56,20 @@ def test_each_difference_comes_with_its_paired_interval(tmp_path):
     assert rows["fedavg"]["vs_centralized"].startswith(("+", "-"))
     assert rows["centralized"]["vs_zero_shot"] and rows["centralized"].get("vs_centralized") is None
     assert rows["zero_shot"].get("vs_zero_shot") is None
+
+
+def test_the_report_draws_per_site_scores_when_runs_have_them(tmp_path):
+    from fedpeft.benchmark.report import render_report, sites_figure
+
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "benchmark.json").write_text(json.dumps(META))
+    runs = {kind: _case(job, kind) for kind in ANSWERS}
+    assert "Per-site scores" not in render_report(job)  # no run scored sites: no section
+    for n, run in enumerate(runs.values()):
+        sites = {f"client-{i}": {"n": 3, "heldout_loss": 2.0 + n + i, "personal/heldout_loss": 1.5 + i} for i in (0, 1)}
+        (run / "metrics.jsonl").write_text(json.dumps({"round": 2, "event": "round", "clients": [], "sites": sites}) + "\n")
+    page = render_report(job)
+    assert "Per-site scores" in page and page.count("data:image/png;base64") >= 2
+    board, _ = build_board(job)
+    assert sites_figure(board.rows, {i: f"row {i}" for i in range(len(board.rows))}).startswith("iVBOR")  # a PNG
