@@ -6,9 +6,15 @@ Heavy imports (torch, transformers) happen inside the commands, so ``fedpeft --h
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    from fedpeft.serve.lm_eval_bridge import Harness
+
+LM_EVAL_PIP = "pip install 'lm-eval>=0.4.13,<0.5' (fedpeft's lm-eval extra: pip install 'fedpeft[lm-eval]')"
 ADAPTER_HELP = "a run folder (workspace/<job>/<run-id>), its adapter/ folder, or a folder from fedpeft export --out"
 
 
@@ -76,7 +82,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     targets, overrides = split_items(args.items)
     columns = resolve_columns(targets, args.base, overrides)
-    tests = load_tests(args.test, columns[0].cfg)  # every refusal before the model loads
+    tests = load_tests(args.test or [], columns[0].cfg)  # every refusal before the model loads
+    harness = _lm_eval_harness(args)  # lm-eval's task names too (its data is read in harness.session)
     device = args.device or resolve_devices(columns[0].cfg.model.devices)[0]
     out = out_dir(args.out, columns)
     results: dict[tuple[str, str], Scores] = {}
@@ -86,14 +93,42 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         results[column.label, test.label] = scores
 
     try:
-        score(columns, tests, device, done)
+        with harness.session(out, columns) if harness else contextlib.nullcontext():
+            score(columns, tests, device, done, each_model=harness.score if harness else None)
     except BaseException:
         if not any(out.iterdir()):  # nothing scored: leave no empty results folder behind
             out.rmdir()
         raise
-    print(report(out, columns, tests, results))
+    print(report(out, columns, tests, results, (harness.report(out),) if harness else ()))
     print(f"\nresults: {out}")
     return 0
+
+
+def _lm_eval_harness(args: argparse.Namespace) -> Harness | None:
+    """The ``--lm-eval`` tasks, found in lm-eval's index (imported only then); None without ``--lm-eval``.
+
+    Raises:
+        ConfigError: without --test or --lm-eval, for --lm-eval-* options without --lm-eval, when
+            lm-eval is not installed, or for a task name lm-eval does not know.
+    """
+    from fedpeft.errors import ConfigError
+
+    if not (args.test or args.lm_eval):
+        raise ConfigError("fedpeft eval: give --test FILE (question/answer rows, scored as a run scores them) "
+                          "and/or --lm-eval TASKS (EleutherAI lm-evaluation-harness tasks)")
+    if not args.lm_eval:
+        if args.lm_eval_include or args.lm_eval_limit:
+            raise ConfigError("fedpeft eval: --lm-eval-include and --lm-eval-limit go with --lm-eval TASKS")
+        return None
+    try:
+        from fedpeft.serve.lm_eval_bridge import Harness
+    except ImportError as e:
+        raise ConfigError(f"--lm-eval needs EleutherAI's lm-evaluation-harness ({e}); install it with: "
+                          f"{LM_EVAL_PIP}") from None
+    names = list(dict.fromkeys(n.strip() for given in args.lm_eval for n in given.split(",") if n.strip()))
+    if not names:
+        raise ConfigError(f"--lm-eval {args.lm_eval[0]!r}: give lm-eval task names, e.g. --lm-eval hellaswag,arc_easy")
+    return Harness(names, args.lm_eval_include or [], args.lm_eval_limit)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -134,7 +169,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "the prompt settings it was trained with. Writes metrics.json and predictions.jsonl per column "
                     "and test file into a new folder, and prints a table per test file: every column side by side, "
                     "and each difference against the first column (the base model with --base) with its paired "
-                    "bootstrap 95% interval over the generated questions.")
+                    "bootstrap 95% interval over the generated questions. --lm-eval TASKS also runs "
+                    "lm-evaluation-harness tasks on each column (lm-eval's prompts, metrics and standard errors).")
     ev.add_argument("items", nargs="*", metavar="RUN_DIR_OR_ADAPTER",
                     help=f"{ADAPTER_HELP}; all of one base model. Then key=value overrides: eval.* (e.g. "
                          "eval.max_samples=50), data.system_prompt, data.max_seq_len, data.question_field, "
@@ -142,8 +178,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--base", action="store_true",
                     help="also score the base model alone (the first column); with a job YAML instead of adapters, "
                          "score that job's base model only")
-    ev.add_argument("--test", action="append", required=True, metavar="FILE",
+    ev.add_argument("--test", action="append", metavar="FILE",
                     help="JSONL file of question/answer rows (repeatable)")
+    ev.add_argument("--lm-eval", action="append", metavar="TASKS",
+                    help="also run EleutherAI lm-evaluation-harness tasks on each column (comma-separated task, "
+                         "group or tag names, or task YAML files; repeatable), offline; pip install "
+                         "'fedpeft[lm-eval]'. Results in lm_eval.json and a table")
+    ev.add_argument("--lm-eval-include", action="append", metavar="DIR",
+                    help="folder of your own lm-eval task YAML files (repeatable); relative data_files in a YAML "
+                         "are read from its folder")
+    ev.add_argument("--lm-eval-limit", type=positive_int, metavar="N",
+                    help="score only the first N documents of each lm-eval task (for a quick look)")
     ev.add_argument("--out", metavar="DIR", help="new or empty folder for the results (default: eval-<time> beside "
                                                  "the first run)")
     ev.add_argument("--device", help="cpu or cuda:N (default: the job's model.devices, first one)")

@@ -14,6 +14,7 @@ The results folder (``--out``, else ``eval-<time>`` beside the first run) is alw
     results.md                          the tables as printed
     <column>/<test>/metrics.json        one column's scores on one test file
     <column>/<test>/predictions.jsonl   its answers: question, reference, prediction
+    lm_eval.json, <column>/lm_eval/     with --lm-eval: see :mod:`fedpeft.serve.lm_eval_bridge`
 """
 
 from __future__ import annotations
@@ -66,14 +67,15 @@ def _home(columns: list[Column]) -> Path:
     return (adapter.path.parent if in_run else adapter.path).parent
 
 
-def _slug(label: str) -> str:
+def slug(label: str) -> str:
+    """``label`` as a folder or file name."""
     return re.sub(r"[^\w.-]+", "_", label).strip("._") or "column"
 
 
 def write_scores(out: Path, column: Column, test: TestSet, scores: Scores) -> None:
     """``<column>/<test>/metrics.json`` and ``predictions.jsonl``."""
     metrics, predictions = scores
-    folder = out / _slug(column.label) / _slug(test.label)
+    folder = out / slug(column.label) / slug(test.label)
     write_json(folder / EVAL_METRICS_FILE, metrics)
     write_jsonl(folder / PREDICTIONS_FILE, predictions)
 
@@ -143,10 +145,12 @@ def table(test: TestSet, columns: list[Column], results: Results, diffs: dict[st
     return f"{title}\n\n" + markdown_table(headers, rows, ["left"] + ["right"] * (len(headers) - 1))
 
 
-def report(out: Path, columns: list[Column], tests: list[TestSet], results: Results) -> str:
-    """Write ``eval.json`` and ``results.md``; return the tables to print."""
+def report(out: Path, columns: list[Column], tests: list[TestSet], results: Results,
+           more_tables: tuple[str, ...] = ()) -> str:
+    """Write ``eval.json`` and ``results.md`` (``more_tables`` after the test files' tables, e.g.
+    lm-eval's); return the tables to print."""
     diffs = compare(columns, tests, results)
-    text = "\n\n".join(table(t, columns, results, diffs[t.label]) for t in tests)
+    text = "\n\n".join([*(table(t, columns, results, diffs[t.label]) for t in tests), *more_tables])
     write_text(out / EVAL_TABLES_FILE, text + "\n")
     write_json(out / EVAL_SUMMARY_FILE, {
         "base_model": columns[0].cfg.model.name,

@@ -11,7 +11,9 @@ per-question scores pair up (:mod:`fedpeft.serve.eval_report` compares them).
 
 The base model is loaded once. Each adapter is put on it (:func:`~fedpeft.serve.saved.attach_adapter`),
 scored through :func:`fedpeft.worker.evaluate_global`, the code a run evaluates with, and taken
-off again, so adapters of different PEFT methods can share the one base.
+off again, so adapters of different PEFT methods can share the one base. With ``--lm-eval``, each
+column's model also goes through EleutherAI's lm-evaluation-harness while it is loaded
+(:mod:`fedpeft.serve.lm_eval_bridge`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class TestSet:
 
 
 Scores = tuple[dict[str, float], list[dict]]  # (metrics, predictions) as evaluate_global returns them
+ModelVisitor = Callable[[Column, PreTrainedModel | PeftModel, PreTrainedTokenizerBase], None]  # (--lm-eval)
 
 
 def split_items(items: list[str]) -> tuple[list[str], list[str]]:
@@ -183,11 +186,13 @@ def load_tests(paths: list[str], cfg: JobConfig) -> list[TestSet]:
 
 
 def score(columns: list[Column], tests: list[TestSet], device: str,
-          done: Callable[[Column, TestSet, Scores], None]) -> None:
+          done: Callable[[Column, TestSet, Scores], None], each_model: ModelVisitor | None = None) -> None:
     """Score every column on every test set; ``done`` receives each result as it comes.
 
     The base model is loaded once; the base column is scored while the first adapter is on it
     (disabled), as a run's zero-shot evaluation scores its base through the job's adapter.
+    ``each_model`` (``--lm-eval``) receives every column's model: the base model alone before any
+    adapter is on it, each adapter's while it is on.
     """
     from fedpeft.models import load_base_model
 
@@ -195,13 +200,17 @@ def score(columns: list[Column], tests: list[TestSet], device: str,
     default_template = tok.chat_template
     adapters = [c for c in columns if c.adapter is not None]
     plain = [c for c in columns if c.adapter is None]
-    for i, host in enumerate(adapters or plain):
+    for column in plain if each_model else []:
+        each_model(column, base, tok)
+    for i, host in enumerate(adapters or (plain if tests else [])):
         model = _attach(base, host)
         try:
             for column in (plain if i == 0 else []) + ([host] if host.adapter else []):
                 _use_template(tok, column.cfg, default_template)
                 for test in tests:
                     done(column, test, _evaluate(model, tok, device, column, test))
+            if each_model and host.adapter is not None:
+                each_model(host, model, tok)
         finally:
             base = detach_adapter(model)
 
