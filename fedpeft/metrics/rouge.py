@@ -12,15 +12,19 @@ length) and recall (overlap / reference length) are not; :func:`rouge_scores` ke
 from __future__ import annotations
 
 from functools import lru_cache
-
-from rouge_score import rouge_scorer
-from rouge_score.scoring import Score
+from typing import TYPE_CHECKING
 
 from fedpeft.metrics import METRICS, check_pairs, mean_metric
+
+if TYPE_CHECKING:  # rouge_score imports nltk, which imports scikit-learn and pandas where installed
+    from rouge_score import rouge_scorer  # (~90 MB and ~1 s): only when a score is computed
+    from rouge_score.scoring import Score
 
 
 @lru_cache(maxsize=None)
 def _scorer(rouge_type: str) -> rouge_scorer.RougeScorer:
+    from rouge_score import rouge_scorer
+
     return rouge_scorer.RougeScorer([rouge_type], use_stemmer=True)
 
 
