@@ -1,6 +1,6 @@
 """Batched greedy answer generation for base models, LoRA and prompt-learning adapters.
 
-Generation dominates evaluation time, so this module takes four shortcuts, each checked
+Generation dominates evaluation time, so this module takes six shortcuts, each checked
 against a slow reference in ``tests/test_generation.py``:
 
 * **Batching with left padding**, questions sorted by prompt length so a batch wastes little
@@ -25,6 +25,21 @@ against a slow reference in ``tests/test_generation.py``:
 * **LoRA merged into the weights** while generating (:func:`merged_lora`): one matmul per
   layer instead of three. On exit the original base weights are copied back from a CPU copy,
   because unmerging (subtracting ``B @ A`` again) is not bit-exact in floating point.
+* **A KV cache allocated once per batch** (:class:`PreallocatedLayer`), prompt plus
+  ``max_new_tokens`` long: each step writes its keys and values in place and attention reads a
+  view of the filled part. transformers' ``DynamicLayer`` grows by ``torch.cat`` instead: each
+  step copies the whole cache into a new buffer, larger than any freed before, which glibc maps
+  with fresh pages whenever it is above the mmap threshold (every buffer over 256 kB under
+  ``MALLOC_MMAP_THRESHOLD_=262144``), so the step cost of a batch grew with the answer length.
+* **The output head as** ``weight @ hidden.T`` **on CPU** (:func:`vocab_major_head`): MKL
+  computes ``nn.Linear``'s ``hidden @ weight.T`` for a 49k-token head 1.4-2.4x slower at 4-8
+  rows than the same product the other way round, so a step of batch 4 cost twice a step of
+  batch 1 on a small model; at one row both give the same bits.
+
+``bench/generation_growth.py`` measures both (issue 14: batching must pay at 1024 new tokens).
+
+Optionally an answer also ends at its first blank line (``"\\n\\n"``) after half of
+``max_new_tokens`` (:class:`BlankLineStop`, ``stop_at_blank_line=True``).
 
 The repetition penalty is applied by :class:`PromptRepetitionPenalty` rather than by
 transformers: it penalises the tokens of the prompt and of the answer so far, like
@@ -36,9 +51,12 @@ generating from ``inputs_embeds``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import logging
 import time
+import types
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -46,7 +64,9 @@ import torch
 from peft import PeftModel, PeftType
 from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import DynamicLayer
 
 from fedpeft.data.prompts import prompt_ids
 from fedpeft.errors import ModelError
@@ -59,13 +79,17 @@ _EMBEDDING_PROMPT_TYPES = (PeftType.P_TUNING, PeftType.PROMPT_TUNING)
 
 Model = PreTrainedModel | PeftModel
 
+# Rows up to which the output head runs as weight @ hidden.T (vocab_major_head); at 16 rows both
+# orders cost the same, and a prefill without logits_to_keep has many more.
+_HEAD_MAX_ROWS = 16
+
 
 @dataclass
 class GenerationResult:
     """Answers in question order, with what it cost."""
 
     answers: list[str]
-    token_ids: list[list[int]]  # generated ids of each answer, up to and including its EOS
+    token_ids: list[list[int]]  # generated ids of each answer, up to and including its EOS (or blank line)
     seconds: float
 
     @property
@@ -91,17 +115,151 @@ class PromptRepetitionPenalty(LogitsProcessor):
 
     def __init__(self, penalty: float, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, skip: int) -> None:
         self.penalty = penalty
-        self.prompt_ids = prompt_ids
-        self.prompt_mask = prompt_mask.long()
+        # Padding replaced by a real token of the same row, which is penalised anyway.
+        real = prompt_ids.gather(1, prompt_mask.long().argmax(1, keepdim=True))  # (batch, 1)
+        self.prompt_ids = torch.where(prompt_mask.bool(), prompt_ids, real)  # (batch, prompt_len)
         self.skip = skip
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        # Gather and scatter the seen ids only (repeats write the same value): no (batch, vocab) masks.
+        seen = torch.cat([self.prompt_ids.to(scores.device), input_ids[:, self.skip:]], dim=1)  # (batch, seen)
+        logits = scores.gather(1, seen)
+        logits = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
+        return scores.scatter(1, seen, logits)
+
+
+class BlankLineStop(StoppingCriteria):
+    """Ends a row at its first blank line (``"\\n\\n"``) completed by its ``min_new``-th new token or later.
+
+    A token completes a blank line if its text contains ``"\\n\\n"``, or starts with a newline
+    after a token that ends with one. The stopping token stays in the answer; with byte-level BPE
+    (SmolLM2, Llama) such tokens are whitespace only, which the answer's ``strip()`` removes.
+
+    Args:
+        tokenizer: Decodes each vocabulary id once (cached per tokenizer).
+        min_new: New tokens a row must have before a blank line stops it.
+        device: Where the token flags live (the model's device).
+        skip: Leading columns of ``input_ids`` that are the prompt (as in
+            :class:`PromptRepetitionPenalty`).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, min_new: int, device: torch.device, skip: int = 0) -> None:
+        self.blank, self.ends_nl, self.starts_nl = (f.to(device) for f in _newline_flags(tokenizer))
+        self.min_new, self.skip = max(1, min_new), skip
+
+    def after(self, skip: int) -> BlankLineStop:
+        """A copy for ``input_ids`` whose first ``skip`` columns are the prompt."""
+        stop = copy.copy(self)
+        stop.skip = skip
+        return stop
+
+    def stops(self, new: torch.Tensor) -> torch.Tensor:
+        """``(batch, n)`` bool: where a token of ``new`` (``(batch, n)`` generated ids) stops its row."""
+        hit = self._completes_blank_line(new)
+        hit[:, : self.min_new - 1] = False
+        return hit
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         new = input_ids[:, self.skip:]  # (batch, generated so far)
-        seen = torch.zeros(scores.shape, dtype=torch.long, device=scores.device)  # (batch, vocab)
-        seen.scatter_add_(1, self.prompt_ids.to(scores.device), self.prompt_mask.to(scores.device))
-        seen.scatter_add_(1, new, torch.ones_like(new))
-        penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
-        return torch.where(seen > 0, penalized, scores)
+        if new.shape[1] < self.min_new:
+            return torch.zeros(new.shape[0], dtype=torch.bool, device=new.device)
+        return self._completes_blank_line(new[:, -2:])[:, -1]
+
+    def _completes_blank_line(self, new: torch.Tensor) -> torch.Tensor:
+        new = new.clamp(max=len(self.blank) - 1)  # ids beyond the tokenizer map to its last flag: False
+        hit = self.blank[new]  # (batch, n)
+        hit[:, 1:] |= self.ends_nl[new[:, :-1]] & self.starts_nl[new[:, 1:]]
+        return hit
+
+
+_NEWLINE_FLAGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _newline_flags(tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(contains "\\n\\n", ends with "\\n", starts with "\\n"), each ``(vocab + 1,)`` bool, last entry False."""
+    if tokenizer not in _NEWLINE_FLAGS:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))]) + [""]
+        _NEWLINE_FLAGS[tokenizer] = tuple(torch.tensor([test(t) for t in texts]) for test in (
+            lambda t: "\n\n" in t, lambda t: t.endswith("\n"), lambda t: t.startswith("\n")))
+    return _NEWLINE_FLAGS[tokenizer]
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A cache layer whose keys and values live in buffers ``capacity`` positions long, allocated once.
+
+    ``update`` writes the new positions in place and returns views of the filled part, so a
+    decoding step neither copies the cache nor allocates (see the module docstring). For greedy
+    decoding only: beam search's reordering and cropping are not supported.
+
+    Args:
+        capacity: Positions the layer can hold (prompt, virtual tokens and new tokens).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        batch, heads, _, dim = key_states.shape
+        self.key_buffer = key_states.new_empty(batch, heads, self.capacity, dim)  # (batch, heads, capacity, dim)
+        self.value_buffer = value_states.new_empty(batch, value_states.shape[1], self.capacity, value_states.shape[3])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise ModelError(f"PreallocatedLayer holds {self.capacity} positions; {end} were written")
+        self.key_buffer[:, :, self.length:end] = key_states
+        self.value_buffer[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reset(self) -> None:
+        self.length = 0
+        super().reset()
+
+
+def preallocated_cache(model: PreTrainedModel, capacity: int) -> DynamicCache:
+    """``model``'s ``DynamicCache``, its full-attention layers replaced by :class:`PreallocatedLayer`."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+def _head_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])  # (rows, hidden)
+    if rows.shape[0] > _HEAD_MAX_ROWS:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    out = torch.mm(self.weight, rows.t()).t()  # (rows, vocab), a transposed view
+    if self.bias is not None:
+        out = out + self.bias
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+@contextlib.contextmanager
+def vocab_major_head(model: Model) -> Iterator[None]:
+    """Compute ``model``'s output head as ``weight @ hidden.T`` inside the block (CPU, plain ``nn.Linear`` only).
+
+    Same product, bit-identical at one row; at 2-16 rows a different summation order (like any
+    change of batch size). Any other head (GPU, LoRA-wrapped, patched already) is left alone.
+    """
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.weight.device.type != "cpu" or "forward" in vars(head):
+        yield
+        return
+    head.forward = types.MethodType(_head_forward, head)
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -205,50 +363,58 @@ def _eos_ids(model: Model, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return list(dict.fromkeys([tokenizer.eos_token_id, *config_eos]))
 
 
-def _generate_ids(model: Model, ids: torch.Tensor, mask: torch.Tensor, gen_kwargs: dict, penalty: float) -> torch.Tensor:
+def _generate_ids(model: Model, ids: torch.Tensor, mask: torch.Tensor, gen_kwargs: dict, penalty: float,
+                  stop: BlankLineStop | None = None) -> torch.Tensor:
     """Greedy new tokens ``(batch, new)`` for left-padded ``ids``; see the module docstring."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    capacity = ids.shape[1] + gen_kwargs["max_new_tokens"]
     if uses_virtual_token_embeddings(model):
-        base = model.get_base_model()
         embeds = base.get_input_embeddings()(ids)  # (batch, seq, hidden)
         virtual = model.get_prompt(batch_size=ids.shape[0]).to(embeds.dtype)  # (batch, virtual, hidden)
         full_mask = torch.cat([mask.new_ones(virtual.shape[:2]), mask], dim=1)  # (batch, virtual + seq)
         return base.generate(
             inputs_embeds=torch.cat([virtual, embeds], dim=1), attention_mask=full_mask,
-            logits_processor=_processors(penalty, ids, mask, skip=0), **gen_kwargs,
+            logits_processor=_processors(penalty, ids, mask, skip=0), stopping_criteria=_criteria(stop, skip=0),
+            **{_cache_kwarg(base): preallocated_cache(base, capacity + virtual.shape[1])}, **gen_kwargs,
         )
     processors = _processors(penalty, ids, mask, skip=ids.shape[1])
     if uses_prefix_cache(model):
-        return _generate_after_prefix(model, ids, mask, gen_kwargs, processors)
-    out = model.generate(input_ids=ids, attention_mask=mask, logits_processor=processors, **gen_kwargs)
+        return _generate_after_prefix(model, ids, mask, gen_kwargs, processors, stop and stop.after(ids.shape[1]))
+    out = model.generate(input_ids=ids, attention_mask=mask, logits_processor=processors,
+                         stopping_criteria=_criteria(stop, skip=ids.shape[1]),
+                         **{_cache_kwarg(base): preallocated_cache(base, capacity)}, **gen_kwargs)
     return out[:, ids.shape[1]:]
 
 
 def _generate_after_prefix(model: PeftModel, ids: torch.Tensor, mask: torch.Tensor, gen_kwargs: dict,
-                           processors: LogitsProcessorList) -> torch.Tensor:
+                           processors: LogitsProcessorList, stop: BlankLineStop | None) -> torch.Tensor:
     """Greedy new tokens ``(batch, new)`` after a prefix-tuning adapter's KV cache; see the module docstring."""
-    base, batch = model.get_base_model(), ids.shape[0]
-    cache = model.get_prompt(batch_size=batch)  # DynamicCache, num_virtual_tokens long
-    prefix = cache.get_seq_length()
-    eos = torch.tensor(gen_kwargs["eos_token_id"], device=ids.device)
-    full_mask = torch.cat([mask.new_ones(batch, prefix), mask], dim=1)  # (batch, prefix + seq)
+    base, (batch, width), max_new = model.get_base_model(), ids.shape, gen_kwargs["max_new_tokens"]
+    prompt_cache = model.get_prompt(batch_size=batch)  # DynamicCache, num_virtual_tokens long
+    prefix = prompt_cache.get_seq_length()
+    cache = preallocated_cache(base, prefix + width + max_new)
+    for i, layer in enumerate(prompt_cache.layers):
+        cache.update(layer.keys, layer.values, i)
+    eos, pad = torch.tensor(gen_kwargs["eos_token_id"], device=ids.device), gen_kwargs["pad_token_id"]
+    full_mask = torch.cat([mask.new_ones(batch, prefix), mask, mask.new_ones(batch, max_new)], dim=1)
+    seen = torch.cat([ids, ids.new_full((batch, max_new), pad)], dim=1)  # (batch, seq + new): prompt, answer so far
     positions = (prefix + mask.cumsum(1) - 1).clamp(min=prefix)  # padding's positions are masked anyway
-    step_ids, seen = ids, ids
+    step_ids, length = ids, width
     cache_kwarg = _cache_kwarg(base)  # once, not per token
     done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
-    new: list[torch.Tensor] = []
-    for _ in range(gen_kwargs["max_new_tokens"]):
-        logits = base(input_ids=step_ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
-                      logits_to_keep=1, **{cache_kwarg: cache}).logits[:, -1].float()
-        token = processors(seen, logits).argmax(-1)  # (batch,)
-        token = torch.where(done, gen_kwargs["pad_token_id"], token)
-        new.append(token)
-        done |= torch.isin(token, eos)
+    for _ in range(max_new):
+        logits = base(input_ids=step_ids, attention_mask=full_mask[:, :prefix + length], position_ids=positions,
+                      use_cache=True, logits_to_keep=1, **{cache_kwarg: cache}).logits[:, -1].float()
+        token = processors(seen[:, :length], logits).argmax(-1)  # (batch,)
+        seen[:, length] = torch.where(done, pad, token)
+        length += 1
+        done |= torch.isin(seen[:, length - 1], eos)
+        if stop is not None:
+            done |= stop(seen[:, :length], logits)
         if bool(done.all()):
             break
-        step_ids, seen = token[:, None], torch.cat([seen, token[:, None]], dim=1)
-        full_mask = torch.cat([full_mask, mask.new_ones(batch, 1)], dim=1)
-        positions = positions[:, -1:] + 1
-    return torch.stack(new, dim=1)
+        step_ids, positions = seen[:, length - 1:length], positions[:, -1:] + 1
+    return seen[:, width:length]
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
@@ -262,12 +428,18 @@ def _processors(penalty: float, ids: torch.Tensor, mask: torch.Tensor, skip: int
     return LogitsProcessorList([PromptRepetitionPenalty(penalty, ids, mask, skip)])
 
 
-def _until_eos(new: torch.Tensor, eos_ids: list[int]) -> list[list[int]]:
-    """Each row of ``new`` (batch, new) up to and including its first EOS."""
+def _criteria(stop: BlankLineStop | None, skip: int) -> StoppingCriteriaList:
+    return StoppingCriteriaList([] if stop is None else [stop.after(skip)])
+
+
+def _until_eos(new: torch.Tensor, eos_ids: list[int], stop: BlankLineStop | None = None) -> list[list[int]]:
+    """Each row of ``new`` (batch, new) up to and including its first EOS or blank-line stop."""
+    ends = torch.isin(new, torch.tensor(eos_ids, device=new.device))  # (batch, new)
+    if stop is not None:
+        ends |= stop.stops(new)
     rows = []
-    for row in new.tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
-        rows.append(row[:end])
+    for row, end in zip(new.tolist(), ends.tolist()):
+        rows.append(row[: next((i + 1 for i, e in enumerate(end) if e), len(row))])
     return rows
 
 
@@ -281,6 +453,7 @@ def run_generation(
     repetition_penalty: float = 1.0,
     batch_size: int = 8,
     progress: bool = True,
+    stop_at_blank_line: bool = False,
 ) -> GenerationResult:
     """Like :func:`generate_answers`, also returning the token ids and the seconds it took.
 
@@ -289,20 +462,21 @@ def run_generation(
     """
     prompts = [prompt_ids(tokenizer, q, system_prompt) for q in questions]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids, device = _eos_ids(model, tokenizer), model_device(model)
     gen_kwargs = dict(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
         eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
     )
+    stop = BlankLineStop(tokenizer, (max_new_tokens + 1) // 2, device) if stop_at_blank_line else None
     token_ids: list[list[int]] = [[] for _ in questions]
     start = time.perf_counter()
-    with eval_mode(model), torch.no_grad(), tqdm(total=len(questions), desc="generating", unit="q",
-                                                  disable=not progress) as bar:
+    with eval_mode(model), torch.no_grad(), vocab_major_head(model), \
+            tqdm(total=len(questions), desc="generating", unit="q", disable=not progress) as bar:
         for first in range(0, len(order), batch_size):
             batch = order[first:first + batch_size]
-            ids, mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, model_device(model))
-            new = _generate_ids(model, ids, mask, gen_kwargs, repetition_penalty)  # (batch, new)
-            for i, row in zip(batch, _until_eos(new, eos_ids)):
+            ids, mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, device)
+            new = _generate_ids(model, ids, mask, gen_kwargs, repetition_penalty, stop)  # (batch, new)
+            for i, row in zip(batch, _until_eos(new, eos_ids, stop)):
                 token_ids[i] = row
             bar.update(len(batch))
     seconds = time.perf_counter() - start
@@ -320,6 +494,7 @@ def generate_answers(
     repetition_penalty: float = 1.0,
     batch_size: int = 8,
     progress: bool = True,
+    stop_at_blank_line: bool = False,
 ) -> list[str]:
     """Greedy answers to ``questions``, generated in left-padded batches.
 
@@ -330,8 +505,10 @@ def generate_answers(
         system_prompt: Optional system message of the chat template.
         max_new_tokens: Cap on each answer's length in tokens.
         repetition_penalty: ``1.0`` for none; ``> 1`` curbs greedy loops.
-        batch_size: Questions generated together.
+        batch_size: Questions generated together (sorted by prompt length first, for less padding).
         progress: Show a tqdm bar over questions.
+        stop_at_blank_line: Also end an answer at its first blank line (``"\\n\\n"``) once it has
+            ``max_new_tokens / 2`` tokens (rounded up): the model has moved on from the answer.
 
     Returns:
         One answer per question, special tokens removed, whitespace stripped.
@@ -339,4 +516,5 @@ def generate_answers(
     return run_generation(
         model, tokenizer, questions, system_prompt=system_prompt, max_new_tokens=max_new_tokens,
         repetition_penalty=repetition_penalty, batch_size=batch_size, progress=progress,
+        stop_at_blank_line=stop_at_blank_line,
     ).answers

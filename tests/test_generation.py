@@ -3,7 +3,8 @@
 The tiny random Llama of the fixtures produces one token forever (its weights are too small
 to separate the logits), which would make every equality below hold trivially. The tests use
 copies with larger random weights: ``lively`` (std 0.3) never repeats itself and answers each
-question differently; ``repetitive`` (std 0.1) loops, so the repetition penalty changes it.
+question differently; ``repetitive`` (std 0.1) loops, so the repetition penalty changes it;
+``neox`` is a small GPT-NeoX treated like ``lively`` (another attention and cache layout).
 """
 
 from __future__ import annotations
@@ -13,10 +14,16 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, get_peft_model
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers.cache_utils import DynamicLayer
 
+import fedpeft.generation as generation
 from fedpeft.data.prompts import prompt_ids
 from fedpeft.errors import ModelError
-from fedpeft.generation import PromptRepetitionPenalty, generate_answers, merged_lora, run_generation
+from fedpeft.generation import (
+    BlankLineStop, PreallocatedLayer, PromptRepetitionPenalty, generate_answers, merged_lora, run_generation,
+    vocab_major_head,
+)
 
 QUESTIONS = [
     "What are the symptoms of a heart attack in women over sixty?",
@@ -45,9 +52,17 @@ def _randomized(model: torch.nn.Module, std: float) -> torch.nn.Module:
     return model
 
 
+def _seeded_peft_model(model: torch.nn.Module, config, seed: int) -> PeftModel:  # noqa: ANN001
+    """``get_peft_model`` on a copy, its random initialisation seeded: torch's global seed differs per process
+    here (``torch.initial_seed()``), so unseeded adapters would differ from run to run."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(copy.deepcopy(model), config)
+
+
 def _ptuning(model: torch.nn.Module) -> PeftModel:
     config = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=8, encoder_hidden_size=32)
-    peft_model = get_peft_model(copy.deepcopy(model), config)
+    peft_model = _seeded_peft_model(model, config, seed=1)
     _perturb(list(peft_model.prompt_encoder.parameters()), seed=1, std=0.5)
     return peft_model
 
@@ -55,7 +70,7 @@ def _ptuning(model: torch.nn.Module) -> PeftModel:
 def _prefix(model: torch.nn.Module) -> PeftModel:
     config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6, prefix_projection=True,
                                 encoder_hidden_size=32)
-    peft_model = get_peft_model(copy.deepcopy(model), config)
+    peft_model = _seeded_peft_model(model, config, seed=3)
     _perturb(list(peft_model.prompt_encoder.parameters()), seed=3, std=0.5)
     return peft_model
 
@@ -72,6 +87,18 @@ def repetitive(tiny_base) -> torch.nn.Module:
     return _randomized(tiny_base[0], std=0.1)
 
 
+@pytest.fixture(scope="module")
+def neox(tokenizer) -> torch.nn.Module:
+    """A GPT-NeoX (hidden 64, 2 layers) with lively random weights (read-only)."""
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPTNeoXForCausalLM(config)
+    return _randomized(model, std=0.3).eval()
+
+
 @pytest.fixture
 def ptuning_model(lively) -> PeftModel:
     return _ptuning(lively)
@@ -85,7 +112,7 @@ def prefix_model(lively) -> PeftModel:
 @pytest.fixture
 def lora_model(lively) -> PeftModel:
     config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
-    model = get_peft_model(copy.deepcopy(lively), config)
+    model = _seeded_peft_model(lively, config, seed=2)
     _perturb([p for n, p in model.named_parameters() if "lora_B" in n], seed=2, std=0.5)
     return model
 
@@ -260,3 +287,131 @@ def test_disabled_adapters_generate_like_the_base_model(lively, lora_model, ptun
             assert _token_ids(model, tokenizer, QUESTIONS[:3], batch_size=2) == base
     with lora_model.disable_adapter(), pytest.raises(ModelError, match="disable_adapter"), merged_lora(lora_model):
         pass
+
+
+def _stock_generate(model, tokenizer, questions) -> list[list[int]]:  # noqa: ANN001
+    """The code before the preallocated cache and the vocab-major head: ``generate`` on one left-padded batch."""
+    ids, mask = generation._left_pad([prompt_ids(tokenizer, q) for q in questions], tokenizer.pad_token_id,
+                                     torch.device("cpu"))
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return out[:, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-lora", "neox"])
+def test_same_tokens_as_generate_with_its_own_cache_and_head(kind, lively, lora_model, neox, tokenizer):
+    model = {"llama": lively, "llama-lora": lora_model, "neox": neox}[kind].eval()
+    questions = sorted(QUESTIONS, key=lambda q: len(prompt_ids(tokenizer, q)))  # run_generation's batches
+    expected = _stock_generate(model, tokenizer, questions[:3]) + _stock_generate(model, tokenizer, questions[3:])
+    ours = _token_ids(model, tokenizer, questions, batch_size=3)
+    assert ours == expected
+    assert len({tuple(t) for t in ours}) == len(QUESTIONS)  # not one degenerate answer
+    if kind == "neox":
+        assert [_token_ids(model, tokenizer, [q], batch_size=1)[0] for q in questions] == ours
+
+
+def test_preallocated_layer_writes_in_place_and_reads_what_was_written():
+    layer, chunks = PreallocatedLayer(capacity=6), [torch.randn(2, 3, n, 4) for n in (3, 1, 2)]
+    pointers = set()
+    for i, chunk in enumerate(chunks):
+        keys, values = layer.update(chunk, -chunk)
+        expected = torch.cat(chunks[:i + 1], dim=2)  # what DynamicLayer returns
+        assert torch.equal(keys, expected) and torch.equal(values, -expected)
+        assert layer.get_seq_length() == expected.shape[2]
+        pointers.add(keys.data_ptr())
+    assert len(pointers) == 1  # one buffer, never copied (DynamicLayer: a new one every update)
+    with pytest.raises(ModelError, match="holds 6 positions"):
+        layer.update(chunks[1], chunks[1])
+
+
+def test_generation_uses_the_preallocated_cache(lively, tokenizer):
+    layer_types = []
+
+    def spy(model, capacity):  # noqa: ANN001, ANN202
+        cache = real(model, capacity)
+        layer_types.extend(type(layer) for layer in cache.layers)
+        return cache
+
+    real = generation.preallocated_cache
+    generation.preallocated_cache = spy
+    try:
+        _token_ids(lively, tokenizer, QUESTIONS[:2], batch_size=2)
+    finally:
+        generation.preallocated_cache = real
+    assert layer_types and all(t is PreallocatedLayer for t in layer_types)
+    assert not issubclass(DynamicLayer, PreallocatedLayer)
+
+
+def test_vocab_major_head_gives_the_linear_logits_and_is_undone(lively):
+    model = copy.deepcopy(lively)
+    head = model.get_output_embeddings()
+    hidden = torch.randn(4, 1, head.in_features)  # (batch, 1, hidden)
+    with torch.no_grad():
+        linear, linear_one = (torch.nn.functional.linear(h, head.weight) for h in (hidden, hidden[:1]))
+        with vocab_major_head(model):
+            assert "forward" in vars(head)  # the head is switched
+            one, four = head(hidden[:1]), head(hidden)
+    assert "forward" not in vars(head)
+    assert torch.equal(one, linear_one)  # one row: the same bits
+    torch.testing.assert_close(four, linear, atol=1e-5, rtol=1e-5)
+
+
+def test_batches_are_sorted_by_prompt_length_and_answers_keep_question_order(lively, tokenizer, monkeypatch):
+    widths: list[list[int]] = []
+    real = generation._generate_ids
+
+    def spy(model, ids, mask, *args):  # noqa: ANN001, ANN202
+        widths.append(mask.sum(1).tolist())
+        return real(model, ids, mask, *args)
+
+    monkeypatch.setattr(generation, "_generate_ids", spy)
+    result = run_generation(lively, tokenizer, QUESTIONS, max_new_tokens=NEW_TOKENS, batch_size=2, progress=False)
+    lengths = sorted(len(prompt_ids(tokenizer, q)) for q in QUESTIONS)
+    assert widths == [lengths[0:2], lengths[2:4], lengths[4:]]  # shortest prompts first: least padding
+    monkeypatch.setattr(generation, "_generate_ids", real)
+    assert result.token_ids == [_token_ids(lively, tokenizer, [q], batch_size=1)[0] for q in QUESTIONS]
+
+
+def test_blank_line_stop_flags_tokens_after_half_the_answer(tokenizer):
+    blank, newline, word = 1116, 198, 504  # "\n\n", "\n", "The"
+    assert [tokenizer.decode([t]) for t in (blank, newline)] == ["\n\n", "\n"]
+    stop = BlankLineStop(tokenizer, min_new=3, device=torch.device("cpu"))
+    new = torch.tensor([[blank, word, word, blank, word],  # the first blank line is too early
+                        [word, word, newline, newline, word],  # "\n" then "\n": a blank line at index 3
+                        [word, newline, word, word, word]])  # a single newline never stops
+    assert stop.stops(new).tolist() == [[False, False, False, True, False], [False, False, False, True, False],
+                                        [False] * 5]
+    assert stop.after(2)(torch.cat([new.new_zeros(3, 2), new[:, :4]], 1), None).tolist() == [True, True, False]
+    assert stop(new[:, :2], None).tolist() == [False] * 3  # fewer than min_new tokens
+
+
+def _forcing(model: torch.nn.Module, token: int, plan: dict[int, list[int]]) -> tuple[torch.nn.Module, list]:
+    """A copy of ``model`` whose i-th forward makes rows ``plan[i]`` emit ``token``; clear the list to restart."""
+    model, calls = copy.deepcopy(model), []
+
+    def hook(_module, _args, out):  # noqa: ANN001, ANN202
+        for row in plan.get(len(calls), []):
+            out.logits[row, -1, token] = 1e4
+        calls.append(1)
+
+    model.register_forward_hook(hook)
+    return model, calls
+
+
+@pytest.mark.parametrize("kind", ["base", "ptuning", "prefix"])
+def test_stop_at_blank_line_after_half_of_max_new_tokens(kind, lively, tokenizer):
+    blank = 1116  # "\n\n"
+    # Row 0 of the batch (the shorter prompt, question 1) writes a blank line as its 2nd token (too early:
+    # half of 10 is 5) and its 7th; row 1 (question 0) only as its 2nd.
+    forced, calls = _forcing(lively, blank, {1: [0, 1], 6: [0]})
+    model = {"base": lambda m: m, "ptuning": _ptuning, "prefix": _prefix}[kind](forced).eval()
+    kwargs = dict(max_new_tokens=NEW_TOKENS, batch_size=2, progress=False)
+    plain = run_generation(model, tokenizer, QUESTIONS[:2], **kwargs)
+    calls.clear()
+    stopped = run_generation(model, tokenizer, QUESTIONS[:2], stop_at_blank_line=True, **kwargs)
+    assert plain.token_ids[1][1] == plain.token_ids[1][6] == plain.token_ids[0][1] == blank
+    assert stopped.token_ids[1] == plain.token_ids[1][:7]  # up to the blank line after half
+    assert stopped.token_ids[0] == plain.token_ids[0]  # no blank line after half: all 10 tokens
+    assert stopped.answers[1] == tokenizer.decode(plain.token_ids[1][:7], skip_special_tokens=True).strip()
+    assert not stopped.answers[1].endswith("\n")
