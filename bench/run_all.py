@@ -67,6 +67,7 @@ SECTIONS = {
     "peft_methods": "PEFT methods side by side",
     "memory_breakdown": "Memory breakdown and a plan for bigger bases",
     "precision_cpu": "Base precisions on CPU",
+    "generation_growth": "Batched generation at long answers",
 }
 LONG = {"quality": "python bench/quality.py", "medquad": "python bench/medquad.py",  # run on their own
         "faults": "python bench/faults.py", "privacy": "python bench/privacy.py",
@@ -74,7 +75,8 @@ LONG = {"quality": "python bench/quality.py", "medquad": "python bench/medquad.p
         "lora_aggregation_rules": "python bench/lora_aggregation.py --suite rules",
         "lora_aggregation_compression": "python bench/lora_aggregation.py --suite compression",
         "peft_methods": "python bench/peft_methods.py", "memory_breakdown": "python bench/memory_breakdown.py",
-        "precision_cpu": "python bench/precision_cpu.py"}
+        "precision_cpu": "python bench/precision_cpu.py",
+        "generation_growth": "python bench/generation_growth.py"}
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
 
@@ -197,6 +199,8 @@ HEADLINES = {  # one line of what each result measured, for the summary table
         f"{x['arm']} {x['fp32_up_ratio']:.1f}× {x['heldout_loss']:.4f}" for x in r["rows"] if x.get("fp32_up_ratio")),
     "peft_methods": lambda r: _peft_methods_headline(r["rows"]),
     "memory_breakdown": lambda r: _memory_breakdown_headline(r),
+    "generation_growth": lambda r: ", ".join(f"{a} {g:.2f}×" for a, g in r["goal"]["gains"].items())
+    + " batch 4 vs 1 (tok/CPU-s, 1024 new tokens)",
     "precision_cpu": lambda r: "loss before → after, CPU s/step: " + ", ".join(
         f"{x['arm']} {x['before']:.2f} → {x['after']:.2f}, {x['cpu_per_step']:.1f}" if "after" in x else f"{x['arm']} failed"
         for x in r["rows"]),

@@ -175,6 +175,7 @@ class EvalConfig(_Section):
     batch_size: int = Field(8, ge=1)  # batched left-padded generation; ~5x faster than 1 on CPU
     max_new_tokens: int = Field(256, ge=1)  # dominant cost of evaluation
     repetition_penalty: float = Field(1.1, ge=1.0)  # >1 curbs the loops of greedy decoding
+    stop_at_blank_line: bool = False  # end an answer at its first blank line once it has max_new_tokens/2 tokens
     metrics: list[str] = ["rouge1", "rouge2", "rougeL", "bleu4"]
     heldout_loss: bool = True
     merge_lora: bool = True  # merge LoRA into the weights while generating (faster), then restore

@@ -91,6 +91,7 @@ def _generate(model: Model, tokenizer: PreTrainedTokenizerBase, questions: list[
         result = run_generation(
             model, tokenizer, questions, system_prompt=system_prompt, max_new_tokens=cfg.max_new_tokens,
             repetition_penalty=cfg.repetition_penalty, batch_size=cfg.batch_size,
+            stop_at_blank_line=cfg.stop_at_blank_line,
         )
     return result.answers, (result.num_tokens / max(result.seconds, 1e-9), int(result.num_tokens))
 

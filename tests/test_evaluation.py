@@ -123,3 +123,19 @@ def test_evaluate_merges_lora_only_while_generating(lora_model, tokenizer):
 def test_evaluate_rejects_no_examples(tiny_model, tokenizer):
     with pytest.raises(ValueError, match="at least one"):
         evaluate(tiny_model, tokenizer, [], EvalConfig())
+
+
+def test_eval_stop_at_blank_line_reaches_generation(tiny_model, tokenizer, monkeypatch):
+    import fedpeft.evaluation as evaluation
+
+    seen = {}
+    real = evaluation.run_generation
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "run_generation", spy)
+    cfg = EvalConfig(max_samples=1, max_new_tokens=4, metrics=["rougeL"], heldout_loss=False, stop_at_blank_line=True)
+    evaluate(tiny_model, tokenizer, EXAMPLES, cfg)
+    assert seen["stop_at_blank_line"] is True

@@ -9,7 +9,6 @@ import torch
 
 from fedpeft.aggregators import aggregate, build_aggregator
 from fedpeft.errors import AggregationError, ConfigError
-from fedpeft.fold import Fold
 from fedpeft.rounds import new_fold
 from fedpeft.state import ClientUpdate
 from tiny_jobs import tiny_job
