@@ -43,11 +43,34 @@ from fedpeft.metrics import compute_metrics
 
 log = logging.getLogger(__name__)
 
+ITEMS_HELDOUT, ITEMS_MCQ = "heldout", "mcq"  # the keys of evaluate()'s per-item ``details``
 
-def _batch_loss_sum(model: Model, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-    """Sum of answer-token cross-entropies in ``batch``, and how many answer tokens it has."""
-    sums, counts = answer_nll(model, batch)  # the head runs at answer positions only (fedpeft.losses)
-    return float(sums.sum()), int(counts.sum())
+
+def answer_losses(
+    model: Model, tokenized: list[TokenizedExample], batch_size: int = 8, *, pad_token_id: int
+) -> tuple[list[float], list[int]]:
+    """Each example's summed answer-token cross-entropy (nats) and its answer-token count.
+
+    Examples go through the model sorted by length (similar lengths pad little); the lists
+    come back in the order of ``tokenized``.
+
+    Args:
+        model: A base model or PeftModel (prompt-learning virtual tokens are handled).
+        tokenized: Examples from :func:`fedpeft.data.prompts.tokenize_examples`.
+        batch_size: Examples per forward pass.
+        pad_token_id: Id used for padding (any id works: padding is masked and unlabelled).
+    """
+    sums, counts = [0.0] * len(tokenized), [0] * len(tokenized)
+    order = sorted(range(len(tokenized)), key=lambda i: len(tokenized[i].input_ids))
+    device = model_device(model)
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = collate([tokenized[i] for i in idx], pad_token_id)
+            s, n = answer_nll(model, {k: v.to(device) for k, v in batch.items()})  # head at answer positions only
+            for i, si, ni in zip(idx, s.tolist(), n.tolist()):
+                sums[i], counts[i] = float(si), int(ni)
+    return sums, counts
 
 
 def heldout_loss(
@@ -70,16 +93,14 @@ def heldout_loss(
     Raises:
         ValueError: if ``tokenized`` holds no answer token.
     """
-    total, count = 0.0, 0
-    device = model_device(model)
-    with eval_mode(model), torch.no_grad():
-        for start in range(0, len(tokenized), batch_size):
-            batch = collate(tokenized[start:start + batch_size], pad_token_id)
-            loss_sum, n = _batch_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
-            total, count = total + loss_sum, count + n
-    if count == 0:
-        raise ValueError(f"held-out loss needs answer tokens; the {len(tokenized)} examples have none")
-    return total / count
+    sums, counts = answer_losses(model, tokenized, batch_size, pad_token_id=pad_token_id)
+    return _pooled_loss(sums, counts)
+
+
+def _pooled_loss(sums: list[float], counts: list[int]) -> float:
+    if sum(counts) == 0:
+        raise ValueError(f"held-out loss needs answer tokens; the {len(counts)} examples have none")
+    return sum(sums) / sum(counts)
 
 
 def _generate(model: Model, tokenizer: PreTrainedTokenizerBase, questions: list[str], cfg: EvalConfig,
@@ -104,6 +125,7 @@ def evaluate(
     *,
     system_prompt: str | None = None,
     max_seq_len: int = 384,
+    details: dict | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Generate answers to the first ``cfg.max_samples`` questions, score them, and the loss.
 
@@ -114,6 +136,10 @@ def evaluate(
         cfg: The ``eval`` section of the job config.
         system_prompt: The system message used in training, if any.
         max_seq_len: Truncation length for the held-out loss (as in training).
+        details: If given, filled with per-item scores for confidence intervals:
+            ``details["heldout"]``, one ``{"question", "nll", "tokens"}`` per example (summed
+            nats and answer tokens: the pooled loss is sum(nll) / sum(tokens)), and
+            ``details["mcq"]``, one ``{"question", "chosen", "answer"}`` per item.
 
     Returns:
         ``(metrics, predictions)``: ``metrics`` holds each of ``cfg.metrics``,
@@ -139,12 +165,19 @@ def evaluate(
         metrics = compute_metrics(cfg.metrics, predictions=answers, references=references)
     if cfg.heldout_loss:
         tokenized = tokenize_examples(tokenizer, examples, max_seq_len, system_prompt)
-        metrics[KEY_HELDOUT_LOSS] = heldout_loss(model, tokenized, cfg.batch_size, pad_token_id=tokenizer.pad_token_id)
+        sums, counts = answer_losses(model, tokenized, cfg.batch_size, pad_token_id=tokenizer.pad_token_id)
+        metrics[KEY_HELDOUT_LOSS] = _pooled_loss(sums, counts)
+        if details is not None:
+            details[ITEMS_HELDOUT] = [{"question": e["question"], "nll": s, "tokens": n}
+                                      for e, s, n in zip(examples, sums, counts)]
     if cfg.mcq:
         items = load_mcq(cfg.mcq, cfg.mcq_max_items)  # parsed once per file version (cached)
         chosen = mcq_scores(model, tokenizer, items, system_prompt=system_prompt, batch_size=cfg.batch_size,
                             max_seq_len=max_seq_len)
         metrics[KEY_MCQ_ACCURACY] = mcq_accuracy(chosen, items)
+        if details is not None:
+            details[ITEMS_MCQ] = [{"question": it.question, "chosen": c, "answer": it.answer}
+                                  for it, c in zip(items, chosen)]
     if generated is not None:
         metrics[KEY_GEN_TOKENS_PER_S], metrics[KEY_GEN_TOKENS] = generated
     metrics[KEY_EVAL_SECONDS] = round(time.perf_counter() - start, 3)

@@ -138,7 +138,9 @@ def run_rounds(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, test: 
         state = new_state
         evaluating = rnd == total or bool(cfg.eval.every and rnd % cfg.eval.every == 0)
         if test and evaluating:
-            last_eval = (*host.call(lambda w: evaluate_global(w, state, cfg, test)), rnd)
+            items: dict = {}
+            last_eval = (*host.call(lambda w: evaluate_global(w, state, cfg, test, items)), rnd)
+            run.write_item_scores(items)
             record[KEY_EVAL] = last_eval[0]
         if evaluating:
             last_sites = score_sites(cfg, pool, rnd, state, record) or last_sites
@@ -310,7 +312,9 @@ def _start(cfg: JobConfig, run: RunDir, host: Host, aggregator: Aggregator, pool
 def zero_shot(cfg: JobConfig, run: RunDir, host: Host, test: list[dict], pool: ClientPool | None = None) -> dict:
     """Score the base model alone (round 0), on ``test`` and on the sites' own slices (``pool``);
     write its record and predictions; return its metrics."""
-    metrics, preds = host.call(lambda w: evaluate_global(w, None, cfg, test)) if test else ({}, [])
+    items: dict = {}
+    metrics, preds = host.call(lambda w: evaluate_global(w, None, cfg, test, items)) if test else ({}, [])
+    run.write_item_scores(items, zero_shot=True)
     record = {"round": 0, "event": EVENT_EVAL, KEY_EVAL: metrics, "zero_shot": True}
     score_sites(cfg, pool, 0, None, record)
     run.log_metrics(record)
@@ -324,7 +328,9 @@ def _finish(cfg: JobConfig, run: RunDir, pool: ClientPool, host: Host, state: St
             last_eval: Evaluation | None, test: list[dict], privacy: dict, sites: dict | None = None) -> None:
     """Final predictions, the adapter folder and ``summary.json`` (final scores, per-site summary too)."""
     if test and last_eval is None:  # resumed after the last round had already been evaluated
-        last_eval = host.call(lambda w: evaluate_global(w, state, cfg, test))
+        items: dict = {}
+        last_eval = host.call(lambda w: evaluate_global(w, state, cfg, test, items))
+        run.write_item_scores(items)
     if sites is None:  # the same: score the sites again (no record is written)
         sites = score_sites(cfg, pool, cfg.federation.rounds, state, {})
     if last_eval is not None:

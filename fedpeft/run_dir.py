@@ -17,6 +17,8 @@ from fedpeft.constants import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     FINAL_ADAPTER_DIR,
+    ITEM_SCORES_FILE,
+    ITEM_SCORES_ZERO_SHOT_FILE,
     KEY_ROUND,
     LATEST_CHECKPOINT_FILE,
     LOCK_FILE,
@@ -175,6 +177,12 @@ class RunDir:
 
     def write_predictions(self, rows: list[dict], name: str = PREDICTIONS_FILE) -> None:
         write_jsonl(self.path / name, rows)
+
+    def write_item_scores(self, details: dict, zero_shot: bool = False) -> None:
+        """``item_scores.json`` (``item_scores_zero_shot.json``): per-question held-out loss and
+        multiple-choice choices of the last evaluation, for paired confidence intervals."""
+        if details:
+            write_json(self.path / (ITEM_SCORES_ZERO_SHOT_FILE if zero_shot else ITEM_SCORES_FILE), details)
 
     def write_partitions(self, summary: list[dict]) -> None:
         write_json(self.path / PARTITIONS_FILE, summary)

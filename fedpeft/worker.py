@@ -84,9 +84,11 @@ def base_view(model: PeftModel) -> Iterator[torch.nn.Module]:
             yield model
 
 
-def evaluate_global(worker: Worker, state: State | None, cfg: JobConfig, test: list[dict]) -> tuple[dict, list[dict]]:
-    """Score ``state`` (``None``: the base model alone, zero-shot) on ``test``; metrics and predictions."""
-    kwargs = dict(system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len)
+def evaluate_global(worker: Worker, state: State | None, cfg: JobConfig, test: list[dict],
+                    details: dict | None = None) -> tuple[dict, list[dict]]:
+    """Score ``state`` (``None``: the base model alone, zero-shot) on ``test``; metrics and predictions
+    (and per-item scores into ``details``, see :func:`fedpeft.evaluation.evaluate`)."""
+    kwargs = dict(system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len, details=details)
     if state is None:
         with base_view(worker.model) as model:
             eval_cfg = cfg.eval.model_copy(update={"merge_lora": False})

@@ -13,7 +13,7 @@ from fedpeft.constants import (
     EVAL_MEASUREMENTS, KEY_EVAL_SECONDS, KEY_GEN_TOKENS, KEY_GEN_TOKENS_PER_S, KEY_HELDOUT_LOSS, KEY_PEAK_MEMORY,
 )
 from fedpeft.data.prompts import tokenize_examples
-from fedpeft.evaluation import evaluate, heldout_loss
+from fedpeft.evaluation import ITEMS_HELDOUT, answer_losses, evaluate, heldout_loss
 
 EXAMPLES = [
     {"question": "What is high blood pressure?", "answer": "Blood pressure that stays above normal."},
@@ -71,6 +71,19 @@ def test_heldout_loss_is_the_token_weighted_mean_whatever_the_batch_size(kind, r
     for batch_size in (1, 2, 5):
         got = heldout_loss(model, tokenized, batch_size, pad_token_id=tokenizer.pad_token_id)
         assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_per_question_losses_are_each_questions_own_loss_in_input_order(lora_model, tokenizer):
+    tokenized = tokenize_examples(tokenizer, EXAMPLES, max_seq_len=384)
+    sums, counts = answer_losses(lora_model.eval(), tokenized, 3, pad_token_id=tokenizer.pad_token_id)
+    for ex, s, n in zip(tokenized, sums, counts):  # batches go sorted by length: the order must come back
+        assert s / n == pytest.approx(_reference_loss(lora_model, [ex]), rel=1e-5)
+    cfg = EvalConfig(max_samples=1, max_new_tokens=2, batch_size=3)
+    details: dict = {}
+    metrics, _ = evaluate(lora_model, tokenizer, EXAMPLES, cfg, details=details)
+    rows = details[ITEMS_HELDOUT]
+    assert [r["question"] for r in rows] == [e["question"] for e in EXAMPLES]
+    assert sum(r["nll"] for r in rows) / sum(r["tokens"] for r in rows) == pytest.approx(metrics[KEY_HELDOUT_LOSS])
 
 
 def test_heldout_loss_sees_the_adapters(base_model, lora_model, ptuning_model, tokenizer):

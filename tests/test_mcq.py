@@ -304,7 +304,7 @@ def _job_file(tmp_path: Path, mcq: str, **eval_keys) -> Path:
 
 def test_a_job_with_eval_mcq_records_mcq_accuracy_each_evaluation(tmp_path):
     write_jsonl(tmp_path / "items.jsonl", [item.to_json() for item in ITEMS])
-    cfg = load_config(_job_file(tmp_path, "items.jsonl", mcq_max_items=3))  # relative to the YAML file
+    cfg = load_config(_job_file(tmp_path, "items.jsonl", mcq_max_items=3, heldout_loss=True))  # relative to the YAML file
     assert cfg.eval.mcq == str(tmp_path / "items.jsonl")
     mcq_io._cached.cache_clear()
     run = run_job(cfg)
@@ -312,6 +312,13 @@ def test_a_job_with_eval_mcq_records_mcq_accuracy_each_evaluation(tmp_path):
     assert len(evals) == 3  # zero-shot, rounds 1 and 2
     assert all(KEY_MCQ_ACCURACY in e and e[KEY_MCQ_ACCURACY] in (0, 1 / 3, 2 / 3, 1) for e in evals)
     assert mcq_io._cached.cache_info().misses == 1  # the file was read once, not every round
+    for name, ev in (("item_scores_zero_shot.json", evals[0]), ("item_scores.json", evals[-1])):
+        items = json.loads((run.path / name).read_text())  # per item, for paired intervals
+        assert [r["question"] for r in items["mcq"]] == [it.question for it in ITEMS[:3]]
+        assert sum(r["chosen"] == r["answer"] for r in items["mcq"]) / 3 == ev[KEY_MCQ_ACCURACY]
+        assert len(items["heldout"]) == 2
+        pooled = sum(r["nll"] for r in items["heldout"]) / sum(r["tokens"] for r in items["heldout"])
+        assert pooled == pytest.approx(ev["heldout_loss"], rel=1e-6)
 
 
 def test_eval_mcq_file_problems_are_config_errors_naming_the_key(tmp_path):
