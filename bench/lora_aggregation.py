@@ -112,13 +112,11 @@ def run_arm(name: str, arm: dict, job: dict) -> tuple[Path, dict]:
 
 def per_question_losses(adapter_dir: Path | None, job: dict) -> list[tuple[float, int]]:
     """``(loss sum, answer tokens)`` of each test question under the adapter (None: the base model)."""
-    import torch
-
     from fedpeft.adapters import load_adapter
     from fedpeft.config import validate_tree
     from fedpeft.data.federated import prepare_data
-    from fedpeft.data.prompts import collate, tokenize_examples
-    from fedpeft.evaluation import _batch_loss_sum
+    from fedpeft.data.prompts import tokenize_examples
+    from fedpeft.evaluation import answer_losses
     from fedpeft.models import load_base_model
 
     cfg = validate_tree({**job, "run_id": "score"})
@@ -129,11 +127,8 @@ def per_question_losses(adapter_dir: Path | None, job: dict) -> list[tuple[float
         model, tok = load_adapter(adapter_dir)
     model.eval()
     examples = tokenize_examples(tok, test, cfg.data.max_seq_len, cfg.data.system_prompt)
-    out = []
-    with torch.no_grad():
-        for ex in examples:
-            out.append(_batch_loss_sum(model, collate([ex], tok.pad_token_id)))
-    return out
+    sums, counts = answer_losses(model, examples, 1, pad_token_id=tok.pad_token_id)
+    return list(zip(sums, counts))
 
 
 def gap_closed(zero: list, central: list, arm: list) -> tuple[float, tuple[float, float]]:
