@@ -54,3 +54,4 @@ KEY_DP_SAMPLE_RATE = "dp_sample_rate"
 KEY_DP_NOISE = "dp_noise_multiplier"
 KEY_DP_EXAMPLES = "dp_examples"  # examples drawn over the round (Poisson: varies around q * n * steps)
 KEY_EPSILON = "epsilon"
+KEY_MCQ_ACCURACY = "mcq_accuracy"  # multiple-choice accuracy (eval.mcq) in evaluation records

@@ -34,12 +34,12 @@ from peft import PeftModel, PeftType
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from fedpeft.constants import KEY_MCQ_ACCURACY
 from fedpeft.data.mcq_io import FORMATS, McqItem, load_mcq
 from fedpeft.data.prompts import prompt_ids
 from fedpeft.errors import ModelError
 from fedpeft.generation import Model, eval_mode, model_device
 
-KEY_MCQ_ACCURACY = "mcq_accuracy"  # the metrics.jsonl key of evaluate()'s value
 _PROMPT_TYPES = (PeftType.P_TUNING, PeftType.PROMPT_TUNING, PeftType.PREFIX_TUNING)
 
 Encoded = tuple[list[int], list[list[int]]]  # (prompt ids, each option's ids)

@@ -174,3 +174,20 @@ def test_paired_interval_of_a_clear_gain_lies_above_zero_and_swapping_the_runs_n
 def test_paired_interval_needs_one_baseline_answer_per_question():
     with pytest.raises(ValueError, match="2 predictions but 3 references"):
         paired_bootstrap_ci("rouge1", predictions=["a", "b", "c"], baseline=["a", "b"], references=["a", "b", "c"])
+
+
+def test_item_intervals_pool_the_loss_and_pair_the_questions():
+    from fedpeft.metrics.items import item_ci, paired_item_ci
+
+    base = {"heldout": [{"question": q, "nll": 2.0 * n, "tokens": n} for q, n in (("a", 1), ("b", 3), ("c", 4))],
+            "mcq": [{"question": q, "chosen": 0, "answer": a} for q, a in (("a", 0), ("b", 1), ("c", 1), ("d", 0))]}
+    assert item_ci("heldout_loss", base) == (2.0, 2.0)  # every question at 2 nats/token: every resample too
+    low, high = item_ci("mcq_accuracy", base)
+    assert 0.0 <= low < 0.5 < high <= 1.0
+    better = {"heldout": [{**r, "nll": r["nll"] - r["tokens"]} for r in base["heldout"]],  # 1 nat/token less each
+              "mcq": [{**r, "chosen": r["answer"]} for r in base["mcq"]]}
+    assert paired_item_ci("heldout_loss", better, base) == pytest.approx((-1.0, -1.0))  # paired: no spread at all
+    low, high = paired_item_ci("mcq_accuracy", better, base)
+    assert 0.0 <= low <= 0.5 <= high <= 1.0  # 2 of 4 items gained
+    other = {"heldout": [{**r, "question": r["question"] + "?"} for r in base["heldout"]]}
+    assert paired_item_ci("heldout_loss", other, base) is None and paired_item_ci("mcq_accuracy", other, base) is None

@@ -173,7 +173,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "lm-evaluation-harness tasks on each column (lm-eval's prompts, metrics and standard errors).")
     ev.add_argument("items", nargs="*", metavar="RUN_DIR_OR_ADAPTER",
                     help=f"{ADAPTER_HELP}; all of one base model. Then key=value overrides: eval.* (e.g. "
-                         "eval.max_samples=50), data.system_prompt, data.max_seq_len, data.question_field, "
+                         "eval.max_samples=50), data.system_prompt, data.max_seq_len, data.max_test_samples, data.question_field, "
                          "data.answer_field")
     ev.add_argument("--base", action="store_true",
                     help="also score the base model alone (the first column); with a job YAML instead of adapters, "

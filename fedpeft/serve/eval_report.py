@@ -5,8 +5,8 @@ Every column answered the same generated questions (one ``eval:`` section for al
 difference against the first column gets a paired percentile bootstrap interval over those
 questions (:func:`fedpeft.metrics.paired_bootstrap_ci`), for every metric with per-question
 scores (a mean of per-answer scores such as ROUGE, or a corpus statistic such as BLEU). Held-out
-loss, multiple-choice accuracy and speed come as one number per run, so they get a difference
-without an interval.
+loss and multiple-choice accuracy get theirs from the per-item scores (each question's loss, each
+item's choice: :mod:`fedpeft.metrics.items`). Speed and memory get no difference.
 
 The results folder (``--out``, else ``eval-<time>`` beside the first run) is always new::
 
@@ -14,6 +14,7 @@ The results folder (``--out``, else ``eval-<time>`` beside the first run) is alw
     results.md                          the tables as printed
     <column>/<test>/metrics.json        one column's scores on one test file
     <column>/<test>/predictions.jsonl   its answers: question, reference, prediction
+    <column>/<test>/item_scores.json    per-question held-out loss and multiple-choice choices
     lm_eval.json, <column>/lm_eval/     with --lm-eval: see :mod:`fedpeft.serve.lm_eval_bridge`
 """
 
@@ -23,11 +24,11 @@ import datetime as dt
 import re
 from pathlib import Path
 
-from fedpeft.constants import CONFIG_FILE, KEY_HELDOUT_LOSS, PREDICTIONS_FILE
+from fedpeft.constants import CONFIG_FILE, ITEM_SCORES_FILE, KEY_HELDOUT_LOSS, KEY_MCQ_ACCURACY, PREDICTIONS_FILE
 from fedpeft.errors import ConfigError
 from fedpeft.io_utils import write_json, write_jsonl, write_text
-from fedpeft.mcq import KEY_MCQ_ACCURACY
 from fedpeft.metrics import METRICS, paired_bootstrap_ci
+from fedpeft.metrics.items import ITEM_METRICS, paired_item_ci
 from fedpeft.serve.evaluate import Column, Scores, TestSet
 from fedpeft.tables import markdown_table
 
@@ -36,7 +37,7 @@ EVAL_TABLES_FILE = "results.md"
 EVAL_METRICS_FILE = "metrics.json"
 CONFIDENCE = 0.95
 
-Results = dict[tuple[str, str], Scores]  # (column label, test label) -> (metrics, predictions)
+Results = dict[tuple[str, str], Scores]  # (column label, test label) -> (metrics, predictions, per-item scores)
 
 
 def out_dir(out: str | None, columns: list[Column]) -> Path:
@@ -73,11 +74,13 @@ def slug(label: str) -> str:
 
 
 def write_scores(out: Path, column: Column, test: TestSet, scores: Scores) -> None:
-    """``<column>/<test>/metrics.json`` and ``predictions.jsonl``."""
-    metrics, predictions = scores
+    """``<column>/<test>/metrics.json``, ``predictions.jsonl`` and ``item_scores.json``."""
+    metrics, predictions, items = scores
     folder = out / slug(column.label) / slug(test.label)
     write_json(folder / EVAL_METRICS_FILE, metrics)
     write_jsonl(folder / PREDICTIONS_FILE, predictions)
+    if items:
+        write_json(folder / ITEM_SCORES_FILE, items)
 
 
 def per_question(name: str) -> bool:
@@ -94,7 +97,7 @@ def differences(first: Scores, other: Scores, quality: list[str], with_ci: list[
     Returns:
         ``{metric: {"difference": float, "ci95": [low, high] or None}}``.
     """
-    (base, base_preds), (mine, preds) = first, other
+    (base, base_preds, base_items), (mine, preds, items) = first, other
     paired = [p["question"] for p in preds] == [p["question"] for p in base_preds]  # the same questions
     out = {}
     for name in quality:
@@ -102,7 +105,10 @@ def differences(first: Scores, other: Scores, quality: list[str], with_ci: list[
         if not isinstance(value, (int, float)) or not isinstance(base.get(name), (int, float)):
             continue
         ci = None
-        if name in with_ci and paired and preds:
+        if name in ITEM_METRICS:
+            found = paired_item_ci(name, items, base_items, confidence=CONFIDENCE)
+            ci = list(found) if found else None
+        elif name in with_ci and paired and preds:
             ci = list(paired_bootstrap_ci(name, predictions=[p["prediction"] for p in preds],
                                           baseline=[p["prediction"] for p in base_preds],
                                           references=[p["reference"] for p in preds], confidence=CONFIDENCE))
@@ -141,7 +147,8 @@ def table(test: TestSet, columns: list[Column], results: Results, diffs: dict[st
     rows = [[name, *(_number(metrics[c.label][name]) if name in metrics[c.label] else "" for c in columns),
              *(_cell(diffs[c.label][name]) if name in diffs[c.label] else "" for c in others)] for name in names]
     generated = len(results[columns[0].label, test.label][1])
-    title = f"{test.path}: {len(test.rows)} rows, {generated} answers generated"
+    of = f" of {test.in_file}" if test.in_file > len(test.rows) else ""
+    title = f"{test.path}: {len(test.rows)}{of} rows, {generated} answers generated"
     return f"{title}\n\n" + markdown_table(headers, rows, ["left"] + ["right"] * (len(headers) - 1))
 
 
@@ -156,7 +163,8 @@ def report(out: Path, columns: list[Column], tests: list[TestSet], results: Resu
         "base_model": columns[0].cfg.model.name,
         "columns": [{"label": c.label, "adapter": str(c.adapter.path) if c.adapter else None, "given": str(c.source),
                      "system_prompt": c.cfg.data.system_prompt} for c in columns],
-        "tests": [{"label": t.label, "file": str(t.path), "rows": len(t.rows)} for t in tests],
+        "tests": [{"label": t.label, "file": str(t.path), "rows": len(t.rows), "rows_in_file": t.in_file}
+                  for t in tests],
         "eval": columns[0].cfg.eval.model_dump(mode="json"),
         "results": {t.label: {c.label: results[c.label, t.label][0] for c in columns} for t in tests},
         "differences_against": columns[0].label, "differences": diffs,

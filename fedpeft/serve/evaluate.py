@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedpeft.config import EvalConfig, JobConfig, apply_overrides, load_config, validate_tree
 from fedpeft.constants import CONFIG_FILE
+from fedpeft.data.federated import cap_rows
 from fedpeft.data.io import load_examples
 from fedpeft.errors import ConfigError, DataError, ModelError
 from fedpeft.serve.saved import (
@@ -43,7 +44,8 @@ log = logging.getLogger(__name__)
 
 BASE_LABEL = "base"
 # What a key=value override of `fedpeft eval` may set: how answers are generated and scored.
-OVERRIDABLE = ("eval.", "data.system_prompt", "data.max_seq_len", "data.question_field", "data.answer_field")
+OVERRIDABLE = ("eval.", "data.system_prompt", "data.max_seq_len", "data.question_field", "data.answer_field",
+               "data.max_test_samples")
 YAML_SUFFIXES = (".yaml", ".yml")
 
 
@@ -59,14 +61,15 @@ class Column:
 
 @dataclass(frozen=True)
 class TestSet:
-    """A test file's question/answer rows."""
+    """A test file's question/answer rows (at most ``data.max_test_samples`` of its ``in_file``)."""
 
     label: str
     path: Path
     rows: list[dict]
+    in_file: int = 0
 
 
-Scores = tuple[dict[str, float], list[dict]]  # (metrics, predictions) as evaluate_global returns them
+Scores = tuple[dict[str, float], list[dict], dict]  # (metrics, predictions, per-item scores: evaluate's details)
 ModelVisitor = Callable[[Column, PreTrainedModel | PeftModel, PreTrainedTokenizerBase], None]  # (--lm-eval)
 
 
@@ -81,8 +84,8 @@ def check_overrides(overrides: list[str]) -> None:
     bad = [o for o in overrides if not o.partition("=")[0].strip().startswith(OVERRIDABLE)]
     if bad:
         raise ConfigError(f"fedpeft eval: {bad[0]!r} is not an evaluation setting; overrides set eval.* (e.g. "
-                          "eval.max_samples=50) or data.system_prompt, data.max_seq_len, data.question_field, "
-                          "data.answer_field")
+                          "eval.max_samples=50) or data.system_prompt, data.max_seq_len, data.max_test_samples, "
+                          "data.question_field, data.answer_field")
 
 
 def job_config(saved: SavedAdapter, overrides: list[str]) -> JobConfig:
@@ -166,7 +169,8 @@ def column_labels(saved: list[SavedAdapter]) -> list[str]:
 
 
 def load_tests(paths: list[str], cfg: JobConfig) -> list[TestSet]:
-    """Each test file's rows, read as a run reads ``data.test`` (the job's question/answer fields).
+    """Each test file's rows, read as a run reads ``data.test``: the job's question/answer fields, and
+    the same seeded subset of ``data.max_test_samples`` rows (``data.max_test_samples=null``: all).
 
     Raises:
         DataError: naming the file (and line) that is missing, empty or lacks a question or answer.
@@ -178,10 +182,14 @@ def load_tests(paths: list[str], cfg: JobConfig) -> list[TestSet]:
             raise DataError(f"--test {given}: no such file; give a JSONL file with one {{\"question\": ..., "
                             "\"answer\": ...}} object per line (fedpeft data split writes one)")
         rows = load_examples(path, cfg.data.question_field, cfg.data.answer_field)
-        tests.append(TestSet(path.stem, path, rows))
+        kept = cap_rows(rows, cfg.data.max_test_samples, cfg.seed + 1)  # as prepare_data caps data.test
+        if len(kept) < len(rows):
+            log.warning("%s: scoring %d of its %d rows (the job's data.max_test_samples, the run's seeded subset); "
+                        "data.max_test_samples=null scores them all", path, len(kept), len(rows))
+        tests.append(TestSet(path.stem, path, kept, len(rows)))
     stems = [t.label for t in tests]
     if len(set(stems)) < len(stems):  # two test.jsonl from different folders
-        tests = [TestSet(f"{i}-{t.label}", t.path, t.rows) for i, t in enumerate(tests, 1)]
+        tests = [TestSet(f"{i}-{t.label}", t.path, t.rows, t.in_file) for i, t in enumerate(tests, 1)]
     return tests
 
 
@@ -238,5 +246,7 @@ def _evaluate(model: PeftModel, tok: PreTrainedTokenizerBase, device: str, colum
 
     log.info("scoring %s on %s (%d rows)", column.label, test.path, len(test.rows))
     state = None if column.adapter is None else get_trainable_state(model)  # None: the adapter disabled
-    return evaluate_global(Worker(model, tok, device), state, column.cfg, test.rows)
+    items: dict = {}
+    metrics, predictions = evaluate_global(Worker(model, tok, device), state, column.cfg, test.rows, items)
+    return metrics, predictions, items
 

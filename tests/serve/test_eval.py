@@ -74,7 +74,24 @@ def test_a_run_beside_its_base_model_gets_paired_bootstrap_intervals(scored_run,
     low, high = gain["ci95"]
     assert low < high and low <= gain["difference"] <= high and gain["difference"] > 0.5
     assert f"{gain['difference']:+.4f} [{low:+.4f}, {high:+.4f}]" in printed
-    assert summary["differences"]["own"]["r1"]["heldout_loss"]["ci95"] is None  # one number per run: no interval
+    loss = summary["differences"]["own"]["r1"]["heldout_loss"]  # from each question's loss (item_scores.json)
+    assert loss["ci95"][0] <= loss["difference"] <= loss["ci95"][1] and loss["ci95"][0] < loss["ci95"][1]
+    items = json.loads((out / "r1" / "own" / "item_scores.json").read_text())["heldout"]
+    assert [r["question"] for r in items] == [p["question"] for p in answered]
+
+
+def test_eval_scores_the_seeded_subset_of_max_test_samples_a_run_would(scored_run, tmp_path, caplog):
+    from fedpeft.data.federated import cap_rows
+
+    root, out = scored_run.parents[2], tmp_path / "out"
+    assert main(["eval", str(scored_run), "--test", str(root / "test_b.jsonl"), "--out", str(out),
+                 "data.max_test_samples=2"]) == 0
+    rows = read_jsonl(root / "test_b.jsonl")
+    kept = [r["question"] for r in cap_rows(rows, 2, 0 + 1)]  # the run's seed 0; data.test is capped with seed + 1
+    assert [p["question"] for p in read_jsonl(out / "r1" / "test_b" / "predictions.jsonl")] == kept
+    assert json.loads((out / "eval.json").read_text())["tests"][0] == {
+        "label": "test_b", "file": str(root / "test_b.jsonl"), "rows": 2, "rows_in_file": 4}
+    assert "scoring 2 of its 4 rows" in caplog.text
 
 
 def test_trailing_overrides_change_the_jobs_eval_settings(scored_run, tmp_path):
