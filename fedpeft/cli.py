@@ -52,6 +52,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from fedpeft.benchmark.baselines import resume_baseline
     from fedpeft.config import load_config
     from fedpeft.simulation import run_job
     from fedpeft.results import print_results
@@ -63,7 +64,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if getattr(args, "dry_run", False) and not args.resume:
         return _cmd_validate(args)
     cfg = None if args.resume else load_config(args.config, args.overrides)
-    run = run_job(cfg, resume=args.resume, allow_config_change=tuple(getattr(args, "allow_config_change", None) or ()))
+    allow = tuple(getattr(args, "allow_config_change", None) or ())
+    run = (args.resume and resume_baseline(Path(args.resume), allow)) or run_job(cfg, resume=args.resume,
+                                                                                  allow_config_change=allow)
     print_results(run.path)
     if (cfg or load_config(run.path / "config.yaml")).audit.canaries:  # `audit:` in the job: audit it now
         from fedpeft.audit.report import audit_run, audit_tables, report_path
@@ -83,9 +86,9 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise ConfigError(f"--baseline: {e}") from None
     if args.resume:
-        raise ConfigError("--baseline starts a new baseline run and cannot be combined with --resume (a baseline's "
-                          "folder holds its one-client config, not the job its data come from); run it again: "
-                          f"fedpeft run JOB.yaml --baseline {args.baseline}")
+        raise ConfigError("--baseline starts a new baseline run; to continue one, give its folder alone: "
+                          f"fedpeft run --resume RUN_DIR (it knows its arm), or start again: fedpeft run JOB.yaml "
+                          f"--baseline {args.baseline}")
     if _is_benchmark(args.config):
         raise ConfigError(f"{args.config} is a benchmark file, which lists its own baselines (baselines: [...]); "
                           "--baseline takes a native job YAML")

@@ -55,3 +55,4 @@ KEY_DP_NOISE = "dp_noise_multiplier"
 KEY_DP_EXAMPLES = "dp_examples"  # examples drawn over the round (Poisson: varies around q * n * steps)
 KEY_EPSILON = "epsilon"
 KEY_MCQ_ACCURACY = "mcq_accuracy"  # multiple-choice accuracy (eval.mcq) in evaluation records
+BASELINE_FILE = "baseline.json"  # in a baseline's run folder: which arm, of which job (to resume it)

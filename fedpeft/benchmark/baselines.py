@@ -21,18 +21,22 @@ grid over aggregations shares one. :func:`arm_runs` is what both ``fedpeft bench
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import hashlib
 import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fedpeft.benchmark.constants import BASELINES, CENTRALIZED, LOCAL_ONLY, ZERO_SHOT
 from fedpeft.config import JobConfig, validate_tree
+from fedpeft.constants import BASELINE_FILE, METRICS_FILE
 from fedpeft.data.federated import FederatedData
 from fedpeft.data.partitioners import partition_summary
 from fedpeft.errors import ConfigError
+from fedpeft.io_utils import write_json
 from fedpeft.problems import did_you_mean
 from fedpeft.run_dir import RunDir
 from fedpeft.trainer import num_optimizer_steps
@@ -153,6 +157,20 @@ class ArmRun:
     client: str | None  # local_only: the client that trains alone; None otherwise
     cfg: JobConfig
     run: Callable[[JobConfig], RunDir]
+    data: FederatedData | None = None  # what it trains on (None: zero_shot, which trains nothing)
+
+
+def _marked(name: str, client: str | None, job: JobConfig, run: Callable[[JobConfig], RunDir]):
+    """``run``, after writing ``baseline.json`` into the run folder: the arm and the federated job it
+    comes from, which ``--resume`` needs to rebuild the arm's data (:func:`resume_baseline`)."""
+    def go(cfg: JobConfig) -> RunDir:
+        if cfg.run_id is None:
+            cfg = cfg.model_copy(update={"run_id": dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")})
+        folder = Path(cfg.workspace) / cfg.job / cfg.run_id
+        if not (folder / METRICS_FILE).exists():  # RunDir.create refuses a folder holding a run
+            write_json(folder / BASELINE_FILE, {"baseline": name, "client": client, "job": job.model_dump(mode="json")})
+        return run(cfg)
+    return go
 
 
 def arm_runs(name: str, cfg: JobConfig, data: Callable[[], FederatedData]) -> list[ArmRun]:
@@ -173,9 +191,37 @@ def arm_runs(name: str, cfg: JobConfig, data: Callable[[], FederatedData]) -> li
     from fedpeft.simulation import run_job
 
     if check_baseline(name) == ZERO_SHOT:
-        return [ArmRun(None, cfg, lambda c: run_zero_shot(c, data()))]
+        return [ArmRun(None, cfg, _marked(name, None, cfg, lambda c: run_zero_shot(c, data())))]
     if name == LOCAL_ONLY:
-        return [ArmRun(cid, one, lambda c, d=d: run_job(c, data=d)) for cid, one, d in local_only(cfg, data())]
+        return [ArmRun(cid, one, _marked(name, cid, cfg, lambda c, d=d: run_job(c, data=d)), d)
+                for cid, one, d in local_only(cfg, data())]
     assert name == CENTRALIZED
     one, central, _ = centralized(cfg, data())
-    return [ArmRun(None, one, lambda c: run_job(c, data=central))]
+    return [ArmRun(None, one, _marked(name, None, cfg, lambda c: run_job(c, data=central)), central)]
+
+
+def resume_baseline(path: Path, allow_config_change: tuple[str, ...] = ()) -> RunDir | None:
+    """Continue the baseline run in ``path`` from its latest checkpoint, on the data of its arm
+    (rebuilt from the job in its ``baseline.json``); None if ``path`` is no baseline's run folder.
+
+    Raises:
+        ConfigError: for a zero_shot run (nothing to resume) or an unreadable ``baseline.json``.
+        CheckpointError: as :func:`fedpeft.simulation.run_job` on resume (the data changed, ...).
+    """
+    from fedpeft.data.federated import prepare_data
+    from fedpeft.simulation import run_job
+
+    marker = Path(path) / BASELINE_FILE
+    if not marker.is_file():
+        return None
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+        name, client, job = info["baseline"], info["client"], validate_tree(info["job"], source=str(marker))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{marker}: unreadable ({e}); start the baseline again: fedpeft run JOB.yaml --baseline "
+                          "NAME") from None
+    if name == ZERO_SHOT:
+        raise ConfigError(f"{path} is a zero_shot baseline: it trains nothing, so there is nothing to resume; run it "
+                          "again with fedpeft run JOB.yaml --baseline zero_shot")
+    arm = next(a for a in arm_runs(name, job, lambda: prepare_data(job)) if a.client == client)
+    return run_job(None, resume=path, data=arm.data, allow_config_change=allow_config_change)

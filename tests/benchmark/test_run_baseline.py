@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tiny_jobs import tiny_job
 
@@ -71,7 +72,7 @@ def test_zero_shot_run_scores_the_base_model_under_the_jobs_run_id(job, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--baseline", "centralised"], "--baseline: unknown baseline 'centralised'; did you mean 'centralized'?"),
-    (["--baseline", "local_only", "--resume", "ws/base/r1"], "cannot be combined with --resume"),
+    (["--baseline", "local_only", "--resume", "ws/base/r1"], "to continue one, give its folder alone"),
 ])
 def test_baseline_errors_are_one_line(job, capsys, args, message):
     assert main(["run", str(job), *args]) == 2
@@ -95,3 +96,32 @@ def test_baselines_are_scored_on_the_sites_own_slices(job, tmp_path):
         assert own["sites"][f"client-{i}"]["n"] == record["sites"][f"client-{i}"]["n"] > 0
         final = json.loads((run / "summary.json").read_text())["final"]
         assert final["site_worst/heldout_loss"] == own["sites"][f"client-{i}"]["heldout_loss"]
+
+
+@pytest.mark.parametrize("name, prefix", [("centralized", "centralized-"), ("local_only", "local_only-")])
+def test_a_baseline_run_resumes_on_its_arms_data_bit_for_bit(job, name, prefix):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    tree = yaml.safe_load(job.read_text())
+    tree["federation"]["rounds"] = 2
+    job.write_text(yaml.safe_dump(tree))
+    assert main(["run", str(job), "--baseline", name]) == 0
+    assert main(["run", str(job), "--baseline", name]) == 0
+    runs = _runs(job, prefix)  # timestamps sort; local_only: client-0, client-1 of each
+    part, full = runs[0], runs[len(runs) // 2]  # the first client of each
+    assert json.loads((part / "baseline.json").read_text())["baseline"] == name
+    (part / "checkpoints" / "latest").write_text("round-0001\n")  # a crash after round 1
+    shutil.rmtree(part / "checkpoints" / "round-0002")
+    assert main(["run", "--resume", str(part)]) == 0  # a one-client config alone would fail: "data differ"
+    a, b = (load_file(str(r / "checkpoints" / "round-0002" / "global_state.safetensors")) for r in (full, part))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["round"] for r in read_jsonl(part / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_zero_shot_baseline_has_nothing_to_resume(job, capsys):
+    assert main(["run", str(job), "--baseline", "zero_shot"]) == 0
+    (run,) = _runs(job, "zero_shot-")
+    assert main(["run", "--resume", str(run)]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
