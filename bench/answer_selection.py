@@ -48,7 +48,7 @@ def job_tree(args, workspace: Path, mcq_file: Path) -> dict:
                         client_test_ratio=args.site_ratio, max_seq_len=args.seq_len)
     tree["federation"]["rounds"] = args.rounds
     tree["eval"].update(zero_shot=True, every=0, max_samples=args.gen, max_new_tokens=args.max_new_tokens,
-                        mcq=str(mcq_file), site_max_samples=0, site_finetune_steps=args.personal_steps,
+                        mcq=str(mcq_file), mcq_option_tokens=args.option_tokens, site_max_samples=0, site_finetune_steps=args.personal_steps,
                         metrics=["rougeL"])
     return tree
 
@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--site-ratio", type=float, default=0.2, help="data.client_test_ratio: each site's own slice")
     p.add_argument("--test-rows", type=int, default=400, help="test questions for the held-out loss")
     p.add_argument("--mcq-items", type=int, default=400, help="answer-selection items (from test questions)")
+    p.add_argument("--option-tokens", type=int, default=64, help="eval.mcq_option_tokens: each option's first N tokens")
     p.add_argument("--gen", type=int, default=40, help="test questions generated (ROUGE-L)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
@@ -264,7 +265,7 @@ def _footer(args, sizes: dict, model: str, mean: dict) -> str:
             f"held out as its own slice, {args.rounds} rounds of one local epoch; centralised takes as many steps. "
             f"Answer selection: {sizes['mcq_items']} items of `fedpeft data mcq` on test questions whose topics are not "
             f"in train (1 true + 3 same-qtype answers on other topics; chance 25 %), length-normalised "
-            f"log-likelihood. Held-out loss on {sizes['heldout_questions']} test questions, ROUGE-L on the first "
+            f"log-likelihood of each option's first {args.option_tokens} tokens. Held-out loss on {sizes['heldout_questions']} test questions, ROUGE-L on the first "
             f"{sizes['generated']} (greedy, {args.max_new_tokens} new tokens). Intervals: paired percentile "
             f"bootstrap over items/questions, {N_RESAMPLES} resamples. Second table: held-out loss on each site's own "
             f"slice; personalised = the global adapter after {args.personal_steps} local steps on the site's rows "

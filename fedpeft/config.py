@@ -183,6 +183,8 @@ class EvalConfig(_Section):
     # adds mcq_accuracy; one forward pass over each item's options, batch_size options a pass
     mcq: str | None = None
     mcq_max_items: int | None = Field(None, ge=1)  # score only the first N items (cost grows with N)
+    # score only each option's first N tokens (None: whole options): long free-text options cost a forward each
+    mcq_option_tokens: int | None = Field(None, ge=1)
     # Per-site scores (data.client_test_ratio): questions generated per site (0: held-out loss only)
     site_max_samples: int = Field(0, ge=0)
     # Personalised scores too: each site first trains the global adapter this many local steps on its

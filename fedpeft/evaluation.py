@@ -173,7 +173,7 @@ def evaluate(
     if cfg.mcq:
         items = load_mcq(cfg.mcq, cfg.mcq_max_items)  # parsed once per file version (cached)
         chosen = mcq_scores(model, tokenizer, items, system_prompt=system_prompt, batch_size=cfg.batch_size,
-                            max_seq_len=max_seq_len)
+                            max_seq_len=max_seq_len, max_option_tokens=cfg.mcq_option_tokens)
         metrics[KEY_MCQ_ACCURACY] = mcq_accuracy(chosen, items)
         if details is not None:
             details[ITEMS_MCQ] = [{"question": it.question, "chosen": c, "answer": it.answer}

@@ -14,9 +14,10 @@ and the chosen option is the one with the highest score (the first on a tie). Wi
 All options of an item go through the model in one right-padded forward pass (several items
 when ``batch_size`` allows). Right padding puts every real token at the position it has in an
 unpadded forward (``arange`` equals ``cumsum(attention_mask) - 1`` on real tokens), so no
-``position_ids`` are passed: prompt-learning PeftModels would ignore them anyway. Only the last
-columns of logits that hold option tokens are computed (``logits_to_keep``, where the model takes
-it). LoRA, IA3 and the other layer adapters, P-Tuning and prompt tuning (virtual tokens prepended)
+``position_ids`` are passed: prompt-learning PeftModels would ignore them anyway. The output
+head runs at option tokens only, in chunks (:func:`fedpeft.losses.answer_nll`, as the held-out
+loss). Items go through sorted by length, so a pass pads little. With ``eval.mcq_option_tokens``
+only each option's first tokens are scored: long free-text options then cost little. LoRA, IA3 and the other layer adapters, P-Tuning and prompt tuning (virtual tokens prepended)
 and prefix tuning (a KV-cache prefix) go through ``PeftModel.forward`` as in the held-out loss of
 :mod:`fedpeft.evaluation`; other prompt-learning types are refused.
 
@@ -25,7 +26,6 @@ The item format and its readers live in :mod:`fedpeft.data.mcq_io` (re-exported 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import numpy as np
@@ -39,6 +39,8 @@ from fedpeft.data.mcq_io import FORMATS, McqItem, load_mcq
 from fedpeft.data.prompts import prompt_ids
 from fedpeft.errors import ModelError
 from fedpeft.generation import Model, eval_mode, model_device
+from fedpeft.losses import answer_nll
+from fedpeft.data.prompts import IGNORE_INDEX
 
 _PROMPT_TYPES = (PeftType.P_TUNING, PeftType.PROMPT_TUNING, PeftType.PREFIX_TUNING)
 
@@ -53,6 +55,7 @@ def option_scores(
     system_prompt: str | None = None,
     batch_size: int = 8,
     max_seq_len: int | None = None,
+    max_option_tokens: int | None = None,
     progress: bool = True,
 ) -> list[list[float]]:
     """The length-normalised log-likelihood of every option of every item (see the module docstring).
@@ -66,6 +69,9 @@ def option_scores(
             pass holds at least one whole item.
         max_seq_len: Cut each prompt + option to this many tokens as training cuts examples
             (a prompt longer than half of it loses its start; options lose their end); None: no cut.
+        max_option_tokens: Score only the first this many tokens of each option (``eval.mcq_option_tokens``):
+            long free-text options (MedQuAD answers) cost a forward pass each, and their start
+            says what they are about; None: whole options.
         progress: Show a tqdm bar over items.
 
     Returns:
@@ -78,8 +84,8 @@ def option_scores(
     _check_supported(model)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    encoded = [_encode(tokenizer, item, system_prompt, max_seq_len) for item in items]
-    order = sorted(range(len(items)), key=lambda i: len(encoded[i][0]))  # similar prompts pad little
+    encoded = [_encode(tokenizer, item, system_prompt, max_seq_len, max_option_tokens) for item in items]
+    order = sorted(range(len(items)), key=lambda i: _width(encoded[i]))  # similar lengths pad little
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked: any id
     scores: list[list[float]] = [[] for _ in items]
     with eval_mode(model), torch.no_grad(), tqdm(total=len(items), desc="scoring options", unit="item",
@@ -100,6 +106,7 @@ def mcq_scores(
     system_prompt: str | None = None,
     batch_size: int = 8,
     max_seq_len: int | None = None,
+    max_option_tokens: int | None = None,
     progress: bool = True,
 ) -> list[int]:
     """The chosen option of each item: the highest length-normalised log-likelihood.
@@ -110,7 +117,7 @@ def mcq_scores(
         One option index per item, in item order (the first of equal scores).
     """
     scores = option_scores(model, tokenizer, items, system_prompt=system_prompt, batch_size=batch_size,
-                           max_seq_len=max_seq_len, progress=progress)
+                           max_seq_len=max_seq_len, max_option_tokens=max_option_tokens, progress=progress)
     return [int(np.argmax(s)) for s in scores]
 
 
@@ -165,15 +172,23 @@ def _check_supported(model: Model) -> None:
                          "(layer adapters such as LoRA all work)")
 
 
+def _width(encoded: Encoded) -> int:
+    prompt, options = encoded
+    return len(prompt) + max(map(len, options))
+
+
 def _encode(tokenizer: PreTrainedTokenizerBase, item: McqItem, system_prompt: str | None,
-            max_seq_len: int | None) -> Encoded:
-    """Prompt and option ids, cut as :func:`fedpeft.data.prompts.tokenize_example` cuts an example."""
+            max_seq_len: int | None, max_option_tokens: int | None = None) -> Encoded:
+    """Prompt and option ids, cut as :func:`fedpeft.data.prompts.tokenize_example` cuts an example
+    (and each option to its first ``max_option_tokens``)."""
     prompt = prompt_ids(tokenizer, item.question, system_prompt)
     if max_seq_len is not None and len(prompt) > max_seq_len // 2:
         prompt = prompt[-(max_seq_len // 2):]
     options = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in item.options]
     if max_seq_len is not None:
         options = [o[:max_seq_len - len(prompt)] for o in options]
+    if max_option_tokens is not None:
+        options = [o[:max_option_tokens] for o in options]
     for k, ids in enumerate(options):
         if not ids:
             raise ValueError(f"option {k} of {item.question[:60]!r} has no token: {item.options[k]!r}")
@@ -195,38 +210,22 @@ def _batches(order: list[int], sizes: list[int], batch_size: int) -> list[list[i
 
 
 def _score_rows(model: Model, encoded: list[Encoded], pad_token_id: int) -> list[float]:
-    """Mean option-token log-probability of every (item, option) row, in order, from one forward pass."""
+    """Mean option-token log-probability of every (item, option) row, in order, from one forward pass
+    (:func:`fedpeft.losses.answer_nll`: the output head runs at option positions only)."""
     rows = [(prompt, option) for prompt, options in encoded for option in options]
     width = max(len(p) + len(o) for p, o in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (rows, seq), right-padded
     mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # only the option's tokens count
     for r, (prompt, option) in enumerate(rows):
-        ids[r, :len(prompt) + len(option)] = torch.tensor(prompt + option)
-        mask[r, :len(prompt) + len(option)] = 1
-    start = torch.tensor([len(p) for p, _ in rows])  # (rows,) position of each option's first token
-    length = torch.tensor([len(o) for _, o in rows])  # (rows,)
-    keep = width - int(start.min()) + 1  # logits from the last prompt token of the shortest prompt on
+        n = len(prompt) + len(option)
+        ids[r, :n] = torch.tensor(prompt + option)
+        mask[r, :n] = 1
+        labels[r, len(prompt):n] = torch.tensor(option)
     device = model_device(model)
-    logits = _last_logits(model, ids.to(device), mask.to(device), keep)[:, :-1].float()  # (rows, keep - 1, vocab)
-    targets = ids[:, width - keep + 1:].to(device)  # (rows, keep - 1): the token each logit column predicts
-    token_lp = logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (rows, keep - 1)
-    pos = torch.arange(width - keep + 1, width)  # (keep - 1,) positions of the predicted tokens
-    in_option = ((pos >= start[:, None]) & (pos < (start + length)[:, None])).to(device)  # (rows, keep - 1)
-    return ((token_lp * in_option).sum(-1) / length.to(device)).tolist()
-
-
-def _last_logits(model: Model, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
-    """``(rows, keep, vocab)``: the logits of the last ``keep`` input positions."""
-    kwargs = {"logits_to_keep": keep} if _takes_logits_to_keep(model) else {}
-    logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits
-    return logits[:, -keep:, :]  # P-Tuning / prompt tuning prepend virtual tokens; some models keep all
-
-
-
-def _takes_logits_to_keep(model: Model) -> bool:
-    """Whether the (base) model's forward can compute the last logits only (transformers >= 4.50)."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    sums, counts = answer_nll(model, {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+                                      "labels": labels.to(device)})
+    return (-sums / counts).tolist()
 
 
 __all__ = [

@@ -154,9 +154,22 @@ def test_scores_match_the_models_own_loss_batched_and_alone(kind, sharp, tokeniz
 def test_models_that_compute_every_logit_score_the_same(kind, sharp, tokenizer, monkeypatch):
     model = _adapted(sharp, kind)
     kept = option_scores(model, tokenizer, ITEMS, batch_size=8, progress=False)
-    monkeypatch.setattr("fedpeft.mcq._takes_logits_to_keep", lambda model: False)  # ChatGLM's remote code, say
+    monkeypatch.setattr("fedpeft.losses._plain_head", lambda model: None)  # ChatGLM's remote code, say: every logit
     every = option_scores(model, tokenizer, ITEMS, batch_size=8, progress=False)
     assert _flat(every) == pytest.approx(_flat(kept), abs=1e-5)
+
+
+def test_mcq_option_tokens_scores_only_the_start_of_each_option(sharp, tokenizer):
+    whole = option_scores(sharp, tokenizer, ITEMS, progress=False)
+    assert option_scores(sharp, tokenizer, ITEMS, max_option_tokens=10_000, progress=False) == whole
+    first = option_scores(sharp, tokenizer, ITEMS, max_option_tokens=1, progress=False)
+    with torch.no_grad():
+        for item, scores in zip(ITEMS, first):
+            prompt = prompt_ids(tokenizer, item.question)
+            logp = torch.log_softmax(sharp(input_ids=torch.tensor([prompt])).logits[0, -1].float(), -1)
+            heads = [tokenizer(o, add_special_tokens=False)["input_ids"][0] for o in item.options]
+            assert scores == pytest.approx([float(logp[t]) for t in heads], abs=1e-4)  # each option's first token
+    assert _flat(first) != pytest.approx(_flat(whole), abs=1e-3)
 
 
 def test_adapters_change_the_scores(sharp, tokenizer):
