@@ -49,7 +49,12 @@ SITE_COLUMNS = {COL_SITE_MEAN_LOSS: "site_mean/heldout_loss", COL_SITE_WORST_LOS
                 COL_PERSONAL_WORST_LOSS: "site_worst/personal/heldout_loss"}  # column: key in summary final
 COL_VS_ZERO_SHOT = "vs_zero_shot"  # first metric minus zero-shot's, with its paired bootstrap 95 % CI
 COL_VS_CENTRALIZED = "vs_centralized"  # ... minus the centralised baseline's
-PAIRED_COLUMNS = (COL_VS_ZERO_SHOT, COL_VS_CENTRALIZED)
+COL_LOSS_VS_ZERO_SHOT = "loss_vs_zero_shot"  # held-out loss minus zero-shot's, paired CI from item_scores.json
+COL_LOSS_VS_CENTRALIZED = "loss_vs_centralized"
+COL_MCQ_VS_ZERO_SHOT = "mcq_vs_zero_shot"  # multiple-choice accuracy (eval.mcq) minus zero-shot's
+COL_MCQ_VS_CENTRALIZED = "mcq_vs_centralized"
+PAIRED_COLUMNS = (COL_VS_ZERO_SHOT, COL_VS_CENTRALIZED, COL_LOSS_VS_ZERO_SHOT, COL_LOSS_VS_CENTRALIZED,
+                  COL_MCQ_VS_ZERO_SHOT, COL_MCQ_VS_CENTRALIZED)
 EXTRA_COLUMNS = (COL_ROUNDS, COL_CLIENTS, COL_TRAINABLE, COL_BYTES_PER_UPDATE, COL_BYTES_PER_ROUND, COL_WALL_SECONDS,
                  COL_PEAK_MEMORY, COL_PEAK_GPU_MEMORY, COL_HELDOUT_LOSS, *SITE_COLUMNS, COL_PCT_CENTRALIZED,
                  *PAIRED_COLUMNS, COL_EPSILON, COL_DP)

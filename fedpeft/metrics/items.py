@@ -32,6 +32,12 @@ def _rows(metric: str, items: dict | None) -> list[dict] | None:
     return (items or {}).get(_ITEMS[metric]) or None
 
 
+def item_value(metric: str, items: dict) -> float:
+    """``metric`` over all of one evaluation's items (the value the evaluation recorded)."""
+    rows = _rows(metric, items)
+    return float(_statistic(metric, rows)(np.arange(len(rows))))
+
+
 def item_ci(metric: str, items: dict | None, *, n_resamples: int = 1000, seed: int = 0,
             confidence: float = 0.95) -> tuple[float, float] | None:
     """Percentile bootstrap interval of ``metric`` (``heldout_loss`` or ``mcq_accuracy``) from one

@@ -55,7 +55,7 @@ def test_rank_csv_rows_columns_and_sort_order(job):
         "basemodel-batch_size", "basemodel-learning_rate", "basemodel-model_name", "basemodel-save_dir",
         "basemodel-peft_method", "aggregation-beta", "aggregation-server_lr", "rounds", "clients",
         "trainable_parameters", "bytes_per_update", "bytes_per_round", "wall_seconds", "peak_memory_mb", "heldout_loss",
-        "pct_of_centralized", "vs_zero_shot", "vs_centralized", "time", "url"]
+        "pct_of_centralized", "vs_zero_shot", "vs_centralized", "loss_vs_zero_shot", "loss_vs_centralized", "time", "url"]
     assert len(rows) == 2 + 1 + 4 + 2 + 2 * 2  # cases, zero-shot, local per client, centralised, mean+worst x2
     assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
     keys = [(float(r["heldout_loss"]), -float(r["rougel_metric"])) for r in rows]

@@ -73,3 +73,30 @@ def test_the_report_draws_per_site_scores_when_runs_have_them(tmp_path):
     assert "Per-site scores" in page and page.count("data:image/png;base64") >= 2
     board, _ = build_board(job)
     assert sites_figure(board.rows, {i: f"row {i}" for i in range(len(board.rows))}).startswith("iVBOR")  # a PNG
+
+
+LOSS_PER_TOKEN = {"zero_shot": 3.0, "centralized": 2.0, "federated": 2.5}  # nats per answer token, every question
+
+
+def test_held_out_loss_and_mcq_differences_get_paired_intervals_from_item_scores(tmp_path):
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "benchmark.json").write_text(json.dumps(META))
+    for kind, loss in LOSS_PER_TOKEN.items():
+        run = _case(job, kind)
+        right = {"zero_shot": 3, "centralized": 9, "federated": 8}[kind]  # of 12 items
+        items = {"heldout": [{"question": f"q{i}", "nll": loss * (i + 1), "tokens": i + 1} for i in range(12)],
+                 "mcq": [{"question": f"m{i}", "chosen": 0, "answer": 0 if i < right else 1} for i in range(12)]}
+        name = "item_scores_zero_shot.json" if kind == "zero_shot" else "item_scores.json"
+        (run / name).write_text(json.dumps(items))
+    board, _ = build_board(job)
+    rows = {r["algorithm"]: r for r in board.rows}
+    assert {"loss_vs_zero_shot", "loss_vs_centralized", "mcq_vs_zero_shot", "mcq_vs_centralized"} <= set(board.columns)
+    # every question's loss moved by the same amount: the interval is that amount exactly
+    assert rows["fedavg"]["loss_vs_zero_shot"] == "-0.5000 [-0.5000, -0.5000]"
+    assert rows["fedavg"]["loss_vs_centralized"] == "+0.5000 [+0.5000, +0.5000]"
+    assert rows["centralized"]["loss_vs_zero_shot"] == "-1.0000 [-1.0000, -1.0000]"
+    cell = rows["fedavg"]["mcq_vs_zero_shot"]  # 8 vs 3 of 12 right
+    diff, low, high = (float(x) for x in cell.replace("[", "").replace("]", "").replace(",", "").split())
+    assert diff == round(5 / 12, 4) and 0 < low <= diff <= high <= 1
+    assert rows["zero_shot"].get("loss_vs_zero_shot") is None and rows["centralized"].get("mcq_vs_centralized") is None
