@@ -51,7 +51,6 @@ generating from ``inputs_embeds``.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import time
 from collections.abc import Iterator
@@ -61,7 +60,7 @@ import torch
 from peft import PeftModel, PeftType
 from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
-from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers import StoppingCriteriaList
 
 from fedpeft.data.prompts import prompt_ids
@@ -69,6 +68,9 @@ from fedpeft.decoding import (  # noqa: F401  (re-exported: tests and callers im
     BlankLineStop, PreallocatedLayer, PromptRepetitionPenalty, preallocated_cache, vocab_major_head,
 )
 from fedpeft.errors import ModelError
+from fedpeft.greedy import cache_kwarg as _cache_kwarg
+from fedpeft.greedy import can_run, greedy_tokens
+from fedpeft.greedy import penalty_processors as _processors
 
 log = logging.getLogger(__name__)
 
@@ -207,17 +209,23 @@ def _generate_ids(model: Model, ids: torch.Tensor, mask: torch.Tensor, gen_kwarg
             logits_processor=_processors(penalty, ids, mask, skip=0), stopping_criteria=_criteria(stop, skip=0),
             **{_cache_kwarg(base): preallocated_cache(base, capacity + virtual.shape[1])}, **gen_kwargs,
         )
-    processors = _processors(penalty, ids, mask, skip=ids.shape[1])
+    stop_after = stop and stop.after(ids.shape[1])
     if uses_prefix_cache(model):
-        return _generate_after_prefix(model, ids, mask, gen_kwargs, processors, stop and stop.after(ids.shape[1]))
-    out = model.generate(input_ids=ids, attention_mask=mask, logits_processor=processors,
-                         stopping_criteria=_criteria(stop, skip=ids.shape[1]),
-                         **{_cache_kwarg(base): preallocated_cache(base, capacity)}, **gen_kwargs)
+        return _generate_after_prefix(model, ids, mask, gen_kwargs, penalty, stop_after)
+    cache = preallocated_cache(base, capacity)
+    if can_run(base, cache):  # our loop: finished rows leave the batch (fedpeft.greedy)
+        return greedy_tokens(base, ids, mask, cache, max_new_tokens=gen_kwargs["max_new_tokens"],
+                             eos_ids=gen_kwargs["eos_token_id"], pad_token_id=gen_kwargs["pad_token_id"],
+                             penalty=penalty, stop=stop_after, streamer=gen_kwargs.get("streamer"))
+    out = model.generate(input_ids=ids, attention_mask=mask, logits_processor=_processors(penalty, ids, mask,
+                                                                                          skip=ids.shape[1]),
+                         stopping_criteria=_criteria(stop, skip=ids.shape[1]), **{_cache_kwarg(base): cache},
+                         **gen_kwargs)
     return out[:, ids.shape[1]:]
 
 
 def _generate_after_prefix(model: PeftModel, ids: torch.Tensor, mask: torch.Tensor, gen_kwargs: dict,
-                           processors: LogitsProcessorList, stop: BlankLineStop | None) -> torch.Tensor:
+                           penalty: float, stop: BlankLineStop | None) -> torch.Tensor:
     """Greedy new tokens ``(batch, new)`` after a prefix-tuning adapter's KV cache; see the module docstring."""
     base, (batch, width), max_new = model.get_base_model(), ids.shape, gen_kwargs["max_new_tokens"]
     prompt_cache = model.get_prompt(batch_size=batch)  # DynamicCache, num_virtual_tokens long
@@ -225,37 +233,9 @@ def _generate_after_prefix(model: PeftModel, ids: torch.Tensor, mask: torch.Tens
     cache = preallocated_cache(base, prefix + width + max_new)
     for i, layer in enumerate(prompt_cache.layers):
         cache.update(layer.keys, layer.values, i)
-    eos, pad = torch.tensor(gen_kwargs["eos_token_id"], device=ids.device), gen_kwargs["pad_token_id"]
-    full_mask = torch.cat([mask.new_ones(batch, prefix), mask, mask.new_ones(batch, max_new)], dim=1)
-    seen = torch.cat([ids, ids.new_full((batch, max_new), pad)], dim=1)  # (batch, seq + new): prompt, answer so far
-    positions = (prefix + mask.cumsum(1) - 1).clamp(min=prefix)  # padding's positions are masked anyway
-    step_ids, length = ids, width
-    cache_kwarg = _cache_kwarg(base)  # once, not per token
-    done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
-    for _ in range(max_new):
-        logits = base(input_ids=step_ids, attention_mask=full_mask[:, :prefix + length], position_ids=positions,
-                      use_cache=True, logits_to_keep=1, **{cache_kwarg: cache}).logits[:, -1].float()
-        token = processors(seen[:, :length], logits).argmax(-1)  # (batch,)
-        seen[:, length] = torch.where(done, pad, token)
-        length += 1
-        done |= torch.isin(seen[:, length - 1], eos)
-        if stop is not None:
-            done |= stop(seen[:, :length], logits)
-        if bool(done.all()):
-            break
-        step_ids, positions = seen[:, length - 1:length], positions[:, -1:] + 1
-    return seen[:, width:length]
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    """``cache`` (transformers >= 5.2x) or ``past_key_values`` (before), as ``model.forward`` names it."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _processors(penalty: float, ids: torch.Tensor, mask: torch.Tensor, skip: int) -> LogitsProcessorList:
-    if penalty == 1.0:
-        return LogitsProcessorList()
-    return LogitsProcessorList([PromptRepetitionPenalty(penalty, ids, mask, skip)])
+    return greedy_tokens(base, ids, mask, cache, max_new_tokens=max_new, eos_ids=gen_kwargs["eos_token_id"],
+                         pad_token_id=gen_kwargs["pad_token_id"], penalty=penalty, stop=stop, prefix=prefix,
+                         streamer=gen_kwargs.get("streamer"))
 
 
 def _criteria(stop: BlankLineStop | None, skip: int) -> StoppingCriteriaList:

@@ -11,8 +11,8 @@ describes one question, so with it (or without any chat template) earlier turns 
 as they were in training: each prompt, its answer and EOS, one after the other.
 
 Generation goes through :mod:`fedpeft.generation`'s per-method paths, so a turn without history
-gets the same answer as ``fedpeft generate``. Prefix tuning runs its own greedy loop there,
-which takes no streamer: its answers appear whole.
+gets the same answer as ``fedpeft generate``, streamed by every path (generate's and
+:mod:`fedpeft.greedy`'s loop alike).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from fedpeft.generation import (
     _until_eos,
     eval_mode,
     model_device,
-    uses_prefix_cache,
 )
 
 Turn = tuple[str, str]  # (question, answer)
@@ -86,10 +85,6 @@ def stream_reply(model: Model, tok: PreTrainedTokenizerBase, prompt: list[int], 
     with eval_mode(model), torch.no_grad():
         new = _generate_ids(model, ids, torch.ones_like(ids), gen_kwargs, repetition_penalty)  # (1, new)
     (answer,) = _until_eos(new, eos)
-    if uses_prefix_cache(model):  # its greedy loop ignores the streamer: print the answer whole
-        printer.put(ids.cpu())  # the prompt, skipped
-        printer.put(torch.tensor(answer))
-        printer.end()
     return tok.decode(answer, skip_special_tokens=True).strip()
 
 

@@ -1,0 +1,64 @@
+"""fedpeft.greedy: rows that end leave the batch, and every row still gets the tokens it gets alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fedpeft.data.prompts import prompt_ids
+from fedpeft.decoding import preallocated_cache
+from fedpeft.generation import _left_pad
+from fedpeft.greedy import greedy_tokens
+
+QUESTIONS = ["What is glaucoma?", "How is asthma treated?", "What causes anemia in older adults?",
+             "Who gets gout?"]
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def lively(tiny_base) -> torch.nn.Module:
+    model = copy.deepcopy(tiny_base[0])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def _run(model, tokenizer, questions, eos, penalty=1.0) -> list[list[int]]:  # noqa: ANN001
+    ids, mask = _left_pad([prompt_ids(tokenizer, q) for q in questions], tokenizer.pad_token_id, torch.device("cpu"))
+    cache = preallocated_cache(model, ids.shape[1] + NEW)
+    with torch.no_grad():
+        new = greedy_tokens(model, ids, mask, cache, max_new_tokens=NEW, eos_ids=eos,
+                            pad_token_id=tokenizer.pad_token_id, penalty=penalty)
+    return [row[:row.index(e) + 1] if (e := next((t for t in row if t in eos), None)) is not None else row
+            for row in new.tolist()]
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_rows_that_end_leave_the_batch_and_the_others_answer_as_alone(lively, tokenizer, penalty):
+    never = [len(tokenizer) - 1]  # an id these answers never reach: nothing ends
+    alone = [_run(lively, tokenizer, [q], never, penalty)[0] for q in QUESTIONS]
+    # an "EOS" that one row writes early and another later or never: rows end at different steps
+    eos = next([t] for t in alone[0][1:4] if any(t not in a[:4] for a in alone[1:]))
+    expected = [_run(lively, tokenizer, [q], eos, penalty)[0] for q in QUESTIONS]
+    assert len({len(e) for e in expected}) > 1 and min(map(len, expected)) < NEW  # premise: ends differ
+    calls = []
+    hook = lively.register_forward_hook(lambda _m, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
+                                        with_kwargs=True)
+    try:
+        batched = _run(lively, tokenizer, QUESTIONS, eos, penalty)
+    finally:
+        hook.remove()
+    assert batched == expected
+    assert calls[0] == 4 and calls[-1] < 4  # the batch shrank as rows ended
+    stock = []  # and transformers' own generate, one question at a time, agrees
+    for q in QUESTIONS:
+        ids = torch.tensor([prompt_ids(tokenizer, q)])
+        out = lively.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                              eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, repetition_penalty=penalty)
+        stock.append(out[0, ids.shape[1]:].tolist())
+    assert [s[:len(e)] for s, e in zip(stock, expected)] == expected
