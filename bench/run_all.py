@@ -22,6 +22,9 @@ as a new section.
     python bench/peft_methods.py                  # every PEFT method, 2 rounds each (about 10 min)
     python bench/memory_breakdown.py              # where a LoRA round's memory goes; a 1B-13B plan (~12 min)
     python bench/precision_cpu.py                 # fp32, bf16, 8-bit, 4-bit bases trained on CPU (~10 min)
+    python bench/eval_speed.py                    # fedpeft's evaluation vs the seed's predict loop (~12 min)
+    python bench/answer_selection.py              # MCQ, held-out loss, ROUGE-L, per-site, personalised (~75 min)
+    python bench/lora_aggregation.py --suite schedule     # rounds x steps, server learning rates (~1 h)
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ SECTIONS = {
     "memory_breakdown": "Memory breakdown and a plan for bigger bases",
     "precision_cpu": "Base precisions on CPU",
     "generation_growth": "Batched generation at long answers",
+    "eval_speed": "Evaluation speed vs the seed's predict loop",
+    "answer_selection": "MedQuAD answer selection, per-site scores and the personalised arm",
+    "lora_aggregation_schedule": "LoRA-aware aggregation: rounds x steps and server learning rates",
 }
 LONG = {"quality": "python bench/quality.py", "medquad": "python bench/medquad.py",  # run on their own
         "faults": "python bench/faults.py", "privacy": "python bench/privacy.py",
@@ -76,7 +82,9 @@ LONG = {"quality": "python bench/quality.py", "medquad": "python bench/medquad.p
         "lora_aggregation_compression": "python bench/lora_aggregation.py --suite compression",
         "peft_methods": "python bench/peft_methods.py", "memory_breakdown": "python bench/memory_breakdown.py",
         "precision_cpu": "python bench/precision_cpu.py",
-        "generation_growth": "python bench/generation_growth.py"}
+        "generation_growth": "python bench/generation_growth.py", "eval_speed": "python bench/eval_speed.py",
+        "answer_selection": "python bench/answer_selection.py",
+        "lora_aggregation_schedule": "python bench/lora_aggregation.py --suite schedule"}
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
 
@@ -201,10 +209,26 @@ HEADLINES = {  # one line of what each result measured, for the summary table
     "memory_breakdown": lambda r: _memory_breakdown_headline(r),
     "generation_growth": lambda r: ", ".join(f"{a} {g:.2f}×" for a, g in r["goal"]["gains"].items())
     + " batch 4 vs 1 (tok/CPU-s, 1024 new tokens)",
+    "eval_speed": lambda r: ", ".join(
+        f"{x['model']} {x['speedup_cpu']:.2f}× CPU ({x['speedup_wall']:.2f}× wall), {x['same']} answers equal"
+        for x in r["rows"] if x.get("speedup_cpu")) + " (less time than the seed loop)",
+    "answer_selection": lambda r: _answer_selection_headline(r),
+    "lora_aggregation_schedule": lambda r: "gap to centralised closed: " + ", ".join(
+        f"{x['arm']} {100 * x['gap_closed']:.0f} %" for x in r["rows"] if x.get("gap_closed") is not None),
     "precision_cpu": lambda r: "loss before → after, CPU s/step: " + ", ".join(
         f"{x['arm']} {x['before']:.2f} → {x['after']:.2f}, {x['cpu_per_step']:.1f}" if "after" in x else f"{x['arm']} failed"
         for x in r["rows"]),
 }
+
+
+def _answer_selection_headline(r: dict) -> str:
+    zero, fed, cen = r["rows"][:3]
+    sites = {x["site"]: x for x in r["sites"]}
+    return (f"answer selection zero-shot {100 * zero['mcq']:.1f} %, FedAvg {100 * fed['mcq']:.1f} %, centralised "
+            f"{100 * cen['mcq']:.1f} % (FedAvg ÷ centralised {fed['mcq_ratio']:.2f}); held-out loss gap closed "
+            f"{100 * fed['gap_closed']:.0f} %; worst site's loss FedAvg {sites['worst']['FedAvg']:.3f} vs local-only "
+            f"{sites['worst']['local-only']:.3f}; site-mean gap closed: FedAvg {100 * sites['mean']['gap_FedAvg']:.0f} %, "
+            f"personalised {100 * sites['mean']['gap_personalised']:.0f} %")
 
 
 def render_summary(results: dict[str, dict]) -> str:

@@ -26,6 +26,10 @@ def print_results(run_dir: str | Path, console: Console | None = None) -> None:
         table.add_row(label, *(f"{r[KEY_EVAL].get(n, float('nan')):.4f}" for n in names))
     console = console or Console()
     console.print(table)
+    for r in records:
+        if r.get("sites_missing"):  # fedpeft.rounds.KEY_SITES_MISSING
+            console.print(f"round {r['round']}: site_mean/site_worst leave out {', '.join(r['sites_missing'])} "
+                          "(their per-site score did not come back)")
     summary = run_dir / SUMMARY_FILE
     if summary.is_file():
         import json

@@ -39,6 +39,8 @@ from fedpeft.worker import Host, evaluate_global
 
 log = logging.getLogger(__name__)
 
+KEY_SITES_MISSING = "sites_missing"  # sites whose per-site score did not come back (left out of site_*)
+
 Evaluation = tuple[dict, list[dict], int]  # (metrics, predictions, round)
 POOL_STATE_KEY = "__client_pool__"  # in the checkpoint's server state: the pool's own state
 
@@ -164,6 +166,11 @@ def score_sites(cfg: JobConfig, pool: ClientPool | None, rnd: int, state: State 
     record.setdefault(KEY_EVAL, {}).update(summary)
     worst = {k: round(v, 4) for k, v in summary.items() if k.startswith("site_worst/")}
     log.info("[round %d] %d sites scored their own slices: %s", rnd, len(per_site), worst)
+    missing = [c for c in pool.client_ids if c not in per_site]
+    if missing:  # the mean and worst site are over the others: say so wherever they are read
+        record[KEY_SITES_MISSING] = missing
+        log.warning("[round %d] site_mean/site_worst leave out %s (no score came back)", rnd, ", ".join(missing))
+        return {**summary, KEY_SITES_MISSING: missing}
     return summary
 
 

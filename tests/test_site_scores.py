@@ -94,3 +94,21 @@ def test_personalised_scores_leave_the_global_run_as_it_was(site_runs, tmp_path)
     job["data"]["client_test_ratio"] = 0.0
     with pytest.raises(ConfigError, match="site_finetune_steps"):
         validate_tree({**job, "workspace": str(tmp_path)})
+
+
+def test_a_site_whose_score_does_not_come_back_is_named_beside_the_summary(tmp_path):
+    from types import SimpleNamespace
+
+    from fedpeft.rounds import score_sites
+
+    cfg = SimpleNamespace(data=SimpleNamespace(client_test_ratio=0.25))
+    pool = SimpleNamespace(client_ids=["a", "b", "c"],
+                           evaluate_sites=lambda rnd, state: {"a": {"n": 2, "heldout_loss": 1.0},
+                                                              "c": {"n": 2, "heldout_loss": 3.0}})
+    record: dict = {}
+    summary = score_sites(cfg, pool, 1, None, record)
+    assert record["sites_missing"] == summary["sites_missing"] == ["b"]  # in metrics.jsonl and summary.json
+    assert summary["site_worst/heldout_loss"] == 3.0 and summary["site_mean/heldout_loss"] == 2.0
+    full = {}
+    pool.evaluate_sites = lambda rnd, state: {n: {"n": 2, "heldout_loss": 1.0} for n in "abc"}
+    assert "sites_missing" not in score_sites(cfg, pool, 1, None, full) and "sites_missing" not in full

@@ -171,29 +171,42 @@ class Tracking:
                     raise ConfigError(_missing(name, package, f"no module named {module!r}"))
 
     def log(self, record: dict[str, Any]) -> None:
-        """Send ``record`` to every tracker (started at the first record)."""
+        """Send ``record`` to every tracker (started at the first record). A tracker that fails (its
+        store's disk is full, say) is dropped with an error in the log: the run goes on, and
+        ``metrics.jsonl``, written first, keeps every record."""
         if self._live is None:
             self._live = self._start(step_of(record))
-        for tracker in self._live:
-            tracker.log(record)
+        for name, tracker in list(self._live):
+            self._guarded(name, tracker, "log", lambda: tracker.log(record))
 
     def close(self, finished: bool) -> None:
         """Close the trackers that started (idempotent)."""
         live, self._live = self._live or [], None
-        for tracker in live:
-            tracker.close(finished)
+        for name, tracker in live:
+            self._guarded(name, tracker, "close", lambda: tracker.close(finished), drop=False)
 
-    def _start(self, first_step: int) -> list[Tracker]:
+    def _start(self, first_step: int) -> list[tuple[str, Tracker]]:
         settings = self.settings()
         if not settings.backends:
             return []
         config = self._config()
-        trackers = []
+        self._live = []
         for name in settings.backends:
             tracker = TRACKERS.get(name)(settings)
-            tracker.start(self.run_dir, config, first_step)
-            trackers.append(tracker)
-        return trackers
+            self._live.append((name, tracker))
+            self._guarded(name, tracker, "start", lambda: tracker.start(self.run_dir, config, first_step))
+        return self._live
+
+    def _guarded(self, name: str, tracker: Tracker, what: str, call, drop: bool = True) -> None:
+        try:
+            call()
+        except ConfigError:  # its library is missing: the job asked for something this install lacks
+            raise
+        except Exception as e:  # noqa: BLE001  (a tracker is a convenience: never the reason a run dies)
+            log.error("tracking: %s failed to %s (%s: %s); the run goes on without it, and %s keeps every record",
+                      name, what, type(e).__name__, e, self.run_dir / "metrics.jsonl")
+            if drop and self._live is not None:
+                self._live = [(n, t) for n, t in self._live if t is not tracker]
 
     def _config(self) -> dict[str, Any]:
         path = self.run_dir / CONFIG_FILE

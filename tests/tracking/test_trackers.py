@@ -204,3 +204,21 @@ def test_a_missing_library_is_a_clear_error_naming_the_pip_command(run_path, mon
     run = RunDir(run_path, tracking=TrackingConfig(backends=["mlflow"]))
     with pytest.raises(ConfigError, match=r"pip install 'fedpeft\[tracking\]' \(or: pip install mlflow-skinny\)"):
         run.log_metrics(copy.deepcopy(RECORDS[1]))
+
+
+def test_a_tracker_that_fails_mid_run_is_dropped_and_the_run_goes_on(run_path, monkeypatch, caplog):
+    from fedpeft.tracking.mlflow import MlflowTracker
+
+    calls = []
+
+    def full_disk(self, record):  # noqa: ANN001
+        calls.append(record["round"])
+        if record["round"] == 1:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(MlflowTracker, "log", full_disk)
+    _log(run_path, RECORDS)  # no exception reaches the run
+    assert calls == [0, 1]  # dropped after its failure: not called for round 2
+    assert [r["round"] for r in map(json.loads, (run_path / "metrics.jsonl").read_text().splitlines())] == [0, 1, 2]
+    assert [s for s, _ in _tensorboard(run_path)["train_loss"]] == [1, 2]  # the other tracker kept going
+    assert "mlflow failed to log (OSError" in caplog.text and "the run goes on without it" in caplog.text
