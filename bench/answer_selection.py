@@ -176,28 +176,17 @@ def site_rows(runs: dict[str, Path]) -> list[dict]:
     return rows
 
 
-def _acc_ci(v) -> str:
-    return "–" if v is None else f"[{100 * v[0]:.1f}, {100 * v[1]:.1f}]"
+def _opt(fmt):
+    """``fmt(v)``, or a dash for a missing value."""
+    return lambda v: "–" if v is None else fmt(v)
 
 
-def _signed_pp(v) -> str:
-    return "–" if v is None else f"{100 * v:+.1f} pp"
-
-
-def _signed_ci(v) -> str:
-    return "–" if v is None else f"[{100 * v[0]:+.1f}, {100 * v[1]:+.1f}]"
-
-
-def _ratio(v) -> str:
-    return "–" if v is None else f"{v:.3f}×"
-
-
-def _ratio_ci(v) -> str:
-    return "–" if v is None else f"[{v[0]:.3f}, {v[1]:.3f}]"
-
-
-def _rouge_ci(v) -> str:
-    return "–" if v is None else f"[{v[0]:+.4f}, {v[1]:+.4f}]"
+_acc_ci = _opt(lambda v: f"[{100 * v[0]:.1f}, {100 * v[1]:.1f}]")
+_signed_pp = _opt(lambda v: f"{100 * v:+.1f} pp")
+_signed_ci = _opt(lambda v: f"[{100 * v[0]:+.1f}, {100 * v[1]:+.1f}]")
+_ratio = _opt(lambda v: f"{v:.3f}×")
+_ratio_ci = _opt(lambda v: f"[{v[0]:.3f}, {v[1]:.3f}]")
+_rouge_ci = _opt(lambda v: f"[{v[0]:+.4f}, {v[1]:+.4f}]")
 
 
 COLUMNS = [Column("arm", ""), Column("mcq", "answer selection", lambda v: f"{100 * v:.1f} %"),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -17,17 +15,6 @@ QUESTIONS = ["What is glaucoma?", "How is asthma treated?", "What causes anemia 
 NEW = 12
 
 
-@pytest.fixture(scope="module")
-def lively(tiny_base) -> torch.nn.Module:
-    model = copy.deepcopy(tiny_base[0])
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.eval()
-
-
 def _run(model, tokenizer, questions, eos, penalty=1.0) -> list[list[int]]:  # noqa: ANN001
     ids, mask = _left_pad([prompt_ids(tokenizer, q) for q in questions], tokenizer.pad_token_id, torch.device("cpu"))
     cache = preallocated_cache(model, ids.shape[1] + NEW)
@@ -39,18 +26,18 @@ def _run(model, tokenizer, questions, eos, penalty=1.0) -> list[list[int]]:  # n
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
-def test_rows_that_end_leave_the_batch_and_the_others_answer_as_alone(lively, tokenizer, penalty):
+def test_rows_that_end_leave_the_batch_and_the_others_answer_as_alone(sharp, tokenizer, penalty):
     never = [len(tokenizer) - 1]  # an id these answers never reach: nothing ends
-    alone = [_run(lively, tokenizer, [q], never, penalty)[0] for q in QUESTIONS]
+    alone = [_run(sharp, tokenizer, [q], never, penalty)[0] for q in QUESTIONS]
     # an "EOS" that one row writes early and another later or never: rows end at different steps
     eos = next([t] for t in alone[0][1:4] if any(t not in a[:4] for a in alone[1:]))
-    expected = [_run(lively, tokenizer, [q], eos, penalty)[0] for q in QUESTIONS]
+    expected = [_run(sharp, tokenizer, [q], eos, penalty)[0] for q in QUESTIONS]
     assert len({len(e) for e in expected}) > 1 and min(map(len, expected)) < NEW  # premise: ends differ
     calls = []
-    hook = lively.register_forward_hook(lambda _m, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
+    hook = sharp.register_forward_hook(lambda _m, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
                                         with_kwargs=True)
     try:
-        batched = _run(lively, tokenizer, QUESTIONS, eos, penalty)
+        batched = _run(sharp, tokenizer, QUESTIONS, eos, penalty)
     finally:
         hook.remove()
     assert batched == expected
@@ -58,7 +45,7 @@ def test_rows_that_end_leave_the_batch_and_the_others_answer_as_alone(lively, to
     stock = []  # and transformers' own generate, one question at a time, agrees
     for q in QUESTIONS:
         ids = torch.tensor([prompt_ids(tokenizer, q)])
-        out = lively.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+        out = sharp.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
                               eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, repetition_penalty=penalty)
         stock.append(out[0, ids.shape[1]:].tolist())
     assert [s[:len(e)] for s, e in zip(stock, expected)] == expected

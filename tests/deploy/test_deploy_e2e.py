@@ -46,6 +46,21 @@ def _run(lb: Loopback) -> str:
     return output
 
 
+def _simulated_and_deployed(sites, test, tmp_path: Path, **sections: dict):  # noqa: ANN001
+    """The simulation of the tiny job with ``sections`` merged in, and its run folder deployed on loopback."""
+    job, server_job = tiny_job(sites, test), _server_job(sites, test)
+    for tree in (job, server_job):
+        for key, update in sections.items():
+            tree[key].update(update)
+    with torch_threads(1):
+        sim = run_job(validate_tree({**job, "workspace": str(tmp_path / "sim-ws"), "run_id": "sim"}))
+    with Loopback(tmp_path, server_job, sites, env=SITE_ENV,
+                  deploy={"round_timeout_s": 150, "wait_for_sites_s": 150}) as lb:
+        lb.start()
+        _run(lb)
+    return sim, lb.run_dir
+
+
 def _files_under(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file()]
 
@@ -106,31 +121,21 @@ def test_plain_deployment_with_compressed_updates_equals_the_simulation_bit_for_
     # Per-site scores too (data.client_test_ratio): each site scores its own slice and sends numbers.
     sites, test = sites_and_test
     compression = {"up": {"name": "nf4"}, "down": {"name": "fp16"}}
-    job = tiny_job(sites, test, compression=compression)
-    job["data"]["client_test_ratio"] = 0.25
-    job["eval"].update(zero_shot=True, site_finetune_steps=1)  # personalised: one step on the site
-    with torch_threads(1):
-        sim = run_job(validate_tree({**job, "workspace": str(tmp_path / "sim-ws"), "run_id": "sim"}))
-    server_job = _server_job(sites, test)
-    server_job["federation"]["compression"] = compression
-    server_job["data"]["client_test_ratio"] = 0.25
-    server_job["eval"].update(zero_shot=True, site_finetune_steps=1)
-    with Loopback(tmp_path, server_job, sites, env=SITE_ENV,
-                  deploy={"round_timeout_s": 150, "wait_for_sites_s": 150}) as lb:
-        lb.start()
-        _run(lb)
+    sim, deployed = _simulated_and_deployed(sites, test, tmp_path, federation={"compression": compression},
+                                            data={"client_test_ratio": 0.25},
+                                            eval={"zero_shot": True, "site_finetune_steps": 1})  # personalised too
     for rnd in (1, 2):
-        assert max_abs_diff(checkpoint(sim.path, rnd), checkpoint(lb.run_dir, rnd)) == 0.0, rnd
+        assert max_abs_diff(checkpoint(sim.path, rnd), checkpoint(deployed, rnd)) == 0.0, rnd
     measured = ("eval_seconds", "peak_memory_bytes")
     scores = [{n: {k: v for k, v in s.items() if k not in measured} for n, s in r["sites"].items()}
-              for r in read_jsonl(lb.run_dir / "metrics.jsonl") if "sites" in r]
+              for r in read_jsonl(deployed / "metrics.jsonl") if "sites" in r]
     expected = [{n: {k: v for k, v in s.items() if k not in measured} for n, s in r["sites"].items()}
                 for r in read_jsonl(sim.metrics_file) if "sites" in r]
     # zero-shot and after round 2, site i as client i, bit for bit
     assert len(scores) == 2 and [list(r.values()) for r in scores] == [list(r.values()) for r in expected]
     assert list(scores[0]) == list(sites) and all(s["heldout_loss"] > 0 and s["n"] > 0 for s in scores[1].values())
     assert all("personal/heldout_loss" in s for s in scores[1].values())  # trained and scored on the site
-    records = [r for r in read_jsonl(lb.run_dir / "metrics.jsonl") if r["event"] == "round"]
+    records = [r for r in read_jsonl(deployed / "metrics.jsonl") if r["event"] == "round"]
     assert [r["dropped"] for r in records] == [[], []] and not any(r["secure_aggregation"] for r in records)
     fp32 = 3 * state_nbytes(checkpoint(sim.path, 1))  # three sites, each way
     # as Flower counts them (message bytes: .npy headers and the job's config weigh on the tiny model's
@@ -149,18 +154,10 @@ def test_plain_deployment_with_compressed_updates_equals_the_simulation_bit_for_
 def test_lora_aware_rules_ranks_and_codecs_over_flower_equal_the_simulation_bit_for_bit(sites_and_test, tmp_path,
                                                                                           federation):
     sites, test = sites_and_test
-    job = tiny_job(sites, test, **federation)
-    with torch_threads(1):
-        sim = run_job(validate_tree({**job, "workspace": str(tmp_path / "sim-ws"), "run_id": "sim"}))
-    server_job = _server_job(sites, test)
-    server_job["federation"].update(federation)
-    with Loopback(tmp_path, server_job, sites, env=SITE_ENV,
-                  deploy={"round_timeout_s": 150, "wait_for_sites_s": 150}) as lb:
-        lb.start()
-        _run(lb)
+    sim, deployed = _simulated_and_deployed(sites, test, tmp_path, federation=federation)
     for rnd in (1, 2):
-        assert max_abs_diff(checkpoint(sim.path, rnd), checkpoint(lb.run_dir, rnd)) == 0.0, rnd
-    records = [r for r in read_jsonl(lb.run_dir / "metrics.jsonl") if r["event"] == "round"]
+        assert max_abs_diff(checkpoint(sim.path, rnd), checkpoint(deployed, rnd)) == 0.0, rnd
+    records = [r for r in read_jsonl(deployed / "metrics.jsonl") if r["event"] == "round"]
     assert [len(r["clients"]) for r in records] == [3, 3] and [r["dropped"] for r in records] == [[], []]
     if "client_ranks" in federation:  # the rank-1 site sent a quarter of the rank-4 site's values
         up = {c["client_id"]: c["bytes_up"] for c in records[0]["clients"]}
