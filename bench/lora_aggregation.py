@@ -26,6 +26,7 @@ Suites:
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import time
@@ -91,8 +92,8 @@ def run_arm(name: str, arm: dict, job: dict) -> tuple[Path, dict]:
     from fedpeft.data.federated import prepare_data
     from fedpeft.simulation import run_job
 
-    tree = {**job, "run_id": name.replace(" ", "_").replace("{", "").replace("}", "").replace(",", "-")
-            .replace("%", "pct").replace("+", "")}
+    run_id = re.sub(r"[^A-Za-z0-9_.-]+", "_", name.replace("%", "pct")).strip("_.-")  # a plain folder name
+    tree = {**job, "run_id": run_id}
     if "peft" in arm:
         tree["peft"] = arm["peft"]
     fed = dict(tree["federation"], rounds=arm.get("rounds", tree["federation"]["rounds"]))
