@@ -294,8 +294,10 @@ def _notes(run_dir: Path) -> str:
 
 
 def _footer(args) -> str:
+    schedule = ("rounds x steps per client as each arm names them (a client stops at one local epoch)"
+                if args.suite == "schedule" else f"{args.rounds} rounds x {args.steps} steps per client")
     return (f"SmolLM2-135M-Instruct, LoRA r16 all-linear (alpha 32), {args.rows} MedQuAD training rows over 4 clients "
-            f"(Dirichlet alpha 1 over the NIH source), {args.rounds} rounds x {args.steps} steps per client "
+            f"(Dirichlet alpha 1 over the NIH source), {schedule} "
             f"(batch 4, lr {args.lr:g}, max {args.seq_len} tokens); the centralised arm takes as many steps in all. "
             f"Held-out loss on {args.test_rows} test questions whose topics are not in train; the gap CI resamples "
             "questions (1000 percentile-bootstrap resamples, all arms' losses together).")
