@@ -213,12 +213,32 @@ HEADLINES = {  # one line of what each result measured, for the summary table
         f"{x['model']} {x['speedup_cpu']:.2f}× CPU ({x['speedup_wall']:.2f}× wall), {x['same']} answers equal"
         for x in r["rows"] if x.get("speedup_cpu")) + " (less time than the seed loop)",
     "answer_selection": lambda r: _answer_selection_headline(r),
-    "lora_aggregation_schedule": lambda r: "gap to centralised closed: " + ", ".join(
-        f"{x['arm']} {100 * x['gap_closed']:.0f} %" for x in r["rows"] if x.get("gap_closed") is not None),
+    "lora_aggregation_schedule": lambda r: "gap to centralised (4 x 4) closed: " + ", ".join(
+        f"{x['arm']} {100 * x['gap_closed']:.0f} %" for x in _schedule_gaps(r)),
     "precision_cpu": lambda r: "loss before → after, CPU s/step: " + ", ".join(
         f"{x['arm']} {x['before']:.2f} → {x['after']:.2f}, {x['cpu_per_step']:.1f}" if "after" in x else f"{x['arm']} failed"
         for x in r["rows"]),
 }
+
+
+def _schedule_gaps(r: dict, results_dir: Path = RESULTS_DIR) -> list[dict]:
+    """The schedule suite's federated arms (``lora_aggregation_schedule_arms.json``: the lines its first run
+    printed before it stopped) with the share of the zero-shot -> centralised gap each closes (point values)."""
+    arms = load_result("lora_aggregation_schedule_arms", results_dir)
+    base = {x["arm"]: x["heldout_loss"] for x in r["rows"]}
+    zero, central = base["zero-shot"], next(v for k, v in base.items() if k.startswith("centralised"))
+    return [{**x, "gap_closed": (zero - x["heldout_loss"]) / (zero - central)} for x in (arms or {}).get("rows", [])]
+
+
+def _schedule_arms(r: dict, results_dir: Path) -> str:
+    from fedpeft.tables import markdown_table
+
+    rows = [[x["arm"], f"{x['heldout_loss']:.4f}", f"{100 * x['gap_closed']:.1f} %", str(x["optimizer_steps"]),
+             f"{x['seconds']}"] for x in _schedule_gaps(r, results_dir)]
+    arms = load_result("lora_aggregation_schedule_arms", results_dir) or {}
+    return (markdown_table(["federated arm", "held-out loss", "gap closed (point)", "optimizer steps", "seconds"], rows)
+            + f"\n\nFederated arms: `{arms.get('command')}` at commit {arms.get('commit')}, {arms.get('date')}, load "
+            f"{arms.get('load_average')}; {arms.get('status')}")
 
 
 def _answer_selection_headline(r: dict) -> str:
@@ -253,6 +273,8 @@ def render(results_dir: Path, path: Path) -> list[str]:
     for name in SECTIONS:
         result = load_result(name, results_dir)
         if result is not None:
+            if name == "lora_aggregation_schedule":  # its federated arms come from the stopped first run
+                result = {**result, "markdown": result["markdown"] + "\n\n" + _schedule_arms(result, results_dir)}
             sections[name] = render_section(result)
             results[name] = result
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
