@@ -22,7 +22,6 @@ from fedpeft.data.prompts import prompt_ids
 from fedpeft.errors import ModelError
 from fedpeft.generation import (
     BlankLineStop, PreallocatedLayer, PromptRepetitionPenalty, generate_answers, merged_lora, run_generation,
-    vocab_major_head,
 )
 
 QUESTIONS = [
@@ -311,20 +310,6 @@ def test_same_tokens_as_generate_with_its_own_cache_and_head(kind, lively, lora_
         assert [_token_ids(model, tokenizer, [q], batch_size=1)[0] for q in questions] == ours
 
 
-def test_preallocated_layer_writes_in_place_and_reads_what_was_written():
-    layer, chunks = PreallocatedLayer(capacity=6), [torch.randn(2, 3, n, 4) for n in (3, 1, 2)]
-    pointers = set()
-    for i, chunk in enumerate(chunks):
-        keys, values = layer.update(chunk, -chunk)
-        expected = torch.cat(chunks[:i + 1], dim=2)  # what DynamicLayer returns
-        assert torch.equal(keys, expected) and torch.equal(values, -expected)
-        assert layer.get_seq_length() == expected.shape[2]
-        pointers.add(keys.data_ptr())
-    assert len(pointers) == 1  # one buffer, never copied (DynamicLayer: a new one every update)
-    with pytest.raises(ModelError, match="holds 6 positions"):
-        layer.update(chunks[1], chunks[1])
-
-
 def test_generation_uses_the_preallocated_cache(lively, tokenizer):
     layer_types = []
 
@@ -341,20 +326,6 @@ def test_generation_uses_the_preallocated_cache(lively, tokenizer):
         generation.preallocated_cache = real
     assert layer_types and all(t is PreallocatedLayer for t in layer_types)
     assert not issubclass(DynamicLayer, PreallocatedLayer)
-
-
-def test_vocab_major_head_gives_the_linear_logits_and_is_undone(lively):
-    model = copy.deepcopy(lively)
-    head = model.get_output_embeddings()
-    hidden = torch.randn(4, 1, head.in_features)  # (batch, 1, hidden)
-    with torch.no_grad():
-        linear, linear_one = (torch.nn.functional.linear(h, head.weight) for h in (hidden, hidden[:1]))
-        with vocab_major_head(model):
-            assert "forward" in vars(head)  # the head is switched
-            one, four = head(hidden[:1]), head(hidden)
-    assert "forward" not in vars(head)
-    assert torch.equal(one, linear_one)  # one row: the same bits
-    torch.testing.assert_close(four, linear, atol=1e-5, rtol=1e-5)
 
 
 def test_batches_are_sorted_by_prompt_length_and_answers_keep_question_order(lively, tokenizer, monkeypatch):
