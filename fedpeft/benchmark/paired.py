@@ -37,7 +37,7 @@ from fedpeft.constants import (
     PREDICTIONS_ZERO_SHOT_FILE,
 )
 from fedpeft.metrics import METRICS, compute_metrics, paired_bootstrap_ci
-from fedpeft.metrics.items import item_value, paired_item_ci
+from fedpeft.metrics.items import ITEM_KEYS, item_value, paired_item_ci
 
 ITEM_COLUMNS = {KEY_HELDOUT_LOSS: (COL_LOSS_VS_ZERO_SHOT, COL_LOSS_VS_CENTRALIZED),
                 KEY_MCQ_ACCURACY: (COL_MCQ_VS_ZERO_SHOT, COL_MCQ_VS_CENTRALIZED)}
@@ -96,7 +96,7 @@ def _cell(metric: str, mine: list[dict], other: list[dict] | None) -> str | None
 def _add_item_cis(rows: list[dict]) -> None:
     items = {id(r): _items(r) for r in rows}
     for metric, (vs_zero, vs_central) in ITEM_COLUMNS.items():
-        key = {KEY_HELDOUT_LOSS: "heldout", KEY_MCQ_ACCURACY: "mcq"}[metric]
+        key = ITEM_KEYS[metric]
         mine = {id(r): i for r in rows if (i := items[id(r)]) and i.get(key)}
         zero = {_item_questions(i, key): i for r in rows if r.get("_kind") == ZERO_SHOT and (i := mine.get(id(r)))}
         central = {(r.get("_group"), _item_questions(i, key)): i for r in rows

@@ -14,8 +14,8 @@ import numpy as np
 from fedpeft.constants import KEY_HELDOUT_LOSS, KEY_MCQ_ACCURACY
 from fedpeft.metrics import _percentile_ci
 
-_ITEMS = {KEY_HELDOUT_LOSS: "heldout", KEY_MCQ_ACCURACY: "mcq"}  # metric -> its list in the per-item scores
-ITEM_METRICS = tuple(_ITEMS)
+ITEM_KEYS = {KEY_HELDOUT_LOSS: "heldout", KEY_MCQ_ACCURACY: "mcq"}  # metric -> its list in the per-item scores
+ITEM_METRICS = tuple(ITEM_KEYS)
 
 
 def _statistic(metric: str, rows: list[dict]):
@@ -29,7 +29,7 @@ def _statistic(metric: str, rows: list[dict]):
 
 
 def _rows(metric: str, items: dict | None) -> list[dict] | None:
-    return (items or {}).get(_ITEMS[metric]) or None
+    return (items or {}).get(ITEM_KEYS[metric]) or None
 
 
 def item_value(metric: str, items: dict) -> float:
