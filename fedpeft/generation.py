@@ -1,6 +1,6 @@
 """Batched greedy answer generation for base models, LoRA and prompt-learning adapters.
 
-Generation dominates evaluation time, so this module takes six shortcuts, each checked
+Generation dominates evaluation time, so this module takes seven shortcuts, each checked
 against a slow reference in ``tests/test_generation.py``:
 
 * **Batching with left padding**, questions sorted by prompt length so a batch wastes little
@@ -16,7 +16,11 @@ against a slow reference in ``tests/test_generation.py``:
   the virtual tokens again before every new token (the cache reaches peft's
   ``prepare_inputs_for_generation`` as ``cache``, not ``past_key_values``). The direct path
   keeps them equal.
-* **Prefix tuning (P-Tuning v2) by a greedy loop of our own** over the prefix's KV cache
+* **Rows that reach EOS leave the batch** (:mod:`fedpeft.greedy`, our greedy loop): ``generate``
+  computes every row until the last one stops. Used for transformers models whose cache is all
+  full-attention layers, and for prefix tuning; ``generate`` stays for custom model code and
+  sliding-window caches.
+* **Prefix tuning (P-Tuning v2) by a greedy loop of our own** (the same loop) over the prefix's KV cache
   (``model.get_prompt``, ``num_virtual_tokens`` long in every layer): the prompt goes through
   the base model after the prefix, positions counted from the prefix length as in PEFT's
   training forward (``P + cumsum(mask) - 1``), then one token per step on the growing cache.
